@@ -1,0 +1,1 @@
+"""The server HTTP API for app backends (and the auth routes clients use)."""

@@ -1,0 +1,295 @@
+"""HTTP routes. Each parses, authorises, calls one service. One table drives both the
+aiohttp router and the OpenAPI document, so they cannot drift apart."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from tidings import __version__
+from tidings.api import models as m
+from tidings.domain.ids import direct_members, normalize_user_id, validate_client_id
+from tidings.protocol.errors import TidingsError
+from tidings.services.accounts import Accounts, IssuedToken
+from tidings.services.messaging import Messaging, to_wire
+from tidings.store.base import UserRecord
+
+log = logging.getLogger(__name__)
+MAX_BODY = 256 * 1024
+SERVER_DEVICE = "server"
+
+Handler = Callable[[web.Request, Any], Awaitable[tuple[int, Any]]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    auth: str  # "admin", "client" or "none"
+    body: type | None = None
+    response: type | None = None
+    status: int = 200
+    query: tuple[tuple[str, str], ...] = ()  # (name, description)
+
+
+def _error(err: TidingsError) -> web.Response:
+    body = m.ErrorResponse(m.ErrorBody(err.code, err.message, err.retryable, err.retry_after_ms))
+    headers = {}
+    if err.retry_after_ms:
+        headers["Retry-After"] = str(max(1, -(-err.retry_after_ms // 1000)))
+    return web.Response(
+        body=msgspec.json.encode(body),
+        status=err.http_status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _user_out(u: UserRecord) -> m.UserOut:
+    return m.UserOut(u.uid, u.display, u.name, u.created_ms)
+
+
+def _token_out(t: IssuedToken) -> m.TokenOut:
+    return m.TokenOut(t.token, t.user, t.device, t.platform, t.expires_ms)
+
+
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value:
+        raise TidingsError("unauthenticated", "missing `Authorization: Bearer` header")
+    return value.strip()
+
+
+def _int_query(request: web.Request, name: str, default: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise TidingsError("invalid", f"query parameter {name} must be an integer") from None
+
+
+class HttpApi:
+    def __init__(self, accounts: Accounts, messaging: Messaging, online: Callable[[], int]) -> None:
+        self.accounts = accounts
+        self.messaging = messaging
+        self.online = online
+        self.routes = self._routes()
+
+    def _routes(self) -> list[Route]:
+        return [
+            Route(
+                "GET",
+                "/healthz",
+                self.health,
+                "Liveness: 200 once traffic is accepted",
+                "none",
+                response=m.Health,
+            ),
+            Route(
+                "PUT",
+                "/v1/users/{uid}",
+                self.put_user,
+                "Create or update a user (idempotent; 201 when created)",
+                "admin",
+                m.PutUser,
+                m.UserOut,
+            ),
+            Route(
+                "GET", "/v1/users/{uid}", self.get_user, "Fetch a user", "admin", response=m.UserOut
+            ),
+            Route(
+                "POST",
+                "/v1/users/{uid}/tokens",
+                self.issue_token,
+                "Issue a device token for a user",
+                "admin",
+                m.TokenRequest,
+                m.TokenOut,
+            ),
+            Route(
+                "POST",
+                "/v1/users/{uid}/devices/{device}/revoke",
+                self.revoke_device,
+                "Kick a device: revoke all its tokens and close its connections",
+                "admin",
+                status=204,
+            ),
+            Route(
+                "POST",
+                "/v1/tokens/revoke",
+                self.revoke_token,
+                "Revoke one token and close its connections",
+                "admin",
+                m.RevokeToken,
+                status=204,
+            ),
+            Route(
+                "POST",
+                "/v1/messages",
+                self.server_send,
+                "Send a message on behalf of a user (idempotent on from+cid)",
+                "admin",
+                m.ServerSend,
+                m.SentOut,
+            ),
+            Route(
+                "GET",
+                "/v1/conversations/{conv}/messages",
+                self.history,
+                "Page a conversation's history backwards",
+                "admin",
+                response=m.PageOut,
+                query=(
+                    ("before", "entries with seq below this (0: newest)"),
+                    ("limit", "page size"),
+                ),
+            ),
+            Route(
+                "POST",
+                "/v1/auth/register",
+                self.register,
+                "Self-registration with a password (when enabled)",
+                "none",
+                m.Register,
+                m.TokenOut,
+                status=201,
+            ),
+            Route(
+                "POST",
+                "/v1/auth/login",
+                self.login,
+                "Password login for a device",
+                "none",
+                m.Login,
+                m.TokenOut,
+            ),
+            Route(
+                "POST",
+                "/v1/auth/logout",
+                self.logout,
+                "Revoke the presented device token",
+                "client",
+                status=204,
+            ),
+        ]
+
+    def install(self, app: web.Application) -> None:
+        for route in self.routes:
+            app.router.add_route(route.method, route.path, self._wrap(route))
+
+    def _wrap(self, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        decoder: Any = msgspec.json.Decoder(route.body) if route.body is not None else None
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            try:
+                if route.auth == "admin" and not self.accounts.check_admin_key(_bearer(request)):
+                    raise TidingsError("auth_failed", "wrong admin key")
+                body: Any = None
+                if decoder is not None:
+                    raw = await request.read()
+                    if len(raw) > MAX_BODY:
+                        raise TidingsError("too_large", "request body too large")
+                    try:
+                        body = decoder.decode(raw)
+                    except msgspec.ValidationError as exc:
+                        raise TidingsError("invalid", str(exc)) from None
+                    except msgspec.DecodeError:
+                        raise TidingsError("bad_frame", "request body is not valid JSON") from None
+                status, out = await route.handler(request, body)
+            except TidingsError as err:
+                return _error(err)
+            except web.HTTPException:
+                raise
+            except Exception:
+                log.exception("%s %s failed", route.method, route.path)
+                return _error(TidingsError("internal", "internal error"))
+            if out is None:
+                return web.Response(status=status)
+            return web.Response(
+                body=msgspec.json.encode(out), status=status, content_type="application/json"
+            )
+
+        return handler
+
+    # ------------------------------------------------------------------ handlers
+
+    async def health(self, request: web.Request, _: None) -> tuple[int, m.Health]:
+        return 200, m.Health("ok", __version__, self.online())
+
+    async def put_user(self, request: web.Request, body: m.PutUser) -> tuple[int, m.UserOut]:
+        user, created = await self.accounts.put_user(
+            request.match_info["uid"], body.name, body.password
+        )
+        return (201 if created else 200), _user_out(user)
+
+    async def get_user(self, request: web.Request, _: None) -> tuple[int, m.UserOut]:
+        return 200, _user_out(await self.accounts.get_user(request.match_info["uid"]))
+
+    async def issue_token(
+        self, request: web.Request, body: m.TokenRequest
+    ) -> tuple[int, m.TokenOut]:
+        token = await self.accounts.issue_token(
+            request.match_info["uid"], body.device, body.platform, body.ttl_s
+        )
+        return 200, _token_out(token)
+
+    async def revoke_device(self, request: web.Request, _: None) -> tuple[int, None]:
+        await self.accounts.get_user(request.match_info["uid"])
+        await self.accounts.revoke_device(request.match_info["uid"], request.match_info["device"])
+        return 204, None
+
+    async def revoke_token(self, request: web.Request, body: m.RevokeToken) -> tuple[int, None]:
+        await self.accounts.revoke_token(body.token)
+        return 204, None
+
+    async def register(self, request: web.Request, body: m.Register) -> tuple[int, m.TokenOut]:
+        token = await self.accounts.register(
+            body.user, body.password, body.device, body.platform, body.name
+        )
+        return 201, _token_out(token)
+
+    async def login(self, request: web.Request, body: m.Login) -> tuple[int, m.TokenOut]:
+        token = await self.accounts.login(body.user, body.password, body.device, body.platform)
+        return 200, _token_out(token)
+
+    async def logout(self, request: web.Request, _: None) -> tuple[int, None]:
+        token = _bearer(request)
+        await self.accounts.verify(token)
+        await self.accounts.revoke_token(token)
+        return 204, None
+
+    async def server_send(self, request: web.Request, body: m.ServerSend) -> tuple[int, m.SentOut]:
+        sender = normalize_user_id(body.sender)
+        await self.accounts.get_user(sender)
+        validate_client_id(body.cid)
+        peer = normalize_user_id(body.to)
+        mtype = body.type
+        if mtype not in ("system", "text", "custom", "image", "file", "voice", "video", "location"):
+            raise TidingsError("invalid", f"unknown message type {mtype[:32]!r}")
+        conv, members = self.messaging.target(sender, peer, None)
+        msg = self.messaging.build(
+            sender, SERVER_DEVICE, conv, members, body.cid, mtype, body.body, body.flags
+        )
+        res = await self.messaging.submit(msg)
+        r = res.record
+        return 200, m.SentOut(r.conv, r.seq, str(r.mid), r.ts, r.cid, res.dup)
+
+    async def history(self, request: web.Request, _: None) -> tuple[int, m.PageOut]:
+        conv = request.match_info["conv"]
+        pair = direct_members(conv)
+        if pair is None:
+            raise TidingsError("not_found", "no such conversation")
+        before = _int_query(request, "before", 0)
+        limit = _int_query(request, "limit", 50)
+        rows, more = await self.messaging.history(pair[0], conv, before, limit)
+        return 200, m.PageOut(conv, [to_wire(r) for r in rows], more)

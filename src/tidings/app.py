@@ -1,0 +1,167 @@
+"""Composition root: builds config, clock, store, bus, services and listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+
+import msgspec
+from aiohttp import web
+
+from tidings import __version__
+from tidings.api.http import HttpApi
+from tidings.api.openapi import build_openapi
+from tidings.bus.memory import MemoryBus
+from tidings.clock import Clock, SystemClock
+from tidings.config import Settings
+from tidings.gateway import tcp, websocket
+from tidings.gateway.hub import Hub
+from tidings.gateway.tls import server_context
+from tidings.protocol import close
+from tidings.services.accounts import Accounts
+from tidings.services.messaging import Messaging
+from tidings.services.secrets import load_or_create
+from tidings.session.context import ServerContext
+from tidings.store.sqlite import SqliteStore
+
+log = logging.getLogger(__name__)
+WORKER_LEASE_TTL_MS = 60_000
+
+
+class Server:
+    """One Tidings process. ``start()`` binds the listeners; ``drain()`` stops gracefully."""
+
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        s = settings
+        os.makedirs(s.data_dir, exist_ok=True)
+        self.admin_key = load_or_create(os.path.join(s.data_dir, "admin.key"), s.admin_key)
+        signing_key = load_or_create(os.path.join(s.data_dir, "signing.key"), s.signing_key, 48)
+        self.store = SqliteStore(
+            os.path.join(s.data_dir, "tidings.db"),
+            self.clock,
+            readers=s.sqlite_readers,
+            max_batch=s.group_commit_max_batch,
+            linger_ms=s.group_commit_linger_ms,
+            max_pending=s.max_pending_writes,
+        )
+        self.bus = MemoryBus()
+        self.hub = Hub(self.clock)
+        self.bus.set_handler(self.hub.handle)
+        self.accounts = Accounts(
+            self.store,
+            self.bus,
+            self.clock,
+            signing_key,
+            self.admin_key,
+            token_ttl_s=s.token_ttl_s,
+            allow_registration=s.allow_registration,
+        )
+        self.messaging = Messaging(self.store, self.bus, s)
+        self.ctx = ServerContext(
+            settings=s,
+            clock=self.clock,
+            store=self.store,
+            accounts=self.accounts,
+            messaging=self.messaging,
+            registry=self.hub,
+            server_name=f"tidings/{__version__}",
+        )
+        self.api = HttpApi(self.accounts, self.messaging, lambda: self.hub.online)
+        self._runner: web.AppRunner | None = None
+        self._tcp_server: asyncio.AbstractServer | None = None
+        self._lease_task: asyncio.Task[None] | None = None
+        self._holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.http_port = 0
+        self.tcp_port = 0
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=512 * 1024)
+        self.api.install(app)
+        openapi = msgspec.json.encode(build_openapi(self.api.routes))
+
+        async def openapi_doc(_: web.Request) -> web.Response:
+            return web.Response(body=openapi, content_type="application/json")
+
+        app.router.add_get("/v1/openapi.json", openapi_doc)
+        app.router.add_get("/v1/ws", websocket.make_handler(self.ctx))
+        return app
+
+    async def start(self) -> None:
+        s = self.settings
+        await self.store.open()
+        wid = await self.store.lease_worker_id(
+            self._holder, self.clock.now_ms(), WORKER_LEASE_TTL_MS
+        )
+        self.store.set_worker_id(wid)
+        self._lease_task = asyncio.ensure_future(self._renew_lease())
+        await self.bus.start()
+        self.hub.start()
+        ssl_ctx = server_context(s.tls_cert, s.tls_key) if s.tls else None
+        self._runner = web.AppRunner(
+            self.make_app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner, s.host, s.port, ssl_context=ssl_ctx, backlog=s.backlog, reuse_address=True
+        )
+        await site.start()
+        self.http_port = int(self._runner.addresses[-1][1])
+        if s.tcp_port >= 0:
+            loop = asyncio.get_running_loop()
+            self._tcp_server = await loop.create_server(
+                lambda: tcp.TcpLink(self.ctx),
+                s.host,
+                s.tcp_port,
+                ssl=ssl_ctx,
+                backlog=s.backlog,
+                reuse_address=True,
+            )
+            self.tcp_port = self._tcp_server.sockets[0].getsockname()[1]
+        log.info(
+            "tidings %s listening: http%s://%s:%d (ws /v1/ws), tcp%s port %s, data %s",
+            __version__,
+            "s" if ssl_ctx else "",
+            s.host,
+            self.http_port,
+            "+tls" if ssl_ctx else "",
+            self.tcp_port if s.tcp_port >= 0 else "off",
+            os.path.abspath(s.data_dir),
+        )
+
+    async def _renew_lease(self) -> None:
+        while True:
+            await asyncio.sleep(WORKER_LEASE_TTL_MS / 3000)
+            try:
+                await self.store.lease_worker_id(
+                    self._holder, self.clock.now_ms(), WORKER_LEASE_TTL_MS
+                )
+            except Exception:
+                log.exception("worker lease renewal failed")
+
+    async def drain(self) -> None:
+        """Stop accepting, finish in-flight writes, close connections as going away."""
+        s = self.settings
+        if self._tcp_server is not None:
+            self._tcp_server.close()
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
+        deadline = self.clock.monotonic() + s.drain_timeout_s
+        while await self.store.pending_writes() and self.clock.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # let commit callbacks write their answers
+        self.hub.close_all(close.GOING_AWAY, "server shutting down")
+        await asyncio.sleep(0.05)
+        await self.hub.stop()
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.bus.close()
+        await self.store.close()
+        log.info("tidings stopped")

@@ -1,0 +1,1 @@
+"""Load benchmarks (`tidings bench ...`)."""

@@ -1,0 +1,50 @@
+"""The `Bus` interface: fan events out to the nodes where the target users are online.
+
+Guarantee: at-most-once, best effort, in publish order from one publisher. A device that
+misses an event finds out from the watermark in its next pong (or a resync hint after a
+bus reconnect) and syncs; the store, not the bus, is the source of truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import msgspec
+
+from tidings.store.base import MessageRecord
+
+
+class MessageEvent(msgspec.Struct, frozen=True, tag="msg"):
+    """A committed message for ``users``' devices, except the sending device."""
+
+    record: MessageRecord
+    users: tuple[str, ...]
+    exclude_device: str | None = None  # device id of the sender, not pushed to it
+
+
+class RevokeEvent(msgspec.Struct, frozen=True, tag="revoke"):
+    """Close sessions of (uid, device) authenticated before ``before_ms``, or with ``jti``."""
+
+    uid: str
+    device: str
+    before_ms: int = 0
+    jti: str | None = None
+
+
+BusEvent = MessageEvent | RevokeEvent
+Handler = Callable[[BusEvent], None]
+
+
+class Bus(Protocol):
+    def set_handler(self, handler: Handler) -> None:
+        """Events for users online on this node are passed to ``handler`` (on the loop)."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def publish(self, event: BusEvent) -> None:
+        """Fire and forget. Never raises for delivery problems; never blocks."""
+        ...

@@ -1,0 +1,129 @@
+"""Command line: ``tidings serve``, ``tidings bench``, ``tidings admin-key``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from tidings.config import Settings, load_settings
+
+log = logging.getLogger("tidings")
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, object] = {
+        "host": args.host,
+        "port": args.port,
+        "tcp_port": args.tcp_port,
+        "data_dir": args.data_dir,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+    }
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        overrides[key.strip().replace("-", "_")] = value
+    return load_settings(args.config, overrides=overrides)
+
+
+async def _serve(settings: Settings) -> int:
+    from tidings.app import Server
+
+    server = Server(settings)
+    await server.start()
+    print(
+        f"tidings: ready on http://{settings.host}:{server.http_port} "
+        f"(tcp {server.tcp_port}); admin key in {os.path.join(settings.data_dir, 'admin.key')}",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining")
+    await server.drain()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings_from(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    _install_uvloop()
+    return asyncio.run(_serve(settings))
+
+
+def cmd_admin_key(args: argparse.Namespace) -> int:
+    from tidings.services.secrets import load_or_create
+
+    settings = load_settings(args.config, overrides={"data_dir": args.data_dir})
+    print(load_or_create(os.path.join(settings.data_dir, "admin.key"), settings.admin_key))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tidings.bench import direct
+
+    _install_uvloop()
+    return direct.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tidings", description="Tidings instant-messaging server")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--config", help="TOML settings file (also TIDINGS_CONFIG)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int, help="HTTP/WebSocket port (default 8080)")
+    serve.add_argument("--tcp-port", type=int, help="raw TCP port (default 8081, -1: off)")
+    serve.add_argument("--data-dir", help="data directory (default ./tidings-data)")
+    serve.add_argument("--tls-cert", help="PEM certificate: enables TLS on every listener")
+    serve.add_argument("--tls-key", help="PEM private key")
+    serve.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any other setting, e.g. --set rate_per_s=1000",
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    ak = sub.add_parser("admin-key", help="print the admin key (creating it if needed)")
+    ak.add_argument("--config")
+    ak.add_argument("--data-dir")
+    ak.set_defaults(func=cmd_admin_key)
+
+    bench = sub.add_parser("bench", help="load benchmarks")
+    bsub = bench.add_subparsers(dest="scenario", required=True)
+    from tidings.bench import direct
+
+    direct.add_arguments(bsub.add_parser("direct", help="durable 1:1 messaging, open loop"))
+    bench.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""The Python SDK: ``from tidings.client import Client``."""
+
+from tidings.client.sdk import (
+    Client,
+    Connected,
+    Disconnected,
+    Event,
+    MessageEvent,
+    RequestError,
+)
+
+__all__ = ["Client", "Connected", "Disconnected", "Event", "MessageEvent", "RequestError"]

@@ -1,0 +1,562 @@
+"""The async Python SDK.
+
+``Client`` keeps one connection up (reconnecting with jittered exponential backoff),
+authenticates with the device token, resends unacknowledged sends with the same client
+id, tracks each conversation's seq, buffers out-of-order pushes for a short grace period
+and syncs when a gap persists, acknowledges pushes cumulatively, and exposes everything
+as an async iterator of events::
+
+    async with Client("ws://127.0.0.1:8080/v1/ws", token) as c:
+        await c.send(to="bob", text="hi")
+        async for ev in c.events():
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import ssl
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from tidings.client.transport import ClientConn, connect
+from tidings.protocol import PROTOCOL_VERSION, close
+from tidings.protocol.frames import (
+    Ack,
+    Error,
+    Hello,
+    History,
+    Limits,
+    Message,
+    Page,
+    Ping,
+    Pong,
+    Push,
+    Ready,
+    Send,
+    Sent,
+    ServerHello,
+    Sync,
+    Synced,
+)
+
+log = logging.getLogger(__name__)
+
+FINAL_CODES = frozenset(
+    {close.AUTH_FAILED, close.TOKEN_REVOKED, close.KICKED, close.UNSUPPORTED_VERSION}
+)
+TokenSource = str | Callable[[], Awaitable[str]]
+
+
+class RequestError(Exception):
+    """The server refused a request; ``code`` is from the protocol's error table."""
+
+    def __init__(self, err: Error) -> None:
+        super().__init__(f"{err.code}: {err.message}")
+        self.code = err.code
+        self.message = err.message
+        self.retryable = err.retryable
+        self.retry_after_ms = err.retry_after_ms
+
+
+@dataclass(frozen=True)
+class MessageEvent:
+    message: Message
+    echo: bool  # True for this device's own send
+
+
+@dataclass(frozen=True)
+class Connected:
+    user: str
+    device: str
+    session: str
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    code: int | None
+    reason: str
+    final: bool  # True when the client will not reconnect (auth failure, revoked, closed)
+
+
+Event = MessageEvent | Connected | Disconnected
+_END = object()
+
+
+class _PendingSend:
+    __slots__ = ("body", "cid", "conv", "flags", "future", "rid", "to", "type")
+
+    def __init__(
+        self,
+        cid: str,
+        to: str | None,
+        conv: str | None,
+        mtype: str,
+        body: dict[str, Any],
+        flags: int,
+        future: asyncio.Future[Sent],
+    ) -> None:
+        self.cid = cid
+        self.to = to
+        self.conv = conv
+        self.type = mtype
+        self.body = body
+        self.flags = flags
+        self.future = future
+        self.rid = 0
+
+
+class Client:
+    def __init__(
+        self,
+        url: str,
+        token: TokenSource,
+        *,
+        codec: str = "msgpack",
+        ssl_context: ssl.SSLContext | None = None,
+        heartbeat_s: float | None = None,
+        dead_after_s: float | None = None,
+        gap_grace_s: float = 0.15,
+        backoff_min_s: float = 0.05,
+        backoff_max_s: float = 5.0,
+        request_timeout_s: float = 15.0,
+        sync_limit: int = 200,
+    ) -> None:
+        self.url = url
+        self._token = token
+        self.codec = codec
+        self.ssl_context = ssl_context
+        self.heartbeat_s = heartbeat_s
+        self.dead_after_s = dead_after_s
+        self.gap_grace_s = gap_grace_s
+        self.backoff_min_s = backoff_min_s
+        self.backoff_max_s = backoff_max_s
+        self.request_timeout_s = request_timeout_s
+        self.sync_limit = sync_limit
+        self.user = ""
+        self.device = ""
+        self.limits: Limits | None = None
+        self.since = "0"
+        self.held: dict[str, int] = {}
+        self.connects = 0
+        self.ready = asyncio.Event()
+        self._buffer: dict[str, dict[int, tuple[Message, bool]]] = {}
+        self._outbox: dict[str, _PendingSend] = {}
+        self._send_rids: dict[int, _PendingSend] = {}
+        self._requests: dict[int, asyncio.Future[Any]] = {}
+        self._rid = itertools.count(1)
+        self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._conn: ClientConn | None = None
+        self._outq: asyncio.Queue[bytes] | None = None
+        self._ack_dirty: set[str] = set()
+        self._ack_scheduled = False
+        self._sync_task: asyncio.Task[None] | None = None
+        self._want_sync = False
+        self._run_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._final: Disconnected | None = None
+        self._last_rx = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self, wait: bool = True) -> None:
+        """Start the connection loop; with ``wait``, return once authenticated."""
+        if self._run_task is None:
+            self._run_task = asyncio.ensure_future(self._run())
+        if wait:
+            await self.wait_ready()
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        ready = asyncio.ensure_future(self.ready.wait())
+        done = asyncio.ensure_future(asyncio.shield(self._run_task)) if self._run_task else None
+        waits = [ready] + ([done] if done else [])
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in waits:
+                t.cancel()
+        if not self.ready.is_set():
+            if self._final is not None:
+                raise ConnectionError(
+                    f"connection refused: {self._final.reason or self._final.code}"
+                )
+            raise TimeoutError("not connected")
+
+    async def close(self) -> None:
+        self._closing = True
+        conn = self._conn
+        if conn is not None:
+            await conn.close(close.NORMAL)
+        if self._run_task is not None:
+            self._run_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._run_task
+        for p in self._outbox.values():
+            if not p.future.done():
+                p.future.set_exception(ConnectionError("client closed"))
+        self._outbox.clear()
+        self._events.put_nowait(_END)
+
+    def abort_connection(self) -> None:
+        """Drop the current connection abruptly (the client reconnects by itself)."""
+        if self._conn is not None:
+            self._conn.abort()
+
+    async def events(self) -> AsyncIterator[Event]:
+        while True:
+            ev = await self._events.get()
+            if ev is _END:
+                return
+            yield ev
+
+    # ------------------------------------------------------------------ public requests
+
+    async def send(
+        self,
+        to: str | None = None,
+        text: str | None = None,
+        *,
+        conv: str | None = None,
+        body: dict[str, Any] | None = None,
+        type: str = "text",
+        cid: str | None = None,
+        flags: int = 0,
+    ) -> Sent:
+        """Send and wait until the server has stored it. Survives reconnects: the same
+        client id is resent until acked. Raises RequestError when refused for good."""
+        if body is None:
+            body = {"text": text or ""}
+        cid = cid or uuid.uuid4().hex
+        existing = self._outbox.get(cid)
+        if existing is not None:
+            return await asyncio.shield(existing.future)
+        fut: asyncio.Future[Sent] = asyncio.get_running_loop().create_future()
+        p = _PendingSend(cid, to, conv, type, body, flags, fut)
+        self._outbox[cid] = p
+        self._pump()
+        return await asyncio.shield(fut)
+
+    @property
+    def unacked_sends(self) -> int:
+        return len(self._outbox)
+
+    async def history(self, conv: str, before: int = 0, limit: int = 50) -> Page:
+        res = await self._request(lambda rid: History(rid, conv, before, limit))
+        assert isinstance(res, Page)
+        return res
+
+    async def ping(self) -> Pong:
+        res = await self._request(lambda rid: Ping(rid))
+        assert isinstance(res, Pong)
+        return res
+
+    def request_sync(self) -> None:
+        self._want_sync = True
+        if self.ready.is_set() and (self._sync_task is None or self._sync_task.done()):
+            self._sync_task = asyncio.ensure_future(self._sync_loop())
+
+    async def sync_now(self) -> None:
+        self.request_sync()
+        if self._sync_task is not None:
+            await self._sync_task
+
+    # ------------------------------------------------------------------ connection loop
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._closing:
+            try:
+                conn = await connect(self.url, self.codec, self.ssl_context)
+            except (OSError, aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+                log.debug("connect failed: %s", exc)
+                await self._backoff(attempt)
+                attempt += 1
+                continue
+            self._conn = conn
+            try:
+                authenticated = await self._session(conn)
+            except Exception:
+                log.exception("client session failed")
+                authenticated = False
+                conn.abort()
+            finally:
+                self._conn = None
+                self.ready.clear()
+                self._fail_requests()
+            code = conn.close_code
+            final = code in FINAL_CODES or self._closing
+            ev = Disconnected(code, conn.close_reason, final)
+            if final:
+                self._final = ev
+            self._events.put_nowait(ev)
+            if final:
+                return
+            attempt = 0 if authenticated else attempt + 1
+            await self._backoff(attempt)
+
+    async def _backoff(self, attempt: int) -> None:
+        delay = min(self.backoff_max_s, self.backoff_min_s * (2 ** min(attempt, 16)))
+        await asyncio.sleep(delay * (0.5 + random.random() / 2))
+
+    async def _session(self, conn: ClientConn) -> bool:
+        first = await asyncio.wait_for(conn.recv(), self.request_timeout_s)
+        if first is None:
+            return False
+        hello = conn.codec.decode_server(first)
+        if not isinstance(hello, ServerHello):
+            raise ConnectionError("server did not open with hello")
+        self.limits = hello.limits
+        token = self._token if isinstance(self._token, str) else await self._token()
+        outq: asyncio.Queue[bytes] = asyncio.Queue()
+        self._outq = outq
+        writer = asyncio.ensure_future(self._writer(conn, outq))
+        reader = asyncio.ensure_future(self._reader(conn))
+        beat = asyncio.ensure_future(self._heartbeat(conn, hello.heartbeat_ms / 1000))
+        authenticated = False
+        try:
+            ready = await self._request(
+                lambda rid: Hello(PROTOCOL_VERSION, token, rid, client="tidings-python")
+            )
+            assert isinstance(ready, Ready)
+            authenticated = True
+            self.user, self.device = ready.user, ready.device
+            self.connects += 1
+            self.ready.set()
+            self._events.put_nowait(Connected(ready.user, ready.device, ready.session))
+            for p in self._outbox.values():
+                p.rid = 0
+            self._pump()
+            self.request_sync()
+        except (RequestError, ConnectionError, TimeoutError) as exc:
+            log.debug("hello failed: %s", exc)
+        try:
+            await reader
+        finally:
+            for t in (writer, beat, self._sync_task):
+                if t is not None and not t.done():
+                    t.cancel()
+            self._outq = None
+            self._send_rids.clear()
+        return authenticated
+
+    async def _writer(self, conn: ClientConn, q: asyncio.Queue[bytes]) -> None:
+        try:
+            while True:
+                await conn.send(await q.get())
+        except (ConnectionError, OSError, RuntimeError):
+            conn.abort()
+
+    async def _reader(self, conn: ClientConn) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await conn.recv()
+            if data is None:
+                return
+            self._last_rx = loop.time()
+            try:
+                frame = conn.codec.decode_server(data)
+            except msgspec.MsgspecError:
+                log.warning("undecodable frame from server")
+                continue
+            self._dispatch(frame)
+
+    async def _heartbeat(self, conn: ClientConn, server_hb: float) -> None:
+        interval = self.heartbeat_s or server_hb
+        dead_after = self.dead_after_s or interval * 2 + 1
+        loop = asyncio.get_running_loop()
+        self._last_rx = loop.time()
+        while True:
+            await asyncio.sleep(interval)
+            if loop.time() - self._last_rx > dead_after:
+                log.debug("no traffic for %.1fs: dropping connection", dead_after)
+                conn.abort()
+                return
+            if self.ready.is_set():
+                self._write(Ping(next(self._rid)))
+
+    def _write(self, frame: Any) -> None:
+        if self._outq is not None and self._conn is not None:
+            self._outq.put_nowait(self._conn.codec.encode(frame))
+
+    # ------------------------------------------------------------------ inbound
+
+    def _dispatch(self, frame: Any) -> None:
+        kind = type(frame)
+        if kind is Push:
+            self._on_message(frame.m, echo=False)
+        elif kind is Sent:
+            self._on_sent(frame)
+        elif kind is Error:
+            self._on_error(frame)
+        elif kind is Pong:
+            if int(frame.wm) > int(self.since):
+                self.request_sync()
+            self._resolve(frame.id, frame)
+        elif kind in (Ready, Synced, Page):
+            self._resolve(frame.id, frame)
+
+    def _resolve(self, rid: int, value: Any) -> None:
+        fut = self._requests.pop(rid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(value)
+
+    def _on_error(self, err: Error) -> None:
+        p = self._send_rids.pop(err.id, None)
+        if p is not None:
+            p.rid = 0
+            if err.retryable:
+                delay = (err.retry_after_ms or 100) / 1000
+                asyncio.get_running_loop().call_later(delay, self._pump)
+            else:
+                self._outbox.pop(p.cid, None)
+                if not p.future.done():
+                    p.future.set_exception(RequestError(err))
+                self._pump()
+            return
+        fut = self._requests.pop(err.id, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(RequestError(err))
+        elif err.id == 0:
+            log.debug("server error: %s %s", err.code, err.message)
+
+    def _on_sent(self, s: Sent) -> None:
+        p = self._send_rids.pop(s.id, None)
+        if p is None:
+            return
+        self._outbox.pop(p.cid, None)
+        msg = Message(
+            conv=s.conv,
+            seq=s.seq,
+            mid=s.mid,
+            sender=self.user,
+            dev=self.device,
+            cid=s.cid,
+            type=p.type,
+            body=p.body,
+            ts=s.ts,
+            flags=p.flags,
+        )
+        self._on_message(msg, echo=True)
+        if not p.future.done():
+            p.future.set_result(s)
+        self._pump()
+
+    def _on_message(self, m: Message, echo: bool) -> None:
+        conv = m.conv
+        held = self.held.get(conv, 0)
+        if m.seq <= held:
+            if not echo:
+                self._mark_ack(conv)
+            return
+        if m.seq != held + 1:
+            buf = self._buffer.setdefault(conv, {})
+            buf[m.seq] = (m, echo)
+            if len(buf) > 1000:
+                self.request_sync()
+            else:
+                asyncio.get_running_loop().call_later(self.gap_grace_s, self._check_gap, conv)
+            return
+        self._events.put_nowait(MessageEvent(m, echo))
+        held = m.seq
+        buf2 = self._buffer.get(conv)
+        if buf2:
+            while held + 1 in buf2:
+                nm, necho = buf2.pop(held + 1)
+                self._events.put_nowait(MessageEvent(nm, necho))
+                held += 1
+            for stale in [s for s in buf2 if s <= held]:
+                del buf2[stale]
+            if not buf2:
+                del self._buffer[conv]
+        self.held[conv] = held
+        self._mark_ack(conv)
+
+    def _check_gap(self, conv: str) -> None:
+        buf = self._buffer.get(conv)
+        if buf and min(buf) > self.held.get(conv, 0) + 1:
+            self.request_sync()
+
+    def _mark_ack(self, conv: str) -> None:
+        self._ack_dirty.add(conv)
+        if not self._ack_scheduled:
+            self._ack_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        self._ack_scheduled = False
+        if self.ready.is_set():
+            for conv in self._ack_dirty:
+                self._write(Ack(conv, self.held.get(conv, 0)))
+        self._ack_dirty.clear()
+
+    # ------------------------------------------------------------------ outbound
+
+    def _pump(self) -> None:
+        """Transmit outbox entries not yet on the wire, within the in-flight limit."""
+        if not self.ready.is_set():
+            return
+        limit = self.limits.max_inflight if self.limits else 64
+        for p in self._outbox.values():
+            if len(self._send_rids) >= limit:
+                return
+            if p.rid:
+                continue
+            p.rid = next(self._rid)
+            self._send_rids[p.rid] = p
+            self._write(Send(p.rid, p.cid, p.body, p.to, p.conv, p.type, p.flags))
+
+    async def _request(self, make: Callable[[int], Any]) -> Any:
+        if self._conn is None:
+            raise ConnectionError("not connected")
+        rid = next(self._rid)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._requests[rid] = fut
+        self._write(make(rid))
+        try:
+            return await asyncio.wait_for(fut, self.request_timeout_s)
+        finally:
+            self._requests.pop(rid, None)
+
+    def _fail_requests(self) -> None:
+        for fut in self._requests.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("connection lost"))
+        self._requests.clear()
+
+    def _sync_frame(self, since: str, have: dict[str, int], rid: int) -> Sync:
+        return Sync(rid, since, have, self.sync_limit)
+
+    async def _sync_loop(self) -> None:
+        try:
+            while self._want_sync:
+                self._want_sync = False
+                while True:
+                    since, have = self.since, dict(self.held)
+                    res = await self._request(partial(self._sync_frame, since, have))
+                    assert isinstance(res, Synced)
+                    for m in sorted(res.msgs, key=lambda m: (m.conv, m.seq)):
+                        self._on_message(m, echo=m.sender == self.user and m.dev == self.device)
+                    if res.complete:
+                        self.since = res.wm
+                        break
+                    if not res.msgs:
+                        break
+        except (ConnectionError, TimeoutError, RequestError) as exc:
+            log.debug("sync interrupted: %s", exc)

@@ -1,0 +1,111 @@
+"""Settings: defaults < TOML file < environment (TIDINGS_*) < command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080  # HTTP API, WebSocket, health
+    tcp_port: int = 8081  # raw TCP transport; -1 disables it
+    data_dir: str = "./tidings-data"
+    tls_cert: str = ""  # PEM paths; both set -> TLS on every listener
+    tls_key: str = ""
+    admin_key: str = ""  # empty: generated on first start into <data_dir>/admin.key
+    signing_key: str = ""  # empty: generated on first start into <data_dir>/signing.key
+    token_ttl_s: int = 30 * 24 * 3600
+    allow_registration: bool = True  # self-registration with a password (standalone use)
+    allowed_origins: list[str] = field(default_factory=list)  # WebSocket Origin allow-list
+    backlog: int = 4096
+    log_level: str = "INFO"
+    # protocol
+    heartbeat_ms: int = 25_000
+    idle_timeout_ms: int = 75_000
+    auth_timeout_ms: int = 10_000
+    max_frame_bytes: int = 65_536
+    max_body_bytes: int = 32_768
+    max_text_bytes: int = 8_192
+    rate_per_s: float = 50.0
+    rate_burst: int = 100
+    max_inflight: int = 256
+    history_page_max: int = 100
+    sync_page_max: int = 500
+    # delivery
+    retransmit_ms: int = 3_000
+    max_retransmits: int = 3
+    max_unacked: int = 4_096
+    send_buffer_bytes: int = 1_048_576
+    # storage
+    sqlite_readers: int = 2
+    group_commit_max_batch: int = 1_000
+    group_commit_linger_ms: float = 0.0
+    max_pending_writes: int = 50_000
+    drain_timeout_s: float = 10.0
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+ENV_PREFIX = "TIDINGS_"
+_FIELDS = {f.name: f for f in fields(Settings)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    default = getattr(Settings(), name)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}: expected a boolean, got {value!r}")
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    if isinstance(default, list):
+        if isinstance(value, list):
+            return [str(v) for v in value]
+        return [v.strip() for v in str(value).split(",") if v.strip()]
+    return str(value)
+
+
+def load_settings(
+    config_file: str | None = None,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """Merge the sources in order; unknown keys are an error, not silently ignored."""
+    env = dict(os.environ) if env is None else env
+    values: dict[str, Any] = {}
+    path = config_file or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in _FIELDS:
+                raise ValueError(f"unknown setting {key!r} in {path}")
+            values[name] = _coerce(name, value)
+    for name in _FIELDS:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _coerce(name, raw)
+    for name, value in (overrides or {}).items():
+        if name not in _FIELDS:
+            raise ValueError(f"unknown setting {name!r}")
+        if value is not None:
+            values[name] = _coerce(name, value)
+    return Settings(**values)

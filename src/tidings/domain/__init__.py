@@ -1,0 +1,1 @@
+"""Pure rules of the product: identifiers, conversation kinds, permissions. No I/O."""

@@ -1,0 +1,122 @@
+"""The hub: this process's sessions by user, fan-out of bus events, and the timer sweep."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from tidings.bus.base import BusEvent, MessageEvent, RevokeEvent
+from tidings.clock import Clock
+from tidings.protocol import close
+from tidings.protocol.frames import Push
+from tidings.services.messaging import to_wire
+from tidings.session.session import Session
+
+log = logging.getLogger(__name__)
+
+
+class Hub:
+    def __init__(self, clock: Clock, sweep_interval_s: float = 0.25) -> None:
+        self.clock = clock
+        self.sweep_interval_s = sweep_interval_s
+        self.by_user: dict[str, set[Session]] = {}
+        self.pending: set[Session] = set()  # not yet authenticated
+        self._sweeper: asyncio.Task[None] | None = None
+        self.pushes = 0
+
+    # ------------------------------------------------------------------ registry
+
+    def track(self, session: Session) -> None:
+        self.pending.add(session)
+
+    def register(self, session: Session) -> None:
+        self.pending.discard(session)
+        self.by_user.setdefault(session.uid, set()).add(session)
+
+    def unregister(self, session: Session) -> None:
+        self.pending.discard(session)
+        group = self.by_user.get(session.uid)
+        if group is not None:
+            group.discard(session)
+            if not group:
+                del self.by_user[session.uid]
+
+    def sessions(self) -> list[Session]:
+        out = list(self.pending)
+        for group in self.by_user.values():
+            out.extend(group)
+        return out
+
+    @property
+    def online(self) -> int:
+        return sum(len(g) for g in self.by_user.values())
+
+    # ------------------------------------------------------------------ bus events
+
+    def handle(self, event: BusEvent) -> None:
+        if isinstance(event, MessageEvent):
+            self._fan_out(event)
+        elif isinstance(event, RevokeEvent):
+            self._revoke(event)
+
+    def _fan_out(self, event: MessageEvent) -> None:
+        rec = event.record
+        by_user = self.by_user
+        targets = []
+        for uid in event.users:
+            group = by_user.get(uid)
+            if group:
+                for s in group:
+                    if uid == rec.sender and s.device == event.exclude_device:
+                        continue
+                    targets.append(s)
+        if not targets:
+            return
+        push = Push(to_wire(rec))
+        framed: dict[tuple[str, str], bytes] = {}  # one encoding per (codec, framing)
+        for s in targets:
+            link = s.link
+            key = (link.codec.name, link.framing)
+            data = framed.get(key)
+            if data is None:
+                data = framed[key] = link.frame(link.codec.encode(push))
+            s.push(rec.conv, rec.seq, data)
+        self.pushes += len(targets)
+
+    def _revoke(self, event: RevokeEvent) -> None:
+        for s in list(self.by_user.get(event.uid, ())):
+            if s.device != event.device:
+                continue
+            if (event.jti is not None and s.jti == event.jti) or s.issued_ms < event.before_ms:
+                s.close(close.TOKEN_REVOKED, "token revoked")
+
+    # ------------------------------------------------------------------ timers
+
+    def start(self) -> None:
+        self._sweeper = asyncio.ensure_future(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval_s)
+            self.sweep()
+
+    def sweep(self) -> None:
+        now = self.clock.monotonic()
+        for s in self.sessions():
+            try:
+                s.tick(now)
+            except Exception:
+                log.exception("session tick failed")
+                s.close(close.INTERNAL, "internal error")
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            try:
+                await self._sweeper
+            except asyncio.CancelledError:
+                pass
+
+    def close_all(self, code: int, reason: str) -> None:
+        for s in self.sessions():
+            s.close(code, reason)

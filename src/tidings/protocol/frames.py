@@ -1,0 +1,182 @@
+"""Frame types of protocol v1, one msgspec Struct per frame.
+
+Every frame is an object whose ``t`` field names its type. Client frames that expect an
+answer carry a request ``id`` (an integer the client chooses); the answer echoes it.
+64-bit ids (message ids, watermarks) travel as decimal strings in both codecs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+# --------------------------------------------------------------------------- shared
+
+
+class Limits(msgspec.Struct, frozen=True, omit_defaults=False):
+    max_frame_bytes: int
+    max_body_bytes: int
+    max_text_bytes: int
+    rate_per_s: float
+    rate_burst: int
+    max_inflight: int
+    history_page_max: int
+
+
+class Message(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One entry of a conversation's sequence, as devices see it."""
+
+    conv: str
+    seq: int
+    mid: str
+    sender: str = msgspec.field(name="from")
+    dev: str
+    cid: str
+    type: str
+    body: dict[str, Any]
+    ts: int
+    flags: int = 0
+    mentions: list[str] = []
+    reply_to: str | None = None
+
+
+class ConvState(msgspec.Struct, frozen=True):
+    conv: str
+    last_seq: int
+    peer: str | None = None
+
+
+# --------------------------------------------------------------------- client -> server
+
+
+class Hello(msgspec.Struct, frozen=True, tag="hello", tag_field="t"):
+    """First frame of a client: protocol version and the device token (authentication)."""
+
+    v: int
+    token: str
+    id: int = 0
+    caps: list[str] = []
+    client: str = ""
+
+
+class Send(msgspec.Struct, frozen=True, tag="send", tag_field="t"):
+    id: int
+    cid: str
+    body: dict[str, Any]
+    to: str | None = None
+    conv: str | None = None
+    type: str = "text"
+    flags: int = 0
+    mentions: list[str] = []
+    reply_to: str | None = None
+
+
+class Ack(msgspec.Struct, frozen=True, tag="ack", tag_field="t"):
+    """Cumulative: the device holds every entry of ``conv`` up to ``seq``."""
+
+    conv: str
+    seq: int
+
+
+class Ping(msgspec.Struct, frozen=True, tag="ping", tag_field="t"):
+    id: int = 0
+
+
+class Sync(msgspec.Struct, frozen=True, tag="sync", tag_field="t"):
+    """The device's sync point (``since``) and, per conversation, the seq it holds."""
+
+    id: int
+    since: str = "0"
+    have: dict[str, int] = {}
+    limit: int = 200
+
+
+class History(msgspec.Struct, frozen=True, tag="history", tag_field="t"):
+    """Page backwards: entries with seq < ``before`` (0 = from the newest)."""
+
+    id: int
+    conv: str
+    before: int = 0
+    limit: int = 50
+
+
+class Close(msgspec.Struct, frozen=True, tag="close", tag_field="t"):
+    """Raw TCP only: the sender is closing the connection with a close code."""
+
+    code: int
+    reason: str = ""
+
+
+ClientFrame = Hello | Send | Ack | Ping | Sync | History | Close
+CLIENT_TYPES = frozenset({"hello", "send", "ack", "ping", "sync", "history", "close"})
+
+# --------------------------------------------------------------------- server -> client
+
+
+class ServerHello(msgspec.Struct, frozen=True, tag="hello", tag_field="t"):
+    v: int
+    server: str
+    caps: list[str]
+    limits: Limits
+    heartbeat_ms: int
+    idle_timeout_ms: int
+    auth_timeout_ms: int
+
+
+class Ready(msgspec.Struct, frozen=True, tag="ready", tag_field="t"):
+    """Answer to a successful client hello."""
+
+    id: int
+    user: str
+    device: str
+    wm: str
+    session: str
+
+
+class Sent(msgspec.Struct, frozen=True, tag="sent", tag_field="t"):
+    """Answer to ``send``: the message is durable. ``dup`` marks a retried client id."""
+
+    id: int
+    cid: str
+    conv: str
+    seq: int
+    mid: str
+    ts: int
+    dup: bool = False
+
+
+class Push(msgspec.Struct, frozen=True, tag="push", tag_field="t"):
+    m: Message
+
+
+class Pong(msgspec.Struct, frozen=True, tag="pong", tag_field="t"):
+    id: int
+    wm: str
+    ts: int
+
+
+class Synced(msgspec.Struct, frozen=True, tag="synced", tag_field="t"):
+    id: int
+    convs: list[ConvState]
+    msgs: list[Message]
+    complete: bool
+    wm: str
+
+
+class Page(msgspec.Struct, frozen=True, tag="page", tag_field="t"):
+    id: int
+    conv: str
+    msgs: list[Message]
+    more: bool
+
+
+class Error(msgspec.Struct, frozen=True, tag="error", tag_field="t"):
+    code: str
+    message: str
+    retryable: bool
+    id: int = 0
+    retry_after_ms: int | None = None
+
+
+ServerFrame = ServerHello | Ready | Sent | Push | Pong | Synced | Page | Error | Close

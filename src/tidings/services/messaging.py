@@ -1,0 +1,223 @@
+"""1:1 messaging: validate and append a send, publish it after commit, history, sync."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+
+from tidings.bus.base import Bus, MessageEvent
+from tidings.config import Settings
+from tidings.domain.ids import (
+    direct_conversation_id,
+    direct_members,
+    normalize_user_id,
+    validate_client_id,
+)
+from tidings.domain.permissions import can_read
+from tidings.protocol.codec import check_json_model
+from tidings.protocol.errors import TidingsError
+from tidings.protocol.frames import ConvState, Message, Send
+from tidings.store.base import AppendResult, MessageRecord, NewMessage, Store
+
+CLIENT_TYPES = frozenset({"text", "image", "file", "voice", "video", "location", "custom"})
+FLAG_SILENT = 1
+FLAG_NOT_COUNTED = 2
+MAX_FLAGS = 0xFFFF
+MAX_MENTIONS = 100
+_pack = msgspec.msgpack.Encoder().encode
+
+
+def to_wire(rec: MessageRecord) -> Message:
+    return Message(
+        conv=rec.conv,
+        seq=rec.seq,
+        mid=str(rec.mid),
+        sender=rec.sender,
+        dev=rec.dev,
+        cid=rec.cid,
+        type=rec.type,
+        body=rec.body,
+        ts=rec.ts,
+        flags=rec.flags,
+        mentions=list(rec.mentions),
+        reply_to=None if rec.reply_to is None else str(rec.reply_to),
+    )
+
+
+def parse_id(value: str, what: str) -> int:
+    if not (isinstance(value, str) and value.isdigit() and len(value) <= 20):
+        raise TidingsError("invalid", f"{what} must be a decimal string")
+    n = int(value)
+    if n >= 2**63:
+        raise TidingsError("invalid", f"{what} out of range")
+    return n
+
+
+class SyncResult(msgspec.Struct, frozen=True):
+    convs: list[ConvState]
+    msgs: list[MessageRecord]
+    complete: bool
+    wm: int
+
+
+class Messaging:
+    def __init__(self, store: Store, bus: Bus, settings: Settings) -> None:
+        self.store = store
+        self.bus = bus
+        self.settings = settings
+
+    # ------------------------------------------------------------------ send
+
+    def prepare(self, uid: str, device: str, f: Send) -> NewMessage:
+        """Validate a send from (uid, device); raise TidingsError with the reason."""
+        validate_client_id(f.cid)
+        if f.type not in CLIENT_TYPES:
+            if f.type == "system":
+                raise TidingsError("forbidden", "system messages come from the server API")
+            raise TidingsError("invalid", f"unknown message type {f.type[:32]!r}")
+        if not 0 <= f.flags <= MAX_FLAGS:
+            raise TidingsError("invalid", "flags out of range")
+        conv, members = self.target(uid, f.to, f.conv)
+        return self.build(
+            uid, device, conv, members, f.cid, f.type, f.body, f.flags, f.mentions, f.reply_to
+        )
+
+    def build(
+        self,
+        uid: str,
+        device: str,
+        conv: str,
+        members: tuple[str, ...],
+        cid: str,
+        mtype: str,
+        body: dict[str, Any],
+        flags: int = 0,
+        mentions: list[str] | None = None,
+        reply_to: str | None = None,
+    ) -> NewMessage:
+        if not check_json_model(body):
+            raise TidingsError("invalid", "body must hold only JSON values")
+        body_bytes = _pack(body)
+        if len(body_bytes) > self.settings.max_body_bytes:
+            raise TidingsError("too_large", f"body over {self.settings.max_body_bytes} bytes")
+        if mtype == "text":
+            text = body.get("text")
+            if not isinstance(text, str) or not text:
+                raise TidingsError("invalid", "a text message needs a non-empty body.text")
+            if len(text.encode()) > self.settings.max_text_bytes:
+                raise TidingsError("too_large", f"text over {self.settings.max_text_bytes} bytes")
+        mention_ids: tuple[str, ...] = ()
+        if mentions:
+            if len(mentions) > MAX_MENTIONS:
+                raise TidingsError("too_large", f"more than {MAX_MENTIONS} mentions")
+            mention_ids = tuple(normalize_user_id(m) for m in mentions)
+        return NewMessage(
+            conv=conv,
+            sender=uid,
+            dev=device,
+            cid=cid,
+            type=mtype,
+            body=body,
+            body_bytes=body_bytes,
+            members=members,
+            flags=flags,
+            mentions=mention_ids,
+            reply_to=None if reply_to is None else parse_id(reply_to, "reply_to"),
+        )
+
+    def target(self, uid: str, to: str | None, conv: str | None) -> tuple[str, tuple[str, ...]]:
+        if (to is None) == (conv is None):
+            raise TidingsError("invalid", "give exactly one of `to` and `conv`")
+        if to is not None:
+            peer = normalize_user_id(to)
+        else:
+            assert conv is not None
+            pair = direct_members(conv)
+            if pair is None:
+                raise TidingsError("not_found", "no such conversation")
+            if uid not in pair:
+                raise TidingsError("forbidden", "not a member of this conversation")
+            peer = pair[1] if pair[0] == uid else pair[0]
+        members = (uid,) if peer == uid else (uid, peer)
+        return direct_conversation_id(uid, peer), members
+
+    def submit(self, msg: NewMessage) -> asyncio.Future[AppendResult]:
+        """Append durably; once committed (and not a retry) publish to the members' devices."""
+        fut = self.store.append_message(msg)
+        fut.add_done_callback(self._committed(msg))
+        return fut
+
+    def _committed(self, msg: NewMessage) -> Any:
+        def done(fut: asyncio.Future[AppendResult]) -> None:
+            if fut.cancelled() or fut.exception() is not None:
+                return
+            res = fut.result()
+            if not res.dup:
+                users = self._members_of(res.record.conv, msg.members)
+                self.bus.publish(MessageEvent(res.record, users, exclude_device=msg.dev))
+
+        return done
+
+    @staticmethod
+    def _members_of(conv: str, hint: tuple[str, ...]) -> tuple[str, ...]:
+        pair = direct_members(conv)
+        if pair is None:
+            return hint
+        return (pair[0],) if pair[0] == pair[1] else pair
+
+    async def send(self, uid: str, device: str, f: Send) -> AppendResult:
+        return await self.submit(self.prepare(uid, device, f))
+
+    # ------------------------------------------------------------------ reads
+
+    async def check_read(self, uid: str, conv: str) -> None:
+        pair = direct_members(conv)
+        member = False if pair is not None else await self.store.is_member(conv, uid)
+        if not can_read(uid, conv, member):
+            if pair is None and await self.store.conversation(conv) is None:
+                raise TidingsError("not_found", "no such conversation")
+            raise TidingsError("forbidden", "not a member of this conversation")
+
+    async def history(
+        self, uid: str, conv: str, before: int, limit: int
+    ) -> tuple[list[MessageRecord], bool]:
+        if before < 0 or limit < 1:
+            raise TidingsError("invalid", "before must be >= 0 and limit >= 1")
+        await self.check_read(uid, conv)
+        limit = min(limit, self.settings.history_page_max)
+        rows = await self.store.history(conv, before, limit)
+        more = bool(rows) and rows[0].seq > 1
+        return rows, more
+
+    async def sync(self, uid: str, since_raw: str, have: dict[str, int], limit: int) -> SyncResult:
+        """What changed since the device's sync point, given the seqs it states it holds."""
+        since = parse_id(since_raw, "since")
+        if limit < 1:
+            raise TidingsError("invalid", "limit must be >= 1")
+        budget = min(limit, self.settings.sync_page_max)
+        rows = await self.store.changed_conversations(uid, since)
+        convs: list[ConvState] = []
+        msgs: list[MessageRecord] = []
+        complete = True
+        for row in rows:
+            pair = direct_members(row.conv)
+            peer = None
+            if pair is not None:
+                peer = pair[1] if pair[0] == uid else pair[0]
+            convs.append(ConvState(row.conv, row.last_seq, peer))
+            held = have.get(row.conv, 0)
+            if held >= row.last_seq:
+                continue
+            if budget <= 0:
+                complete = False
+                continue
+            page = await self.store.messages_after(row.conv, held, min(budget, row.last_seq - held))
+            page = [m for m in page if m.seq <= row.last_seq]
+            msgs.extend(page)
+            budget -= len(page)
+            if not page or page[-1].seq < row.last_seq:
+                complete = False
+        wm = max((r.last_mid for r in rows), default=since) if complete else since
+        return SyncResult(convs, msgs, complete, wm)

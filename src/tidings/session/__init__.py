@@ -1,0 +1,1 @@
+"""One authenticated device: dispatches its frames to services, holds its retransmit window."""

@@ -1,0 +1,57 @@
+"""What a session needs from the rest of the server, gathered by the composition root."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from tidings.clock import Clock
+from tidings.config import Settings
+from tidings.protocol.codec import Codec
+from tidings.services.accounts import Accounts
+from tidings.services.messaging import Messaging
+from tidings.store.base import Store
+
+if TYPE_CHECKING:
+    from tidings.session.session import Session
+
+
+class Link(Protocol):
+    """The transport under a session (WebSocket or raw TCP)."""
+
+    codec: Codec
+    framing: str  # "ws" or "tcp": sessions with equal (codec, framing) share push bytes
+    peer: str
+
+    def frame(self, payload: bytes) -> bytes:
+        """Wrap an encoded frame for this transport (WebSocket header / length prefix)."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Queue framed bytes; an overfull send buffer closes the link as a slow consumer."""
+        ...
+
+    def close(self, code: int, reason: str) -> None:
+        """Send the close code (where the transport has one) and close."""
+        ...
+
+
+class Registry(Protocol):
+    def register(self, session: Session) -> None: ...
+
+    def unregister(self, session: Session) -> None: ...
+
+    def track(self, session: Session) -> None:
+        """Watch an unauthenticated session for the auth timeout."""
+        ...
+
+
+@dataclass
+class ServerContext:
+    settings: Settings
+    clock: Clock
+    store: Store
+    accounts: Accounts
+    messaging: Messaging
+    registry: Registry
+    server_name: str = "tidings"

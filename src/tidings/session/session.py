@@ -1,0 +1,381 @@
+"""A device session: the same code under every transport.
+
+States: ``hello`` (waiting for the client's hello, under the auth timeout), ``auth``
+(token being checked), ``ready``, ``closed``. Sends are validated on the loop and handed
+to the store's writer; the ``sent`` answer is written from the commit's callback, with no
+task per message. Pushes stay in a per-conversation window until the device acks them
+(cumulatively); the hub's sweeper retransmits the window with backoff and closes the
+session when the retransmits run out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tidings.protocol import PROTOCOL_VERSION, close
+from tidings.protocol.codec import FrameError
+from tidings.protocol.errors import TidingsError
+from tidings.protocol.frames import (
+    Ack,
+    Close,
+    Error,
+    Hello,
+    History,
+    Limits,
+    Page,
+    Ping,
+    Pong,
+    Ready,
+    Send,
+    Sent,
+    ServerFrame,
+    ServerHello,
+    Sync,
+    Synced,
+)
+from tidings.services.messaging import to_wire
+from tidings.session.context import Link, ServerContext
+from tidings.store.base import AppendResult
+
+log = logging.getLogger(__name__)
+
+CAPS = ["ack", "sync", "history", "retransmit"]
+ACK_COST = 0.05  # acks and pings are nearly free against the rate limit
+MAX_READS_INFLIGHT = 8
+
+
+class Session:
+    def __init__(self, link: Link, ctx: ServerContext) -> None:
+        self.link = link
+        self.ctx = ctx
+        s = ctx.settings
+        self._s = s
+        now = ctx.clock.monotonic()
+        self.state = "hello"
+        self.uid = ""
+        self.device = ""
+        self.platform = ""
+        self.jti = ""
+        self.issued_ms = 0
+        self.expires_ms = 0
+        self.session_id = secrets.token_hex(8)
+        self.auth_deadline = now + s.auth_timeout_ms / 1000
+        self.last_rx = now
+        self._tokens = float(s.rate_burst)
+        self._last_refill = now
+        self._refused = 0
+        self.inflight = 0
+        self.reads = 0
+        self.unacked: dict[str, deque[tuple[int, bytes]]] = {}
+        self.unacked_count = 0
+        self.rtx_attempts = 0
+        self.rtx_due = 0.0
+        self.retransmits = 0  # statistics
+
+    # ------------------------------------------------------------------ start / stop
+
+    def start(self) -> None:
+        s = self._s
+        hello = ServerHello(
+            v=PROTOCOL_VERSION,
+            server=self.ctx.server_name,
+            caps=CAPS,
+            limits=Limits(
+                max_frame_bytes=s.max_frame_bytes,
+                max_body_bytes=s.max_body_bytes,
+                max_text_bytes=s.max_text_bytes,
+                rate_per_s=s.rate_per_s,
+                rate_burst=s.rate_burst,
+                max_inflight=s.max_inflight,
+                history_page_max=s.history_page_max,
+            ),
+            heartbeat_ms=s.heartbeat_ms,
+            idle_timeout_ms=s.idle_timeout_ms,
+            auth_timeout_ms=s.auth_timeout_ms,
+        )
+        self.ctx.registry.track(self)
+        self._reply(hello)
+
+    def close(self, code: int, reason: str) -> None:
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        self.ctx.registry.unregister(self)
+        self.link.close(code, reason)
+
+    def on_lost(self) -> None:
+        """The transport is gone (peer closed, reset, or we closed it)."""
+        if self.state != "closed":
+            self.state = "closed"
+            self.ctx.registry.unregister(self)
+
+    # ------------------------------------------------------------------ inbound
+
+    def on_frame(self, payload: bytes) -> None:
+        if self.state == "closed":
+            return
+        now = self.ctx.clock.monotonic()
+        self.last_rx = now
+        try:
+            frame = self.link.codec.decode_client(payload)
+        except FrameError as exc:
+            if not self._take(now, 1.0, exc.request_id):
+                return
+            self._error(exc.request_id, TidingsError(exc.code, exc.message))
+            return
+        kind = type(frame)
+        if kind is Ack:
+            if self._take(now, ACK_COST, 0) and self.state == "ready":
+                self._on_ack(frame)  # type: ignore[arg-type]
+            return
+        rid = getattr(frame, "id", 0)
+        if not self._take(now, ACK_COST if kind is Ping else 1.0, rid):
+            return
+        if kind is Close:
+            self.close(close.NORMAL, "client closed")
+            return
+        if self.state != "ready":
+            if kind is Hello and self.state == "hello":
+                self._on_hello(frame)  # type: ignore[arg-type]
+            elif kind is Hello:
+                self._error(rid, TidingsError("invalid", "hello already received"))
+            else:
+                self._error(rid, TidingsError("unauthenticated", "send hello with a token first"))
+            return
+        if kind is Send:
+            self._on_send(frame)  # type: ignore[arg-type]
+        elif kind is Ping:
+            self._spawn(rid, self._on_ping(frame))  # type: ignore[arg-type]
+        elif kind is Sync:
+            self._spawn(rid, self._on_sync(frame))  # type: ignore[arg-type]
+        elif kind is History:
+            self._spawn(rid, self._on_history(frame))  # type: ignore[arg-type]
+        elif kind is Hello:
+            self._error(rid, TidingsError("invalid", "already authenticated"))
+
+    def _take(self, now: float, cost: float, rid: int) -> bool:
+        """Token-bucket rate limit; a client that keeps flooding is disconnected."""
+        s = self._s
+        tokens = self._tokens + (now - self._last_refill) * s.rate_per_s
+        self._last_refill = now
+        if tokens > s.rate_burst:
+            tokens = s.rate_burst
+        if tokens >= cost:
+            self._tokens = tokens - cost
+            self._refused = 0
+            return True
+        self._tokens = tokens
+        self._refused += 1
+        if self._refused > max(s.rate_burst, 20):
+            self.close(close.FLOOD, "rate limit exceeded repeatedly")
+            return False
+        wait_ms = int((cost - tokens) / s.rate_per_s * 1000) + 1
+        self._error(rid, TidingsError("rate_limited", "slow down", retry_after_ms=wait_ms))
+        return False
+
+    # ------------------------------------------------------------------ hello
+
+    def _on_hello(self, f: Hello) -> None:
+        if f.v != PROTOCOL_VERSION:
+            self._error(
+                f.id,
+                TidingsError("unsupported_version", f"this server speaks v{PROTOCOL_VERSION}"),
+            )
+            self.close(close.UNSUPPORTED_VERSION, "unsupported protocol version")
+            return
+        self.state = "auth"
+        self._spawn(f.id, self._authenticate(f), on_error=self._auth_failed)
+
+    async def _authenticate(self, f: Hello) -> None:
+        claims = await self.ctx.accounts.verify(f.token)
+        if self.state != "auth":
+            return
+        wm = await self.ctx.store.watermark(claims.uid)
+        if self.state != "auth":
+            return
+        self.uid = claims.uid
+        self.device = claims.device
+        self.platform = claims.platform
+        self.jti = claims.jti
+        self.issued_ms = claims.issued_ms
+        self.expires_ms = claims.expires_ms
+        # Ready goes out before any push; whatever commits after the watermark was read
+        # is either pushed (we are registered from here on) or found by the device's sync.
+        self._reply(Ready(f.id, self.uid, self.device, str(wm), self.session_id))
+        self.state = "ready"
+        self.ctx.registry.register(self)
+
+    def _auth_failed(self, rid: int, err: TidingsError) -> None:
+        self._error(rid, err)
+        if err.code in ("unavailable", "internal"):
+            self.close(close.TRY_AGAIN_LATER, err.message)
+        else:
+            self.close(close.AUTH_FAILED, err.code)
+
+    # ------------------------------------------------------------------ send
+
+    def _on_send(self, f: Send) -> None:
+        if self.inflight >= self._s.max_inflight:
+            self._error(
+                f.id, TidingsError("rate_limited", "too many sends in flight", retry_after_ms=50)
+            )
+            return
+        try:
+            msg = self.ctx.messaging.prepare(self.uid, self.device, f)
+        except TidingsError as exc:
+            self._error(f.id, exc)
+            return
+        self.inflight += 1
+        fut = self.ctx.messaging.submit(msg)
+        rid = f.id
+        fut.add_done_callback(lambda fut: self._sent(rid, fut))
+
+    def _sent(self, rid: int, fut: asyncio.Future[AppendResult]) -> None:
+        self.inflight -= 1
+        if self.state == "closed":
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self._error(
+                rid,
+                exc if isinstance(exc, TidingsError) else TidingsError("internal", "send failed"),
+            )
+            return
+        res = fut.result()
+        rec = res.record
+        self._reply(Sent(rid, rec.cid, rec.conv, rec.seq, str(rec.mid), rec.ts, res.dup))
+
+    # ------------------------------------------------------------------ push / ack
+
+    def push(self, conv: str, seq: int, framed: bytes) -> None:
+        """Write a pre-framed push and keep it until acked."""
+        if self.state != "ready":
+            return
+        q = self.unacked.get(conv)
+        if q is None:
+            q = self.unacked[conv] = deque()
+        q.append((seq, framed))
+        self.unacked_count += 1
+        if self.unacked_count > self._s.max_unacked:
+            self.close(close.SLOW_CONSUMER, "too many unacknowledged pushes")
+            return
+        if not self.rtx_due:
+            self.rtx_due = self.ctx.clock.monotonic() + self._s.retransmit_ms / 1000
+        self.link.write(framed)
+
+    def _on_ack(self, f: Ack) -> None:
+        q = self.unacked.get(f.conv)
+        if not q:
+            return
+        removed = 0
+        while q and q[0][0] <= f.seq:
+            q.popleft()
+            removed += 1
+        if not removed:
+            return
+        if not q:
+            del self.unacked[f.conv]
+        self.unacked_count -= removed
+        self.rtx_attempts = 0
+        self.rtx_due = (
+            self.ctx.clock.monotonic() + self._s.retransmit_ms / 1000 if self.unacked_count else 0.0
+        )
+
+    def tick(self, now: float) -> None:
+        """Timers, driven by the hub's sweeper: auth, idle, retransmit, token expiry."""
+        s = self._s
+        if self.state in ("hello", "auth"):
+            if now >= self.auth_deadline:
+                self._error(0, TidingsError("unauthenticated", "authentication timed out"))
+                self.close(close.AUTH_TIMEOUT, "authentication timeout")
+            return
+        if self.state != "ready":
+            return
+        if now - self.last_rx > s.idle_timeout_ms / 1000:
+            self.close(close.IDLE_TIMEOUT, "idle timeout")
+            return
+        if self.expires_ms and self.ctx.clock.now_ms() >= self.expires_ms:
+            self._error(0, TidingsError("token_expired", "the token has expired"))
+            self.close(close.AUTH_FAILED, "token_expired")
+            return
+        if self.unacked_count and now >= self.rtx_due:
+            if self.rtx_attempts >= s.max_retransmits:
+                self.close(close.ACK_TIMEOUT, "pushes not acknowledged; sync on reconnect")
+                return
+            self.rtx_attempts += 1
+            self.rtx_due = now + s.retransmit_ms / 1000 * (2**self.rtx_attempts)
+            for q in list(self.unacked.values()):
+                for _, framed in q:
+                    self.retransmits += 1
+                    self.link.write(framed)
+                    if self.state != "ready":
+                        return
+
+    # ------------------------------------------------------------------ reads
+
+    async def _on_ping(self, f: Ping) -> None:
+        wm = await self.ctx.store.watermark(self.uid)
+        self._reply(Pong(f.id, str(wm), self.ctx.clock.now_ms()))
+
+    async def _on_sync(self, f: Sync) -> None:
+        res = await self.ctx.messaging.sync(self.uid, f.since, f.have, f.limit)
+        self._reply(
+            Synced(f.id, res.convs, [to_wire(m) for m in res.msgs], res.complete, str(res.wm))
+        )
+
+    async def _on_history(self, f: History) -> None:
+        rows, more = await self.ctx.messaging.history(self.uid, f.conv, f.before, f.limit)
+        self._reply(Page(f.id, f.conv, [to_wire(m) for m in rows], more))
+
+    def _spawn(
+        self,
+        rid: int,
+        coro: Awaitable[None],
+        on_error: Callable[[int, TidingsError], None] | None = None,
+    ) -> None:
+        if self.reads >= MAX_READS_INFLIGHT:
+            if asyncio.iscoroutine(coro):
+                coro.close()
+            self._error(
+                rid, TidingsError("rate_limited", "too many requests in flight", retry_after_ms=100)
+            )
+            return
+        self.reads += 1
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(lambda t: self._read_done(rid, t, on_error))
+
+    def _read_done(
+        self,
+        rid: int,
+        task: asyncio.Future[Any],
+        on_error: Callable[[int, TidingsError], None] | None,
+    ) -> None:
+        self.reads -= 1
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        if not isinstance(exc, TidingsError):
+            log.error("request failed", exc_info=exc)
+            exc = TidingsError("internal", "request failed")
+        if on_error is not None:
+            on_error(rid, exc)
+        else:
+            self._error(rid, exc)
+
+    # ------------------------------------------------------------------ outbound
+
+    def _reply(self, frame: ServerFrame) -> None:
+        if self.state == "closed":
+            return
+        link = self.link
+        link.write(link.frame(link.codec.encode(frame)))
+
+    def _error(self, rid: int, err: TidingsError) -> None:
+        self._reply(Error(err.code, err.message, err.retryable, rid, err.retry_after_ms))

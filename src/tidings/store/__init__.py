@@ -1,0 +1,1 @@
+"""Storage behind the `Store` interface (see base.py); SQLite is the embedded default."""

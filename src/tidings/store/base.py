@@ -1,0 +1,135 @@
+"""The `Store` interface and its records.
+
+Guarantees every implementation gives (checked by tests/store_contract.py):
+
+* ``append_message`` resolves only after the message is durable (for SQLite: the group
+  commit's fsync), with a per-conversation ``seq`` that is gapless and increases in
+  commit order. A message that fails burns no seq and never fails its batch-mates.
+* The same (sender, cid) never makes two messages, across restarts: a retry resolves to
+  the original record with ``dup=True``; different content under that pair is a
+  ``conflict`` error.
+* Reads see every append whose future has resolved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+import msgspec
+
+
+class UserRecord(msgspec.Struct, frozen=True):
+    uid: str
+    display: str
+    name: str
+    password_hash: str | None
+    created_ms: int
+
+
+class NewMessage(msgspec.Struct, frozen=True):
+    """A message to append. ``members`` are the conversation's members when it is created
+    by this append (the direct pair); each must be an existing user."""
+
+    conv: str
+    sender: str
+    dev: str
+    cid: str
+    type: str
+    body: dict[str, Any]
+    body_bytes: bytes
+    members: tuple[str, ...]
+    flags: int = 0
+    mentions: tuple[str, ...] = ()
+    reply_to: int | None = None
+    ts: int = 0  # filled by the store
+
+
+class MessageRecord(msgspec.Struct, frozen=True):
+    conv: str
+    seq: int
+    mid: int
+    sender: str
+    dev: str
+    cid: str
+    type: str
+    body: dict[str, Any]
+    ts: int
+    flags: int = 0
+    mentions: tuple[str, ...] = ()
+    reply_to: int | None = None
+
+
+class AppendResult(msgspec.Struct, frozen=True):
+    record: MessageRecord
+    dup: bool
+
+
+class ConvRow(msgspec.Struct, frozen=True):
+    conv: str
+    last_seq: int
+    last_mid: int
+    last_ts: int
+
+
+class AuthState(msgspec.Struct, frozen=True):
+    token_revoked: bool
+    device_revoked_before_ms: int
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None:
+        """Finish every submitted write, then release resources."""
+        ...
+
+    # -- users and devices
+    async def put_user(
+        self, uid: str, display: str, name: str, password_hash: str | None, now_ms: int
+    ) -> tuple[UserRecord, bool]:
+        """Create the user, or update its name (and password when given). True if created."""
+        ...
+
+    async def get_user(self, uid: str) -> UserRecord | None: ...
+
+    async def users_exist(self, uids: list[str]) -> set[str]: ...
+
+    async def upsert_device(self, uid: str, device: str, platform: str, now_ms: int) -> None: ...
+
+    async def revoke_device(self, uid: str, device: str, before_ms: int) -> None:
+        """Tokens of (uid, device) issued before ``before_ms`` are no longer valid."""
+        ...
+
+    async def revoke_token(self, jti: str, uid: str, device: str, expires_ms: int) -> None: ...
+
+    async def auth_state(self, jti: str, uid: str, device: str) -> AuthState: ...
+
+    # -- messages
+    def append_message(self, msg: NewMessage) -> asyncio.Future[AppendResult]:
+        """Submit for durable append; the future fails with TidingsError on refusal."""
+        ...
+
+    async def history(self, conv: str, before: int, limit: int) -> list[MessageRecord]:
+        """Up to ``limit`` entries with seq < before (0: newest), in ascending seq order."""
+        ...
+
+    async def messages_after(self, conv: str, after: int, limit: int) -> list[MessageRecord]: ...
+
+    async def changed_conversations(self, uid: str, since_mid: int) -> list[ConvRow]:
+        """The user's conversations whose last message id is above ``since_mid``."""
+        ...
+
+    async def watermark(self, uid: str) -> int:
+        """The highest message id in any of the user's conversations (0 if none)."""
+        ...
+
+    async def is_member(self, conv: str, uid: str) -> bool: ...
+
+    async def conversation(self, conv: str) -> ConvRow | None: ...
+
+    async def lease_worker_id(self, holder: str, now_ms: int, ttl_ms: int) -> int:
+        """A worker id no other live holder has; renew by calling again before expiry."""
+        ...
+
+    async def pending_writes(self) -> int: ...

@@ -1,0 +1,606 @@
+"""SQLite store: WAL, ``synchronous=FULL``, one writer thread with group commit.
+
+Writes (messages and everything else) go through a queue to a single writer thread.
+It takes every write waiting (up to ``max_batch``, optionally lingering ``linger_ms``
+for more), runs them in one transaction and commits once: that commit's fsync makes the
+whole batch durable, and only then are the callers' futures resolved. Per-conversation
+seqs are kept in the writer's memory (it is the only writer) and written back to
+``conversations`` once per batch. A failed statement rolls back only itself (SQLite's
+statement atomicity), so a bad row burns no seq and fails no neighbour.
+
+Reads run on a small thread pool, each thread with its own connection; WAL checkpoints
+run on their own thread, never on the commit path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import msgspec
+
+from tidings.clock import Clock
+from tidings.domain.ids import MAX_WORKER, MessageIdGenerator
+from tidings.protocol.errors import TidingsError
+from tidings.store.base import (
+    AppendResult,
+    AuthState,
+    ConvRow,
+    MessageRecord,
+    NewMessage,
+    UserRecord,
+)
+from tidings.store.migrations import apply_sqlite
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_STOP = object()
+_pack = msgspec.msgpack.Encoder().encode
+_unpack = msgspec.msgpack.Decoder().decode
+_MSG_COLS = "conv, seq, mid, sender, dev, cid, type, body, ts, flags, mentions, reply_to"
+KIND_DIRECT = 1
+
+
+def _record(row: tuple[Any, ...]) -> MessageRecord:
+    return MessageRecord(
+        conv=row[0],
+        seq=row[1],
+        mid=row[2],
+        sender=row[3],
+        dev=row[4],
+        cid=row[5],
+        type=row[6],
+        body=_unpack(row[7]),
+        ts=row[8],
+        flags=row[9],
+        mentions=tuple(_unpack(row[10])) if row[10] else (),
+        reply_to=row[11],
+    )
+
+
+class _MsgOp:
+    __slots__ = ("fut", "msg")
+
+    def __init__(self, msg: NewMessage, fut: asyncio.Future[Any]) -> None:
+        self.msg = msg
+        self.fut = fut
+
+
+class _FnOp:
+    __slots__ = ("fn", "fut")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], fut: asyncio.Future[Any]) -> None:
+        self.fn = fn
+        self.fut = fut
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute("PRAGMA foreign_keys=OFF")
+    return conn
+
+
+class SqliteStore:
+    def __init__(
+        self,
+        path: str,
+        clock: Clock,
+        *,
+        readers: int = 2,
+        max_batch: int = 1000,
+        linger_ms: float = 0.0,
+        max_pending: int = 50_000,
+        checkpoint_interval_s: float = 1.0,
+    ) -> None:
+        self.path = path
+        self.clock = clock
+        self.max_batch = max_batch
+        self.linger_s = linger_ms / 1000.0
+        self.max_pending = max_pending
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self._readers_n = readers
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._seq: dict[str, int] = {}
+        self._ids: MessageIdGenerator | None = None
+        self._pending = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: threading.Thread | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._stop_checkpoint = threading.Event()
+        self._local = threading.local()
+        self._read_pool: ThreadPoolExecutor | None = None
+        self._wconn: sqlite3.Connection | None = None
+        self._closed = False
+        self.batches = 0  # statistics: committed batches
+        self.batched_ops = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        conn = _connect(self.path)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        apply_sqlite(conn)
+        self._wconn = conn
+        self._read_pool = ThreadPoolExecutor(self._readers_n, thread_name_prefix="sqlite-read")
+        self._writer = threading.Thread(target=self._writer_main, name="sqlite-writer", daemon=True)
+        self._writer.start()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_main, name="sqlite-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
+
+    def set_worker_id(self, worker_id: int) -> None:
+        self._ids = MessageIdGenerator(worker_id)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        loop = asyncio.get_running_loop()
+        if self._writer is not None:
+            await loop.run_in_executor(None, self._writer.join)
+        # Resolve anything the writer handed back before it stopped.
+        await asyncio.sleep(0)
+        self._stop_checkpoint.set()
+        if self._checkpointer is not None:
+            await loop.run_in_executor(None, self._checkpointer.join)
+        if self._read_pool is not None:
+            self._read_pool.shutdown(wait=True)
+        if self._wconn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._wconn.close()
+
+    async def pending_writes(self) -> int:
+        return self._pending
+
+    # ------------------------------------------------------------------ writer side
+
+    def _submit(self, op: _MsgOp | _FnOp) -> None:
+        if self._closed:
+            op.fut.set_exception(TidingsError("unavailable", "server is shutting down"))
+            return
+        if self._pending >= self.max_pending:
+            op.fut.set_exception(
+                TidingsError("unavailable", "write queue full", retry_after_ms=200)
+            )
+            return
+        self._pending += 1
+        self._queue.put(op)
+
+    def append_message(self, msg: NewMessage) -> asyncio.Future[AppendResult]:
+        assert self._loop is not None
+        fut: asyncio.Future[AppendResult] = self._loop.create_future()
+        self._submit(_MsgOp(msg, fut))
+        return fut
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        assert self._loop is not None
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._submit(_FnOp(fn, fut))
+        return await fut
+
+    def _writer_main(self) -> None:
+        get = self._queue.get
+        get_nowait = self._queue.get_nowait
+        stopping = False
+        while not stopping:
+            op = get()
+            if op is _STOP:
+                break
+            batch = [op]
+            if self.linger_s > 0:
+                deadline = self.clock.monotonic() + self.linger_s
+                while len(batch) < self.max_batch:
+                    remaining = deadline - self.clock.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        nxt = self._queue.get(timeout=remaining)
+                    except queue.Empty:
+                        break
+                    if nxt is _STOP:
+                        stopping = True
+                        break
+                    batch.append(nxt)
+            while len(batch) < self.max_batch and not stopping:
+                try:
+                    nxt = get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            results = self._run_batch(batch)
+            assert self._loop is not None
+            try:
+                self._loop.call_soon_threadsafe(self._deliver, batch, results)
+            except RuntimeError:  # loop closed: nobody is waiting any more
+                return
+
+    def _deliver(self, batch: list[_MsgOp | _FnOp], results: list[Any]) -> None:
+        self._pending -= len(batch)
+        for op, res in zip(batch, results, strict=True):
+            fut = op.fut
+            if fut.cancelled():
+                continue
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+
+    def _run_batch(self, batch: list[_MsgOp | _FnOp]) -> list[Any]:
+        conn = self._wconn
+        assert conn is not None
+        results: list[Any] = []
+        touched: dict[str, tuple[int, int, int]] = {}
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            log.error("cannot begin write transaction: %s", exc)
+            err = TidingsError("unavailable", "storage unavailable", retry_after_ms=500)
+            return [err] * len(batch)
+        for op in batch:
+            if isinstance(op, _MsgOp):
+                results.append(self._append(conn, op.msg, touched))
+            else:
+                results.append(self._call(conn, op.fn))
+        try:
+            if touched:
+                conn.executemany(
+                    "UPDATE conversations SET last_seq=?, last_mid=?, last_ts=? WHERE id=?",
+                    [(s, m, t, c) for c, (s, m, t) in touched.items()],
+                )
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.error("group commit failed: %s", exc)
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._seq.clear()
+            err = TidingsError("unavailable", "storage commit failed", retry_after_ms=500)
+            return [err] * len(batch)
+        self.batches += 1
+        self.batched_ops += len(batch)
+        if len(self._seq) > 200_000:
+            self._seq.clear()
+        return results
+
+    def _call(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        conn.execute("SAVEPOINT op")
+        try:
+            res = fn(conn)
+        except BaseException as exc:
+            conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+            if isinstance(exc, TidingsError):
+                return exc
+            log.exception("store operation failed")
+            return TidingsError("internal", "storage operation failed")
+        conn.execute("RELEASE op")
+        return res
+
+    def _append(
+        self, conn: sqlite3.Connection, msg: NewMessage, touched: dict[str, tuple[int, int, int]]
+    ) -> AppendResult | TidingsError:
+        try:
+            seq = self._seq.get(msg.conv)
+            if seq is None:
+                row = conn.execute(
+                    "SELECT last_seq FROM conversations WHERE id=?", (msg.conv,)
+                ).fetchone()
+                if row is None:
+                    err = self._create_conversation(conn, msg)
+                    if err is not None:
+                        return err
+                    seq = 0
+                else:
+                    seq = row[0]
+            assert self._ids is not None, "worker id not leased"
+            now = self.clock.now_ms()
+            mid = self._ids.next(now)
+            mentions = _pack(list(msg.mentions)) if msg.mentions else None
+            cur = conn.execute(
+                f"INSERT INTO messages ({_MSG_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(sender, cid) DO NOTHING",
+                (
+                    msg.conv,
+                    seq + 1,
+                    mid,
+                    msg.sender,
+                    msg.dev,
+                    msg.cid,
+                    msg.type,
+                    msg.body_bytes,
+                    now,
+                    msg.flags,
+                    mentions,
+                    msg.reply_to,
+                ),
+            )
+            if cur.rowcount == 0:
+                return self._duplicate(conn, msg)
+        except sqlite3.Error as exc:
+            log.error("append failed for %s: %s", msg.conv, exc)
+            self._seq.pop(msg.conv, None)
+            return TidingsError("internal", "storage error; the message was not stored")
+        self._seq[msg.conv] = seq + 1
+        touched[msg.conv] = (seq + 1, mid, now)
+        rec = MessageRecord(
+            conv=msg.conv,
+            seq=seq + 1,
+            mid=mid,
+            sender=msg.sender,
+            dev=msg.dev,
+            cid=msg.cid,
+            type=msg.type,
+            body=msg.body,
+            ts=now,
+            flags=msg.flags,
+            mentions=msg.mentions,
+            reply_to=msg.reply_to,
+        )
+        return AppendResult(rec, False)
+
+    def _create_conversation(
+        self, conn: sqlite3.Connection, msg: NewMessage
+    ) -> TidingsError | None:
+        if not msg.members:
+            return TidingsError("not_found", f"no conversation {msg.conv!r}")
+        marks = ",".join("?" * len(msg.members))
+        found = {
+            r[0] for r in conn.execute(f"SELECT uid FROM users WHERE uid IN ({marks})", msg.members)
+        }
+        missing = [m for m in msg.members if m not in found]
+        if missing:
+            return TidingsError("not_found", f"no such user {missing[0]!r}")
+        conn.execute(
+            "INSERT INTO conversations (id, kind, created_ms) VALUES (?,?,?)",
+            (msg.conv, KIND_DIRECT, self.clock.now_ms()),
+        )
+        conn.executemany(
+            "INSERT OR IGNORE INTO members (conv, uid) VALUES (?,?)",
+            [(msg.conv, m) for m in msg.members],
+        )
+        return None
+
+    def _duplicate(self, conn: sqlite3.Connection, msg: NewMessage) -> AppendResult | TidingsError:
+        row = conn.execute(
+            f"SELECT {_MSG_COLS} FROM messages WHERE sender=? AND cid=?", (msg.sender, msg.cid)
+        ).fetchone()
+        if row is None:  # pragma: no cover - the conflict came from elsewhere
+            return TidingsError("internal", "client id conflict without a row")
+        if row[0] != msg.conv or row[6] != msg.type or row[7] != msg.body_bytes:
+            return TidingsError(
+                "conflict", f"cid {msg.cid!r} was already used for a different message"
+            )
+        return AppendResult(_record(row), True)
+
+    def _checkpoint_main(self) -> None:
+        conn = _connect(self.path)
+        try:
+            while not self._stop_checkpoint.wait(self.checkpoint_interval_s):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:
+                    log.warning("wal checkpoint failed: %s", exc)
+        finally:
+            conn.close()
+
+    # ------------------------------------------------------------------ read side
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            conn.execute("PRAGMA query_only=1")
+            self._local.conn = conn
+        return conn
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        assert self._read_pool is not None
+        loop = asyncio.get_running_loop()
+
+        def run() -> T:
+            return fn(self._reader())
+
+        try:
+            return await loop.run_in_executor(self._read_pool, run)
+        except sqlite3.Error as exc:
+            log.error("read failed: %s", exc)
+            raise TidingsError("unavailable", "storage read failed", retry_after_ms=500) from exc
+
+    # ------------------------------------------------------------------ users, devices
+
+    async def put_user(
+        self, uid: str, display: str, name: str, password_hash: str | None, now_ms: int
+    ) -> tuple[UserRecord, bool]:
+        def op(conn: sqlite3.Connection) -> tuple[UserRecord, bool]:
+            existed = conn.execute("SELECT 1 FROM users WHERE uid=?", (uid,)).fetchone()
+            if existed:
+                conn.execute(
+                    "UPDATE users SET name=?, password_hash=coalesce(?, password_hash) WHERE uid=?",
+                    (name, password_hash, uid),
+                )
+            else:
+                conn.execute(
+                    "INSERT INTO users (uid, display, name, password_hash, created_ms) "
+                    "VALUES (?,?,?,?,?)",
+                    (uid, display, name, password_hash, now_ms),
+                )
+            row = conn.execute(
+                "SELECT uid, display, name, password_hash, created_ms FROM users WHERE uid=?",
+                (uid,),
+            ).fetchone()
+            return UserRecord(*row), not existed
+
+        return await self._write(op)
+
+    async def get_user(self, uid: str) -> UserRecord | None:
+        def op(conn: sqlite3.Connection) -> UserRecord | None:
+            row = conn.execute(
+                "SELECT uid, display, name, password_hash, created_ms FROM users WHERE uid=?",
+                (uid,),
+            ).fetchone()
+            return UserRecord(*row) if row else None
+
+        return await self._read(op)
+
+    async def users_exist(self, uids: list[str]) -> set[str]:
+        def op(conn: sqlite3.Connection) -> set[str]:
+            marks = ",".join("?" * len(uids))
+            return {
+                r[0] for r in conn.execute(f"SELECT uid FROM users WHERE uid IN ({marks})", uids)
+            }
+
+        return await self._read(op) if uids else set()
+
+    async def upsert_device(self, uid: str, device: str, platform: str, now_ms: int) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO devices (uid, device, platform, created_ms) VALUES (?,?,?,?) "
+                "ON CONFLICT(uid, device) DO UPDATE SET platform=excluded.platform",
+                (uid, device, platform, now_ms),
+            )
+
+        await self._write(op)
+
+    async def revoke_device(self, uid: str, device: str, before_ms: int) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE devices SET revoked_before=max(revoked_before, ?) WHERE uid=? AND device=?",
+                (before_ms, uid, device),
+            )
+
+        await self._write(op)
+
+    async def revoke_token(self, jti: str, uid: str, device: str, expires_ms: int) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR IGNORE INTO revoked_tokens (jti, uid, device, expires_ms) "
+                "VALUES (?,?,?,?)",
+                (jti, uid, device, expires_ms),
+            )
+            conn.execute("DELETE FROM revoked_tokens WHERE expires_ms < ?", (self.clock.now_ms(),))
+
+        await self._write(op)
+
+    async def auth_state(self, jti: str, uid: str, device: str) -> AuthState:
+        def op(conn: sqlite3.Connection) -> AuthState:
+            revoked = conn.execute("SELECT 1 FROM revoked_tokens WHERE jti=?", (jti,)).fetchone()
+            row = conn.execute(
+                "SELECT revoked_before FROM devices WHERE uid=? AND device=?", (uid, device)
+            ).fetchone()
+            return AuthState(bool(revoked), row[0] if row else 0)
+
+        return await self._read(op)
+
+    # ------------------------------------------------------------------ messages
+
+    async def history(self, conv: str, before: int, limit: int) -> list[MessageRecord]:
+        def op(conn: sqlite3.Connection) -> list[MessageRecord]:
+            if before > 0:
+                rows = conn.execute(
+                    f"SELECT {_MSG_COLS} FROM messages WHERE conv=? AND seq<? "
+                    "ORDER BY seq DESC LIMIT ?",
+                    (conv, before, limit),
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    f"SELECT {_MSG_COLS} FROM messages WHERE conv=? ORDER BY seq DESC LIMIT ?",
+                    (conv, limit),
+                ).fetchall()
+            return [_record(r) for r in reversed(rows)]
+
+        return await self._read(op)
+
+    async def messages_after(self, conv: str, after: int, limit: int) -> list[MessageRecord]:
+        def op(conn: sqlite3.Connection) -> list[MessageRecord]:
+            rows = conn.execute(
+                f"SELECT {_MSG_COLS} FROM messages WHERE conv=? AND seq>? ORDER BY seq LIMIT ?",
+                (conv, after, limit),
+            ).fetchall()
+            return [_record(r) for r in rows]
+
+        return await self._read(op)
+
+    async def changed_conversations(self, uid: str, since_mid: int) -> list[ConvRow]:
+        def op(conn: sqlite3.Connection) -> list[ConvRow]:
+            rows = conn.execute(
+                "SELECT c.id, c.last_seq, c.last_mid, c.last_ts FROM members m "
+                "JOIN conversations c ON c.id = m.conv "
+                "WHERE m.uid=? AND c.last_mid > ? ORDER BY c.last_mid",
+                (uid, since_mid),
+            ).fetchall()
+            return [ConvRow(*r) for r in rows]
+
+        return await self._read(op)
+
+    async def watermark(self, uid: str) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT max(c.last_mid) FROM members m JOIN conversations c ON c.id = m.conv "
+                "WHERE m.uid=?",
+                (uid,),
+            ).fetchone()
+            return int(row[0] or 0)
+
+        return await self._read(op)
+
+    async def is_member(self, conv: str, uid: str) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT 1 FROM members WHERE conv=? AND uid=?", (conv, uid)
+            ).fetchone()
+            return row is not None
+
+        return await self._read(op)
+
+    async def conversation(self, conv: str) -> ConvRow | None:
+        def op(conn: sqlite3.Connection) -> ConvRow | None:
+            row = conn.execute(
+                "SELECT id, last_seq, last_mid, last_ts FROM conversations WHERE id=?", (conv,)
+            ).fetchone()
+            return ConvRow(*row) if row else None
+
+        return await self._read(op)
+
+    async def lease_worker_id(self, holder: str, now_ms: int, ttl_ms: int) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            conn.execute("DELETE FROM worker_leases WHERE expires_ms < ?", (now_ms,))
+            row = conn.execute(
+                "SELECT worker_id FROM worker_leases WHERE holder=?", (holder,)
+            ).fetchone()
+            if row:
+                wid = int(row[0])
+                conn.execute(
+                    "UPDATE worker_leases SET expires_ms=? WHERE worker_id=?",
+                    (now_ms + ttl_ms, wid),
+                )
+                return wid
+            used = {r[0] for r in conn.execute("SELECT worker_id FROM worker_leases")}
+            for wid in range(MAX_WORKER + 1):
+                if wid not in used:
+                    conn.execute(
+                        "INSERT INTO worker_leases (worker_id, holder, expires_ms) VALUES (?,?,?)",
+                        (wid, holder, now_ms + ttl_ms),
+                    )
+                    return wid
+            raise TidingsError("unavailable", "no free worker id")
+
+        return await self._write(op)
