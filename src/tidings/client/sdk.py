@@ -522,17 +522,24 @@ class Client:
             self._send_rids[p.rid] = p
             self._write(Send(p.rid, p.cid, p.body, p.to, p.conv, p.type, p.flags))
 
-    async def _request(self, make: Callable[[int], Any]) -> Any:
-        if self._conn is None:
-            raise ConnectionError("not connected")
-        rid = next(self._rid)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._requests[rid] = fut
-        self._write(make(rid))
-        try:
-            return await asyncio.wait_for(fut, self.request_timeout_s)
-        finally:
-            self._requests.pop(rid, None)
+    async def _request(self, make: Callable[[int], Any], retries: int = 5) -> Any:
+        """One request/answer; throttling answers (retryable) are retried after the hint."""
+        for attempt in range(retries + 1):
+            if self._conn is None:
+                raise ConnectionError("not connected")
+            rid = next(self._rid)
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._requests[rid] = fut
+            self._write(make(rid))
+            try:
+                return await asyncio.wait_for(fut, self.request_timeout_s)
+            except RequestError as exc:
+                if not exc.retryable or attempt == retries:
+                    raise
+                await asyncio.sleep((exc.retry_after_ms or 100) / 1000)
+            finally:
+                self._requests.pop(rid, None)
+        raise AssertionError("unreachable")
 
     def _fail_requests(self) -> None:
         for fut in self._requests.values():

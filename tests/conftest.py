@@ -1,0 +1,126 @@
+"""Shared fixtures: an in-process server on free loopback ports, users, tokens, clients."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import pytest
+import uvloop
+
+from tidings.app import Server
+from tidings.client import Client
+from tidings.config import Settings
+
+HERE = os.path.dirname(__file__)
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Callable[[], Any]]:
+    return {"uvloop": uvloop.new_event_loop}
+
+
+def test_settings(data_dir: str, **overrides: Any) -> Settings:
+    base = Settings(
+        host="127.0.0.1",
+        port=0,
+        tcp_port=0,
+        data_dir=data_dir,
+        log_level="WARNING",
+        heartbeat_ms=1_000,
+        retransmit_ms=300,
+    )
+    return base.replace(**overrides)
+
+
+class Harness:
+    """A running in-process server plus helpers to make users, tokens and clients."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.clients: list[Client] = []
+
+    @property
+    def ws_url(self) -> str:
+        scheme = "wss" if self.server.settings.tls else "ws"
+        return f"{scheme}://127.0.0.1:{self.server.http_port}/v1/ws"
+
+    @property
+    def tcp_url(self) -> str:
+        scheme = "tcps" if self.server.settings.tls else "tcp"
+        return f"{scheme}://127.0.0.1:{self.server.tcp_port}"
+
+    @property
+    def http_url(self) -> str:
+        scheme = "https" if self.server.settings.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.server.http_port}"
+
+    def url(self, transport: str) -> str:
+        return self.ws_url if transport == "ws" else self.tcp_url
+
+    async def user(self, uid: str) -> str:
+        await self.server.accounts.put_user(uid)
+        return uid
+
+    async def token(self, uid: str, device: str = "d1", platform: str = "desktop",
+                    ttl_s: int | None = None) -> str:
+        await self.server.accounts.put_user(uid)
+        return (await self.server.accounts.issue_token(uid, device, platform, ttl_s)).token
+
+    async def client(self, uid: str, device: str = "d1", *, transport: str = "ws",
+                     codec: str = "msgpack", connect: bool = True, **kw: Any) -> Client:
+        token = await self.token(uid, device)
+        kw.setdefault("heartbeat_s", 0.5)
+        kw.setdefault("dead_after_s", 2.0)
+        c = Client(self.url(transport), token, codec=codec, **kw)
+        self.clients.append(c)
+        if connect:
+            await c.connect()
+        return c
+
+    async def close(self) -> None:
+        for c in self.clients:
+            await c.close()
+
+
+@pytest.fixture
+async def make_server(tmp_path: Any) -> AsyncIterator[Callable[..., Any]]:
+    started: list[Harness] = []
+
+    async def make(**overrides: Any) -> Harness:
+        data_dir = str(tmp_path / f"data{len(started)}")
+        server = Server(test_settings(data_dir, **overrides))
+        await server.start()
+        h = Harness(server)
+        started.append(h)
+        return h
+
+    yield make
+    for h in started:
+        await h.close()
+        await h.server.drain()
+
+
+@pytest.fixture
+async def harness(make_server: Callable[..., Any]) -> Harness:
+    h: Harness = await make_server()
+    return h
+
+
+async def next_message(client: Client, timeout: float = 5.0) -> Any:
+    """The next MessageEvent from the client's event stream."""
+    from tidings.client import MessageEvent
+
+    async def get() -> Any:
+        async for ev in client.events():
+            if isinstance(ev, MessageEvent):
+                return ev
+        raise AssertionError("event stream ended")
+
+    return await asyncio.wait_for(get(), timeout)
+
+
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,96 @@
+"""A userspace TCP proxy for weak-network tests: pass, delay, blackhole, cut.
+
+``blackhole()`` keeps both sockets open but silently drops bytes in both directions,
+which is what a dead NAT mapping or a pulled cable looks like to both ends (half-open
+connections). ``cut()`` aborts every live connection (RST). Loopback only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+class _Pipe:
+    def __init__(self, proxy: Proxy, client: asyncio.StreamWriter) -> None:
+        self.proxy = proxy
+        self.client = client
+        self.upstream: asyncio.StreamWriter | None = None
+        self.blackholed = False
+
+    def abort(self) -> None:
+        for w in (self.client, self.upstream):
+            if w is not None:
+                w.transport.abort()
+
+
+class Proxy:
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.pipes: set[_Pipe] = set()
+        self.delay_s = 0.0
+        self._server: asyncio.AbstractServer | None = None
+        self.port = 0
+        self.connections = 0
+
+    async def start(self) -> Proxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def cut(self) -> None:
+        """Abort every live connection through the proxy."""
+        for p in list(self.pipes):
+            p.abort()
+        self.pipes.clear()
+
+    def blackhole(self) -> None:
+        """Silently drop all traffic of every live connection; sockets stay open."""
+        for p in self.pipes:
+            p.blackholed = True
+
+    def blackhole_one(self, index: int = 0) -> None:
+        pipes = list(self.pipes)
+        if pipes:
+            pipes[index % len(pipes)].blackholed = True
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        pipe = _Pipe(self, writer)
+        self.connections += 1
+        try:
+            ureader, uwriter = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        pipe.upstream = uwriter
+        self.pipes.add(pipe)
+        a = asyncio.ensure_future(self._pump(pipe, reader, uwriter))
+        b = asyncio.ensure_future(self._pump(pipe, ureader, writer))
+        await asyncio.wait([a, b], return_when=asyncio.FIRST_COMPLETED)
+        if not pipe.blackholed:
+            pipe.abort()
+        else:
+            # A blackholed connection stays half-open until the endpoints give up.
+            await asyncio.wait([a, b])
+        self.pipes.discard(pipe)
+
+    async def _pump(self, pipe: _Pipe, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                data = await src.read(65536)
+                if not data:
+                    if not pipe.blackholed:
+                        return
+                    await asyncio.sleep(3600)
+                if pipe.blackholed:
+                    continue
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                dst.write(data)
+                await dst.drain()
