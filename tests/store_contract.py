@@ -1,0 +1,173 @@
+"""The `Store` contract: every implementation must pass these (see store/base.py).
+
+A test module subclasses `StoreContract` and provides an ``open_store`` fixture that
+returns an async factory: ``await open_store()`` gives an opened store on the same
+backing data each time (so a close + reopen is a restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import pytest
+
+from tidings.domain.ids import direct_conversation_id
+from tidings.protocol.errors import TidingsError
+from tidings.store.base import NewMessage, Store
+
+Opener = Callable[[], Awaitable[Store]]
+_pack = msgspec.msgpack.encode
+
+
+def new_msg(sender: str, peer: str, cid: str, text: str = "hi", **kw: Any) -> NewMessage:
+    body = {"text": text}
+    return NewMessage(
+        conv=direct_conversation_id(sender, peer), sender=sender, dev="d1", cid=cid,
+        type="text", body=body, body_bytes=_pack(body), members=(sender, peer), **kw,
+    )
+
+
+async def with_users(store: Store, *uids: str) -> None:
+    for u in uids:
+        await store.put_user(u, u, "", None, 1)
+
+
+class StoreContract:
+    async def test_seqs_are_gapless_and_in_commit_order(self, open_store: Opener) -> None:
+        """Concurrent appends to one conversation get seqs 1..N, each exactly once."""
+        store = await open_store()
+        await with_users(store, "a", "b")
+        results = await asyncio.gather(
+            *(store.append_message(new_msg("a" if i % 2 else "b", "b" if i % 2 else "a", f"c{i}"))
+              for i in range(300))
+        )
+        assert sorted(r.record.seq for r in results) == list(range(1, 301))
+        rows = await store.messages_after("d:a|b", 0, 1000)
+        assert [r.seq for r in rows] == list(range(1, 301))
+        mids = [r.mid for r in rows]
+        assert mids == sorted(mids) and len(set(mids)) == 300
+        await store.close()
+
+    async def test_duplicate_client_id_returns_original(self, open_store: Opener) -> None:
+        """The same (sender, cid) answers the original record with dup=True, even in one batch."""
+        store = await open_store()
+        await with_users(store, "a", "b")
+        first, second = await asyncio.gather(
+            store.append_message(new_msg("a", "b", "same")),
+            store.append_message(new_msg("a", "b", "same")),
+        )
+        assert first.record.mid == second.record.mid and {first.dup, second.dup} == {False, True}
+        again = await store.append_message(new_msg("a", "b", "same"))
+        assert again.dup and again.record.seq == 1
+        other_sender = await store.append_message(new_msg("b", "a", "same"))
+        assert not other_sender.dup and other_sender.record.seq == 2
+        await store.close()
+
+    async def test_same_client_id_other_content_conflicts(self, open_store: Opener) -> None:
+        """A reused cid with different content is a conflict, and burns no seq."""
+        store = await open_store()
+        await with_users(store, "a", "b", "c")
+        await store.append_message(new_msg("a", "b", "k"))
+        with pytest.raises(TidingsError) as err:
+            await store.append_message(new_msg("a", "b", "k", text="changed"))
+        assert err.value.code == "conflict"
+        with pytest.raises(TidingsError):
+            await store.append_message(new_msg("a", "c", "k"))
+        nxt = await store.append_message(new_msg("a", "b", "k2"))
+        assert nxt.record.seq == 2
+        await store.close()
+
+    async def test_bad_row_fails_alone(self, open_store: Opener) -> None:
+        """In one batch, a message to an unknown user fails alone; the others commit gaplessly."""
+        store = await open_store()
+        await with_users(store, "a", "b")
+        futs = [store.append_message(new_msg("a", "b", f"ok{i}")) for i in range(5)]
+        futs.insert(2, store.append_message(new_msg("a", "ghost", "bad")))
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert len(errors) == 1 and isinstance(errors[0], TidingsError)
+        assert errors[0].code == "not_found"
+        good = [r.record.seq for r in results if not isinstance(r, BaseException)]
+        assert good == [1, 2, 3, 4, 5]
+        assert await store.conversation(direct_conversation_id("a", "ghost")) is None
+        await store.close()
+
+    async def test_durable_across_restart(self, open_store: Opener) -> None:
+        """Acked messages survive a restart; dedupe and seqs continue from where they were."""
+        store = await open_store()
+        await with_users(store, "a", "b")
+        for i in range(10):
+            await store.append_message(new_msg("a", "b", f"m{i}"))
+        await store.close()
+        store = await open_store()
+        again = await store.append_message(new_msg("a", "b", "m3"))
+        assert again.dup and again.record.seq == 4
+        nxt = await store.append_message(new_msg("b", "a", "new"))
+        assert nxt.record.seq == 11
+        await store.close()
+
+    async def test_history_pages(self, open_store: Opener) -> None:
+        """history() pages backwards in ascending order; messages_after() pages forwards."""
+        store = await open_store()
+        await with_users(store, "a", "b")
+        for i in range(12):
+            await store.append_message(new_msg("a", "b", f"h{i}", text=f"t{i}"))
+        newest = await store.history("d:a|b", 0, 5)
+        assert [m.seq for m in newest] == [8, 9, 10, 11, 12]
+        older = await store.history("d:a|b", 8, 5)
+        assert [m.seq for m in older] == [3, 4, 5, 6, 7]
+        assert older[0].body == {"text": "t2"} and older[0].sender == "a"
+        after = await store.messages_after("d:a|b", 10, 50)
+        assert [m.seq for m in after] == [11, 12]
+        assert await store.history("d:nobody|x", 0, 5) == []
+        await store.close()
+
+    async def test_changes_and_watermark(self, open_store: Opener) -> None:
+        """changed_conversations() lists only conversations past the sync point."""
+        store = await open_store()
+        await with_users(store, "a", "b", "c")
+        assert await store.watermark("a") == 0
+        r1 = await store.append_message(new_msg("a", "b", "1"))
+        r2 = await store.append_message(new_msg("a", "c", "2"))
+        assert await store.watermark("a") == r2.record.mid
+        assert await store.watermark("b") == r1.record.mid
+        changed = await store.changed_conversations("a", r1.record.mid)
+        assert [c.conv for c in changed] == ["d:a|c"]
+        everything = await store.changed_conversations("a", 0)
+        assert {c.conv: c.last_seq for c in everything} == {"d:a|b": 1, "d:a|c": 1}
+        assert await store.is_member("d:a|b", "b") and not await store.is_member("d:a|b", "c")
+        await store.close()
+
+    async def test_users_and_revocation(self, open_store: Opener) -> None:
+        """put_user is idempotent; revocations are stored."""
+        store = await open_store()
+        user, created = await store.put_user("u", "U", "name", "hash", 5)
+        assert created and user.display == "U"
+        user2, created2 = await store.put_user("u", "U", "renamed", None, 6)
+        assert not created2 and user2.name == "renamed" and user2.password_hash == "hash"
+        assert await store.users_exist(["u", "v"]) == {"u"}
+        await store.upsert_device("u", "d", "ios", 7)
+        state = await store.auth_state("j1", "u", "d")
+        assert not state.token_revoked and state.device_revoked_before_ms == 0
+        await store.revoke_token("j1", "u", "d", 2**50)
+        await store.revoke_device("u", "d", 1234)
+        state = await store.auth_state("j1", "u", "d")
+        assert state.token_revoked and state.device_revoked_before_ms == 1234
+        await store.close()
+        store = await open_store()
+        assert (await store.auth_state("j1", "u", "d")).token_revoked
+        await store.close()
+
+    async def test_worker_leases_are_unique(self, open_store: Opener) -> None:
+        """Two holders never share a worker id; a holder renews its own."""
+        store = await open_store()
+        w1 = await store.lease_worker_id("h1", 1000, 60_000)
+        w2 = await store.lease_worker_id("h2", 1000, 60_000)
+        assert w1 != w2
+        assert await store.lease_worker_id("h1", 2000, 60_000) == w1
+        w3 = await store.lease_worker_id("h3", 100_000, 60_000)  # h1/h2 expired by now
+        assert w3 in (w1, w2)
+        await store.close()

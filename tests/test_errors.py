@@ -1,0 +1,332 @@
+"""Every row of the error-code table and every close code, provoked over real sockets.
+
+Each test also checks that nothing was stored and that the server keeps serving others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import jwt
+import msgspec
+import pytest
+
+from tests.conftest import Harness, next_message
+from tests.rawclient import Raw
+from tidings.protocol import close
+from tidings.protocol.errors import KINDS
+
+CODES_TESTED: set[str] = set()
+
+
+def err(frame: Any, code: str, rid: int | None = None) -> None:
+    assert frame is not None, "connection closed instead of an error"
+    assert frame["t"] == "error", frame
+    assert frame["code"] == code, frame
+    assert frame["retryable"] == KINDS[code].retryable
+    assert isinstance(frame["message"], str) and frame["message"]
+    if rid is not None:
+        assert frame["id"] == rid
+    CODES_TESTED.add(code)
+
+
+async def message_count(h: Harness) -> int:
+    rows = await h.server.store.changed_conversations("alice", 0)
+    return sum(r.last_seq for r in rows)
+
+
+async def authed(h: Harness, codec: str = "json", uid: str = "alice") -> Raw:
+    raw = await Raw.ws(h.ws_url, codec)
+    ready = await raw.login(await h.token(uid))
+    assert ready["t"] == "ready"
+    return raw
+
+
+async def still_serving(h: Harness) -> None:
+    """Another client can still send and receive."""
+    a = await h.client("carol")
+    b = await h.client("dave")
+    await a.send(to="dave", text="still here")
+    assert (await next_message(b)).message.body["text"] == "still here"
+
+
+@pytest.mark.parametrize("codec", ["json", "msgpack"])
+async def test_malformed_frames(harness: Harness, codec: str) -> None:
+    """Garbage bytes are `bad_frame`; a non-object is `bad_frame`; the connection survives."""
+    raw = await authed(harness, codec)
+    await raw.send_bytes(b"\xc1{not valid" if codec == "msgpack" else b"{not json")
+    err(await raw.recv(), "bad_frame", 0)
+    await raw.send([1, 2, 3])
+    err(await raw.recv(), "bad_frame")
+    await raw.send({"t": "ping", "id": 5})
+    assert (await raw.recv())["t"] == "pong"
+    await raw.close()
+
+
+@pytest.mark.parametrize("codec", ["json", "msgpack"])
+async def test_unknown_type_and_wrong_field_types(harness: Harness, codec: str) -> None:
+    """Unknown `t` is `unknown_type`; a wrong field type is `invalid`; ids are echoed."""
+    raw = await authed(harness, codec)
+    await raw.send({"t": "teleport", "id": 7})
+    err(await raw.recv(), "unknown_type", 7)
+    await raw.send({"t": "send", "id": 8, "cid": 5, "to": "bob", "body": {"text": "x"}})
+    err(await raw.recv(), "invalid", 8)
+    await raw.send({"t": "send", "id": 9, "cid": "c", "to": "bob", "body": "not an object"})
+    err(await raw.recv(), "invalid", 9)
+    await raw.send({"id": 10})
+    err(await raw.recv(), "invalid", 10)
+    await raw.send({"t": "send", "id": 11, "cid": "c", "to": "bob", "conv": "d:alice|bob",
+                    "body": {"text": "x"}})
+    err(await raw.recv(), "invalid", 11)
+    await raw.send({"t": "send", "id": 12, "cid": "", "to": "bob", "body": {"text": "x"}})
+    err(await raw.recv(), "invalid", 12)
+    await raw.send({"t": "send", "id": 13, "cid": "c", "to": "bob", "body": {"text": ""}})
+    err(await raw.recv(), "invalid", 13)
+    await raw.send({"t": "send", "id": 14, "cid": "c", "to": "bad id!", "body": {"text": "x"}})
+    err(await raw.recv(), "invalid", 14)
+    assert await message_count(harness) == 0
+    await raw.close()
+    await still_serving(harness)
+
+
+async def test_msgpack_binary_body_is_invalid(harness: Harness) -> None:
+    """MessagePack bytes/ext values are outside the JSON data model: `invalid`."""
+    raw = await authed(harness, "msgpack")
+    await harness.user("bob")
+    await raw.send({"t": "send", "id": 3, "cid": "b", "to": "bob",
+                    "type": "custom", "body": {"blob": b"\x00\x01"}})
+    err(await raw.recv(), "invalid", 3)
+    assert await message_count(harness) == 0
+    await raw.close()
+
+
+async def test_too_large_body_and_text(harness: Harness) -> None:
+    """Text over max_text_bytes (UTF-8 bytes) and bodies over max_body_bytes are `too_large`."""
+    raw = await authed(harness)
+    await harness.user("bob")
+    s = harness.server.settings
+    text = "é" * (s.max_text_bytes // 2 + 1)  # fewer characters than the limit, more bytes
+    await raw.send({"t": "send", "id": 2, "cid": "t", "to": "bob", "body": {"text": text}})
+    err(await raw.recv(), "too_large", 2)
+    await raw.send({"t": "send", "id": 3, "cid": "u", "to": "bob", "type": "custom",
+                    "body": {"x": "a" * (s.max_body_bytes + 10)}})
+    err(await raw.recv(), "too_large", 3)
+    assert await message_count(harness) == 0
+    await raw.close()
+
+
+async def test_oversize_frame_closes_websocket(harness: Harness) -> None:
+    """A WebSocket frame over max_frame_bytes closes the connection with 1009."""
+    raw = await authed(harness)
+    await raw.send_bytes(b'{"t":"ping","pad":"' + b"x" * 70_000 + b'"}')
+    assert await raw.closed() == close.TOO_BIG
+    await still_serving(harness)
+
+
+async def test_oversize_frame_refused_on_length_prefix(harness: Harness) -> None:
+    """TCP: a length prefix over the limit closes with TOO_BIG before any payload is sent."""
+    raw = await Raw.tcp(harness.server.tcp_port)
+    await raw.send_raw((10_000_000).to_bytes(4, "big"))  # no payload follows
+    assert await raw.closed() == close.TOO_BIG
+    await still_serving(harness)
+
+
+async def test_unsupported_version(harness: Harness) -> None:
+    """hello with another version is `unsupported_version` then close 4010; TCP too."""
+    raw = await Raw.ws(harness.ws_url)
+    await raw.send({"t": "hello", "v": 99, "token": "x", "id": 1})
+    err(await raw.recv(), "unsupported_version", 1)
+    assert await raw.closed() == close.UNSUPPORTED_VERSION
+    tcp = await Raw.tcp(harness.server.tcp_port, pre=b"TIDINGS\x07", read_hello=False)
+    assert tcp._reader is not None
+    assert await tcp._reader.readexactly(8) == b"TIDINGS\x01"
+    assert await tcp.closed() == close.UNSUPPORTED_VERSION
+
+
+async def test_bad_tcp_preface_is_dropped(harness: Harness) -> None:
+    """A TCP client that does not speak the preface is disconnected without an answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", harness.server.tcp_port)
+    writer.write(b"GET / HTTP/1.1\r\n\r\n")
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_requests_before_hello_are_unauthenticated(harness: Harness) -> None:
+    """Any request before a successful hello gets `unauthenticated`; nothing is stored."""
+    await harness.user("bob")
+    raw = await Raw.ws(harness.ws_url)
+    await raw.send({"t": "send", "id": 4, "cid": "x", "to": "bob", "body": {"text": "x"}})
+    err(await raw.recv(), "unauthenticated", 4)
+    await raw.send({"t": "history", "id": 5, "conv": "d:alice|bob"})
+    err(await raw.recv(), "unauthenticated", 5)
+    assert await message_count(harness) == 0
+    await raw.close()
+
+
+async def test_auth_timeout(make_server: Any) -> None:
+    """A connection that never authenticates is closed with 4001 after the auth timeout."""
+    h = await make_server(auth_timeout_ms=300)
+    raw = await Raw.ws(h.ws_url)
+    assert raw.hello["auth_timeout_ms"] == 300
+    t0 = time.monotonic()
+    assert await raw.closed() == close.AUTH_TIMEOUT
+    assert time.monotonic() - t0 < 3
+    tcp = await Raw.tcp(h.server.tcp_port)
+    assert await tcp.closed() == close.AUTH_TIMEOUT
+
+
+@pytest.mark.parametrize("case", ["garbage", "forged", "alg_none", "wrong_alg", "expired"])
+async def test_bad_tokens(harness: Harness, case: str) -> None:
+    """Forged, algorithm-swapped, malformed and expired tokens are refused and closed (4002)."""
+    await harness.user("alice")
+    now = int(time.time())
+    claims = {"iss": "tidings", "sub": "alice", "dev": "d1", "plat": "web", "jti": "j",
+              "ims": now * 1000, "iat": now, "exp": now + 3600}
+    token = {
+        "garbage": "not-a-token",
+        "forged": jwt.encode(claims, "another key that is long enough!!", algorithm="HS256"),
+        "alg_none": jwt.encode(claims, None, algorithm="none"),
+        "wrong_alg": jwt.encode(claims, "k" * 64, algorithm="HS512"),
+        "expired": await harness.token("alice", ttl_s=1),
+    }[case]
+    if case == "expired":
+        await asyncio.sleep(2.1)
+    raw = await Raw.ws(harness.ws_url)
+    answer = await raw.login(token)
+    err(answer, "token_expired" if case == "expired" else "auth_failed", 1)
+    assert await raw.closed() == close.AUTH_FAILED
+
+
+async def test_revoked_token_is_refused_and_live_connection_closed(harness: Harness) -> None:
+    """Revoking a token closes its live connection (4003) and refuses it afterwards."""
+    token = await harness.token("alice")
+    raw = await Raw.ws(harness.ws_url)
+    assert (await raw.login(token))["t"] == "ready"
+    await harness.server.accounts.revoke_token(token)
+    assert await raw.closed() == close.TOKEN_REVOKED
+    again = await Raw.ws(harness.ws_url)
+    err(await again.login(token), "token_revoked", 1)
+
+
+async def test_forbidden_and_not_found(harness: Harness) -> None:
+    """Reading someone else's conversation is `forbidden`; unknown users/convs `not_found`."""
+    raw = await authed(harness)
+    await harness.user("bob")
+    await harness.user("carol")
+    b = await harness.client("bob")
+    await b.send(to="carol", text="private")
+    await raw.send({"t": "history", "id": 2, "conv": "d:bob|carol"})
+    err(await raw.recv(), "forbidden", 2)
+    await raw.send({"t": "send", "id": 3, "cid": "f", "conv": "d:bob|carol",
+                    "body": {"text": "let me in"}})
+    err(await raw.recv(), "forbidden", 3)
+    await raw.send({"t": "send", "id": 4, "cid": "s", "to": "bob", "type": "system",
+                    "body": {"text": "fake system"}})
+    err(await raw.recv(), "forbidden", 4)
+    await raw.send({"t": "send", "id": 5, "cid": "n", "to": "nobody", "body": {"text": "?"}})
+    err(await raw.recv(), "not_found", 5)
+    await raw.send({"t": "history", "id": 6, "conv": "g:nothing"})
+    err(await raw.recv(), "not_found", 6)
+    assert await message_count(harness) == 0
+    await raw.close()
+
+
+async def test_conflict(harness: Harness) -> None:
+    """The same cid with different content is `conflict`; the original stays."""
+    raw = await authed(harness)
+    await harness.user("bob")
+    await raw.send({"t": "send", "id": 1, "cid": "k", "to": "bob", "body": {"text": "one"}})
+    assert (await raw.until("sent"))["seq"] == 1
+    await raw.send({"t": "send", "id": 2, "cid": "k", "to": "bob", "body": {"text": "two"}})
+    err(await raw.until("error"), "conflict", 2)
+    assert await message_count(harness) == 1
+    await raw.close()
+
+
+async def test_rate_limit_then_flood_close(make_server: Any) -> None:
+    """Past the burst, requests get `rate_limited` with retry_after_ms; a flood is closed 4008."""
+    h = await make_server(rate_per_s=5, rate_burst=5)
+    raw = await Raw.ws(h.ws_url)
+    assert (await raw.login(await h.token("alice")))["t"] == "ready"
+    for i in range(4):
+        await raw.send({"t": "history", "id": 100 + i, "conv": "d:alice|alice"})
+    await raw.send({"t": "history", "id": 200, "conv": "d:alice|alice"})
+    frame = await raw.until("error")
+    err(frame, "rate_limited", 200)
+    assert frame["retry_after_ms"] > 0
+    for i in range(40):
+        await raw.send({"t": "history", "id": 300 + i, "conv": "d:alice|alice"})
+    assert await raw.closed() == close.FLOOD
+    await still_serving(h)
+
+
+async def test_unavailable_when_write_queue_full(harness: Harness) -> None:
+    """When the store's write queue is full, sends get retryable `unavailable`; nothing stored."""
+    raw = await authed(harness)
+    await harness.user("bob")
+    harness.server.store.max_pending = 0
+    await raw.send({"t": "send", "id": 1, "cid": "u", "to": "bob", "body": {"text": "x"}})
+    frame = await raw.recv()
+    err(frame, "unavailable", 1)
+    assert frame["retry_after_ms"] > 0
+    harness.server.store.max_pending = 1000
+    assert await message_count(harness) == 0
+    await raw.close()
+
+
+async def test_internal_error_is_reported_not_fatal(harness: Harness, monkeypatch: Any) -> None:
+    """A bug in a request handler answers `internal` and the connection keeps working."""
+    raw = await authed(harness)
+
+    async def broken(*_: Any) -> Any:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(harness.server.store, "history", broken)
+    await raw.send({"t": "history", "id": 9, "conv": "d:alice|alice"})
+    err(await raw.recv(), "internal", 9)
+    monkeypatch.undo()
+    await raw.send({"t": "ping", "id": 10})
+    assert (await raw.recv())["t"] == "pong"
+    await raw.close()
+
+
+async def test_wrong_frame_kind_for_subprotocol(harness: Harness) -> None:
+    """A text frame on the msgpack subprotocol closes with 1003."""
+    raw = await authed(harness, "msgpack")
+    await raw.send_bytes(b'{"t":"ping"}', text=True)
+    assert await raw.closed() == close.UNSUPPORTED_DATA
+
+
+async def test_idle_timeout(make_server: Any) -> None:
+    """An authenticated connection that sends nothing is closed with 4006."""
+    h = await make_server(idle_timeout_ms=400)
+    raw = await Raw.ws(h.ws_url)
+    assert (await raw.login(await h.token("alice")))["t"] == "ready"
+    assert await raw.closed() == close.IDLE_TIMEOUT
+
+
+async def test_second_hello_is_invalid(harness: Harness) -> None:
+    """A hello after authentication is `invalid` and changes nothing."""
+    raw = await authed(harness)
+    await raw.send({"t": "hello", "v": 1, "token": "x", "id": 3})
+    err(await raw.recv(), "invalid", 3)
+    await raw.close()
+
+
+async def test_client_close_frame_on_tcp(harness: Harness) -> None:
+    """A TCP client's close frame is answered with a normal close."""
+    raw = await Raw.tcp(harness.server.tcp_port)
+    assert (await raw.login(await harness.token("alice")))["t"] == "ready"
+    await raw.send({"t": "close", "code": 1000})
+    assert await raw.closed() == close.NORMAL
+
+
+def test_every_error_code_is_tested() -> None:
+    """Runs last in this module: each row of the table was provoked above."""
+    missing = set(KINDS) - CODES_TESTED
+    assert not missing, f"error codes never provoked: {sorted(missing)}"
+
+
+_ = msgspec
