@@ -79,7 +79,9 @@ class Raw:
             if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                 data = msg.data if isinstance(msg.data, bytes) else msg.data.encode()
                 return (msgspec.json.decode if self.codec == "json" else msgspec.msgpack.decode)(data)
-            self.close_code = self._ws.close_code
+            self.close_code = (
+                int(msg.data) if msg.type is aiohttp.WSMsgType.CLOSE else self._ws.close_code
+            )
             if isinstance(msg.extra, str):
                 self.close_reason = msg.extra
             return None

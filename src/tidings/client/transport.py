@@ -59,8 +59,10 @@ class WsConn:
                 aiohttp.WSMsgType.ERROR,
             ):
                 self.close_code = self._ws.close_code
-                if msg.type is aiohttp.WSMsgType.CLOSE and isinstance(msg.extra, str):
-                    self.close_reason = msg.extra
+                if msg.type is aiohttp.WSMsgType.CLOSE:
+                    self.close_code = int(msg.data)
+                    if isinstance(msg.extra, str):
+                        self.close_reason = msg.extra
                 await self._cleanup()
                 return None
 

@@ -1,0 +1,168 @@
+"""Sans-I/O pieces: framing, codecs, ids, config; and the layering rule."""
+
+from __future__ import annotations
+
+import ast
+import os
+import pathlib
+
+import msgspec
+import pytest
+
+from tidings.config import load_settings
+from tidings.domain.ids import (
+    MessageIdGenerator,
+    direct_conversation_id,
+    direct_members,
+    message_id_time_ms,
+    normalize_user_id,
+)
+from tidings.protocol.codec import CODECS, FrameError, check_json_model
+from tidings.protocol.frames import Hello, Send
+from tidings.protocol.framing import FramingError, TcpFrameDecoder, tcp_frame, ws_frame
+from tidings.protocol.errors import TidingsError
+
+SRC = pathlib.Path(__file__).parent.parent / "src" / "tidings"
+
+
+def test_tcp_decoder_handles_split_and_joined_frames() -> None:
+    """Frames split across reads and several frames in one read both decode."""
+    d = TcpFrameDecoder(100, expect_preface=True, versions=frozenset({1}))
+    data = b"TIDINGS\x01" + tcp_frame(b"abc") + tcp_frame(b"") + tcp_frame(b"x" * 50)
+    out: list[bytes] = []
+    for i in range(0, len(data), 3):
+        out += d.feed(data[i : i + 3])
+    assert out == [b"abc", b"", b"x" * 50] and d.version == 1
+
+
+def test_tcp_decoder_refuses_on_length_prefix() -> None:
+    """An oversize length is refused from the 4-byte prefix alone, nothing buffered."""
+    d = TcpFrameDecoder(100, expect_preface=False, versions=frozenset({1}))
+    with pytest.raises(FramingError) as e:
+        d.feed((101).to_bytes(4, "big"))
+    assert e.value.kind == "too_large" and d.buffered == 4
+
+
+def test_tcp_decoder_preface_errors() -> None:
+    """A wrong magic fails at the first wrong byte; an unknown version is reported."""
+    with pytest.raises(FramingError) as e:
+        TcpFrameDecoder(100, expect_preface=True, versions=frozenset({1})).feed(b"GET")
+    assert e.value.kind == "preface"
+    with pytest.raises(FramingError) as e:
+        TcpFrameDecoder(100, expect_preface=True, versions=frozenset({1})).feed(b"TIDINGS\x02")
+    assert e.value.kind == "version"
+
+
+def test_ws_frame_header_sizes() -> None:
+    """Server frames use the 7-bit, 16-bit and 64-bit length forms, unmasked."""
+    assert ws_frame(b"a", 2)[:2] == b"\x82\x01"
+    assert ws_frame(b"a" * 200, 1)[:4] == b"\x81\x7e\x00\xc8"
+    big = ws_frame(b"a" * 70000, 2)
+    assert big[:2] == b"\x82\x7f" and int.from_bytes(big[2:10], "big") == 70000
+
+
+@pytest.mark.parametrize("codec", ["json", "msgpack"])
+def test_codec_classifies_errors(codec: str) -> None:
+    """Decode errors say bad_frame / unknown_type / invalid and keep the request id."""
+    c = CODECS[codec]
+    enc = msgspec.json.encode if codec == "json" else msgspec.msgpack.encode
+    assert isinstance(c.decode_client(enc({"t": "hello", "v": 1, "token": "x"})), Hello)
+    cases = [
+        (b"\xff\xfe", "bad_frame", 0),
+        (enc({"t": "nope", "id": 4}), "unknown_type", 4),
+        (enc({"t": "send", "id": 5, "cid": "c", "body": []}), "invalid", 5),
+        (enc("string"), "bad_frame", 0),
+        (enc({"t": 3, "id": 6}), "invalid", 6),
+    ]
+    for data, code, rid in cases:
+        with pytest.raises(FrameError) as e:
+            c.decode_client(data)
+        assert (e.value.code, e.value.request_id) == (code, rid)
+    send = c.decode_client(enc({"t": "send", "id": 1, "cid": "c", "to": "b", "body": {"text": "é"}}))
+    assert isinstance(send, Send) and send.type == "text"
+
+
+def test_json_model_check() -> None:
+    """Only JSON-model values are accepted in bodies."""
+    assert check_json_model({"a": [1, 2.5, None, True, "x", {"b": {}}]})
+    assert not check_json_model({"a": b"bytes"})
+    assert not check_json_model({1: "non-string key"})
+    deep: dict[str, object] = {}
+    cur = deep
+    for _ in range(40):
+        cur["x"] = {}
+        cur = cur["x"]  # type: ignore[assignment]
+    assert not check_json_model(deep)
+
+
+def test_user_ids() -> None:
+    """User ids are NFKC-normalised and case-folded; bad ones are `invalid`."""
+    assert normalize_user_id("Ａlice") == "alice"
+    assert normalize_user_id("Straße") == "strasse"
+    for bad in ["", "a b", "a|b", "x" * 65, "tab\t", 5]:
+        with pytest.raises(TidingsError):
+            normalize_user_id(bad)  # type: ignore[arg-type]
+
+
+def test_direct_conversation_ids() -> None:
+    """The 1:1 conversation id is derived from the sorted pair."""
+    assert direct_conversation_id("b", "a") == direct_conversation_id("a", "b") == "d:a|b"
+    assert direct_members("d:a|b") == ("a", "b")
+    assert direct_members("d:a") is None and direct_members("g:1") is None
+
+
+def test_message_ids_increase_and_carry_time() -> None:
+    """Ids strictly increase, even past 4096 per ms or when the clock steps back."""
+    g = MessageIdGenerator(5)
+    ids = [g.next(1_800_000_000_000) for _ in range(5000)]
+    ids += [g.next(1_799_999_999_000)]  # clock stepped back
+    assert all(a < b for a, b in zip(ids, ids[1:], strict=False))
+    assert abs(message_id_time_ms(ids[0]) - 1_800_000_000_000) <= 1
+    assert ids[-1] < 2**63
+
+
+def test_settings_precedence(tmp_path: pathlib.Path) -> None:
+    """Defaults < TOML < environment < explicit overrides; unknown keys are errors."""
+    toml = tmp_path / "t.toml"
+    toml.write_text('port = 9000\ntcp-port = 9001\nrate_per_s = 7.5\nallowed_origins = ["http://a"]\n')
+    s = load_settings(str(toml), env={"TIDINGS_PORT": "9100", "TIDINGS_ALLOW_REGISTRATION": "off"},
+                      overrides={"tcp_port": 9200})
+    assert (s.port, s.tcp_port, s.rate_per_s) == (9100, 9200, 7.5)
+    assert s.allow_registration is False and s.allowed_origins == ["http://a"]
+    assert load_settings(env={"TIDINGS_CONFIG": str(toml)}).port == 9000
+    (tmp_path / "bad.toml").write_text("prot = 1\n")
+    with pytest.raises(ValueError):
+        load_settings(str(tmp_path / "bad.toml"), env={})
+    with pytest.raises(ValueError):
+        load_settings(env={"TIDINGS_PORT": "eighty"})
+
+
+FORBIDDEN_IN_PURE = {"asyncio", "socket", "sqlite3", "aiohttp", "uvloop", "threading",
+                     "selectors", "ssl", "subprocess"}
+
+
+@pytest.mark.parametrize("package", ["protocol", "domain"])
+def test_pure_packages_do_no_io(package: str) -> None:
+    """protocol/ and domain/ import nothing that does I/O (sans-I/O cores)."""
+    for path in (SRC / package).rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                root = name.split(".")[0]
+                assert root not in FORBIDDEN_IN_PURE, f"{path.name} imports {name}"
+                if name.startswith("tidings."):
+                    assert name.split(".")[1] in ("protocol", "domain"), f"{path.name}: {name}"
+
+
+def test_layering() -> None:
+    """Dependencies point one way: services never import gateway/session/api."""
+    for path in (SRC / "services").rglob("*.py"):
+        text = path.read_text()
+        for upper in ("tidings.gateway", "tidings.session", "tidings.api"):
+            assert upper not in text, f"{path.name} imports {upper}"
+    assert os.path.exists(SRC / "store" / "migrations" / "0001_init.sql")
