@@ -224,7 +224,8 @@ class HttpApi:
     # ------------------------------------------------------------------ handlers
 
     async def health(self, request: web.Request, _: None) -> tuple[int, m.Health]:
-        return 200, m.Health("ok", __version__, self.online())
+        pending = await self.messaging.store.pending_writes()
+        return 200, m.Health("ok", __version__, self.online(), pending)
 
     async def put_user(self, request: web.Request, body: m.PutUser) -> tuple[int, m.UserOut]:
         user, created = await self.accounts.put_user(

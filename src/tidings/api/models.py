@@ -23,7 +23,8 @@ class ErrorResponse(msgspec.Struct, frozen=True):
 class Health(msgspec.Struct, frozen=True):
     status: str
     version: str
-    online: int
+    online: int  # authenticated device sessions on this process
+    pending_writes: int  # writes queued for the store, not yet committed
 
 
 class PutUser(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

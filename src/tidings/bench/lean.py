@@ -168,6 +168,7 @@ class LeanConn(asyncio.Protocol):
         self.heartbeat_ms = 25_000
         self.close_code = 0
         self.close_reason = ""
+        self.closed_by_us = False
         self.frames_in = 0
         self.bad_frames = 0
 
@@ -435,6 +436,7 @@ class LeanConn(asyncio.Protocol):
         return self._state == "ready"
 
     def close(self) -> None:
+        self.closed_by_us = True
         t = self.transport
         if t is None:
             return
