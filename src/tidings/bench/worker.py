@@ -30,7 +30,6 @@ from tidings.bench.lean import (
     CliSend,
     LeanConn,
     SendBody,
-    SrvClose,
     SrvError,
     SrvPush,
     SrvSent,
@@ -39,6 +38,7 @@ from tidings.bench.lean import (
 CONNECT_CONCURRENCY = 32
 CONNECT_TIMEOUT_S = 30.0
 POLL_S = 0.02
+MIN_SLEEP_S = 0.001
 
 
 @dataclass
@@ -311,9 +311,7 @@ async def _run(conn: Connection, cfg: dict[str, Any]) -> None:
 
     loop.call_later(max(0.0, clocks.ws - time.monotonic()), snap, "start")
     loop.call_later(max(0.0, clocks.we - time.monotonic()), snap, "end")
-    heartbeat = min(
-        (p.sender.heartbeat_ms for p in pairs if p.sender is not None), default=25_000
-    )
+    heartbeat = min((p.sender.heartbeat_ms for p in pairs if p.sender is not None), default=25_000)
     await _drive(pairs, clocks, total, str(cfg["text"]), cid_prefix, stats, heartbeat / 1000)
     # Grace: wait for every answer and every acknowledged message to arrive, bounded.
     deadline = max(clocks.we, time.monotonic()) + grace
@@ -366,7 +364,9 @@ async def _drive(
                 at = int((t0 + i / rate) * 1e6)
                 sender = pair.sender
                 assert sender is not None
-                frame = CliSend(i + 1, f"{cid_prefix}{n}", pair.recipient_uid, SendBody(text, n, at))
+                frame = CliSend(
+                    i + 1, f"{cid_prefix}{n}", pair.recipient_uid, SendBody(text, n, at)
+                )
                 if sender.send_frame(frame):
                     stats.sent += 1
                     pair.sent = n + 1
@@ -379,8 +379,9 @@ async def _drive(
                 for c in (p.sender, p.recipient):
                     if c is not None:
                         c.send_frame(CliPing(0))
+        # uvloop's timers have millisecond resolution: a shorter sleep would spin.
         delay = t0 + k / rate - monotonic()
-        await sleep(delay if delay > 0 else 0)
+        await sleep(delay if delay > MIN_SLEEP_S else MIN_SLEEP_S)
 
 
 def _result(pairs: list[Pair], stats: Stats, cpu: dict[str, float]) -> dict[str, Any]:

@@ -347,7 +347,12 @@ class Client:
         except (RequestError, ConnectionError, TimeoutError) as exc:
             log.debug("hello failed: %s", exc)
         try:
-            await reader
+            # The reader ends when the peer closes; the heartbeat ends when the link is dead
+            # (half-open: nothing arrives any more), and then the reader is abandoned.
+            await asyncio.wait({reader, beat}, return_when=asyncio.FIRST_COMPLETED)
+            if not reader.done():
+                reader.cancel()
+                await conn.dispose()
         finally:
             for t in (writer, beat, self._sync_task):
                 if t is not None and not t.done():
@@ -386,7 +391,7 @@ class Client:
             await asyncio.sleep(interval)
             if loop.time() - self._last_rx > dead_after:
                 log.debug("no traffic for %.1fs: dropping connection", dead_after)
-                conn.abort()
+                self._fail_requests()
                 return
             if self.ready.is_set():
                 self._write(Ping(next(self._rid)))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import ssl
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -32,7 +30,13 @@ class ClientConn(Protocol):
 
     async def close(self, code: int = 1000) -> None: ...
 
-    def abort(self) -> None: ...
+    def abort(self) -> None:
+        """Break the connection now (the reader then sees it closed)."""
+        ...
+
+    async def dispose(self) -> None:
+        """Release the connection without any closing handshake (it is presumed dead)."""
+        ...
 
 
 class WsConn:
@@ -80,10 +84,18 @@ class WsConn:
         await self._cleanup()
 
     def abort(self) -> None:
-        sock = self._ws.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        # aiohttp has no public abort for a client websocket: reach the transport of the
+        # underlying connection, or else close the whole client session.
+        conn = getattr(getattr(self._ws, "_response", None), "connection", None)
+        transport = getattr(conn, "transport", None)
+        if transport is not None:
+            transport.abort()
+        elif not self._session.closed:
+            asyncio.ensure_future(self._session.close())
+
+    async def dispose(self) -> None:
+        self.abort()
+        await self._cleanup()
 
     async def _cleanup(self) -> None:
         if not self._session.closed:
@@ -136,6 +148,9 @@ class TcpConn:
 
     def abort(self) -> None:
         self._writer.transport.abort()
+
+    async def dispose(self) -> None:
+        self.abort()
 
 
 async def connect(

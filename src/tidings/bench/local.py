@@ -1,0 +1,260 @@
+"""The server side of a bench: a local server process, its CPU time, the admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import aiohttp
+
+HEALTH_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 20.0
+ADMIN_CONCURRENCY = 16
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def _stat_cpu_s(path: str) -> float | None:
+    try:
+        with open(path) as fh:
+            raw = fh.read()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+    return _stat_cpu_s(f"/proc/{pid}/stat")
+
+
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """utime + stime of each thread of a process, by thread id."""
+    out: dict[int, float] = {}
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            cpu = _stat_cpu_s(f"/proc/{pid}/task/{tid}/stat")
+            if cpu is not None:
+                out[int(tid)] = cpu
+    return out
+
+
+def listener_pid(port: int) -> int | None:
+    """The pid of the process listening on 127.0.0.1:``port``, when this user can see it."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                next(fh)
+                for line in fh:
+                    parts = line.split()
+                    local, state, inode = parts[1], parts[3], parts[9]
+                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                        inodes.add(f"socket:[{inode}]")
+        except OSError:
+            continue
+    if not inodes:
+        return None
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fd_dir = f"/proc/{entry}/fd"
+        try:
+            for fd in os.listdir(fd_dir):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"{fd_dir}/{fd}") in inodes:
+                        return int(entry)
+        except OSError:
+            continue
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+                break
+    versions: dict[str, str] = {}
+    for name in ("aiohttp", "msgspec", "uvloop"):
+        with contextlib.suppress(Exception):
+            from importlib.metadata import version
+
+            versions[name] = version(name)
+    return {
+        "cpu_model": model,
+        "nproc": os.cpu_count(),
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "mem_gib": round(mem_kb / 2**20, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "loadavg": os.getloadavg(),
+    }
+
+
+@dataclass
+class LocalServer:
+    """``python -m tidings serve`` in its own process, pinned to ``cores``."""
+
+    settings: dict[str, str]
+    cores: list[int]
+    data_dir: str = ""
+    keep: bool = False
+    port: int = 0
+    tcp_port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: str = ""
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+    _log: IO[bytes] | None = None
+    argv: list[str] = field(default_factory=list)
+
+    def start(self) -> None:
+        if not self.data_dir:
+            self._tmp = tempfile.TemporaryDirectory(prefix="tidings-bench-")
+            self.data_dir = self._tmp.name
+        os.makedirs(self.data_dir, exist_ok=True)
+        self.port = free_port()
+        self.tcp_port = free_port()
+        self.argv = [
+            sys.executable,
+            "-m",
+            "tidings",
+            "serve",
+            "--data-dir",
+            self.data_dir,
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(self.port),
+            "--tcp-port",
+            str(self.tcp_port),
+        ]
+        for key, value in self.settings.items():
+            self.argv += ["--set", f"{key}={value}"]
+        self.log_path = os.path.join(self.data_dir, "server.log")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        cores = set(self.cores)
+
+        def pin() -> None:  # runs in the child before exec: every thread inherits it
+            if cores:
+                os.sched_setaffinity(0, cores)
+
+        env = dict(os.environ)
+        env.pop("TIDINGS_ADMIN_KEY", None)
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=pin,
+            env=env,
+        )
+        self._wait_healthy()
+
+    def _wait_healthy(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        url = f"http://{LOOPBACK}:{self.port}/healthz"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"the server exited ({self.proc.returncode}):\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"the server did not become healthy:\n{self.log_tail()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def admin_key(self) -> str:
+        with open(os.path.join(self.data_dir, "admin.key")) as fh:
+            return fh.read().strip()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(self.log_path, "rb") as fh:
+                return b"\n".join(fh.read().splitlines()[-lines:]).decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> int | None:
+        code: int | None = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                code = self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                code = self.proc.wait()
+        elif self.proc is not None:
+            code = self.proc.returncode
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._tmp is not None and not self.keep:
+            self._tmp.cleanup()
+            self._tmp = None
+        return code
+
+
+async def create_users(
+    base_url: str, admin_key: str, uids: list[str], device: str
+) -> dict[str, str]:
+    """PUT each user and issue one bot-device token each; returns uid -> token."""
+    headers = {"Authorization": f"Bearer {admin_key}", "Content-Type": "application/json"}
+    sem = asyncio.Semaphore(ADMIN_CONCURRENCY)
+    tokens: dict[str, str] = {}
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
+
+        async def one(uid: str) -> None:
+            async with sem:
+                async with http.put(f"{base_url}/v1/users/{uid}", data=b"{}") as resp:
+                    if resp.status not in (200, 201):
+                        raise RuntimeError(f"PUT user {uid}: {resp.status} {await resp.text()}")
+                body = {"device": device, "platform": "bot"}
+                async with http.post(f"{base_url}/v1/users/{uid}/tokens", json=body) as resp:
+                    if resp.status != 200:
+                        raise RuntimeError(f"token for {uid}: {resp.status} {await resp.text()}")
+                    tokens[uid] = str((await resp.json())["token"])
+
+        await asyncio.gather(*(one(u) for u in uids))
+    return tokens
