@@ -281,7 +281,7 @@ class HttpApi:
         msg = self.messaging.build(
             sender, SERVER_DEVICE, conv, members, body.cid, mtype, body.body, body.flags
         )
-        res = await self.messaging.submit(msg)
+        res = await self.messaging.submit(msg, from_device=False)
         r = res.record
         return 200, m.SentOut(r.conv, r.seq, str(r.mid), r.ts, r.cid, res.dup)
 

@@ -24,6 +24,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
+
 from tidings.bench.hist import Histogram
 from tidings.bench.local import (
     LOOPBACK,
@@ -262,9 +264,13 @@ def run_rate(
             if proc.is_alive():
                 with_timeout_join(proc)
             conn.close()
-    server_cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+    server_cpu = None
+    if cpu0 is not None and cpu1 is not None:
+        server_cpu = cpu1[0] + cpu1[1] - cpu0[0] - cpu0[1]
     row = summarise(plan, rate, results, server_cpu)
-    if server_pid:
+    if cpu0 is not None and cpu1 is not None:
+        row["server_sys_cpu_pct"] = round(100 * (cpu1[1] - cpu0[1]) / plan.duration, 1)
+    if server_pid in threads0 and server_pid in threads1:
         # Where the server's CPU went: its event loop (the main thread) vs the others
         # (the SQLite writer, checkpointer and reader threads).
         main_s = threads1.get(server_pid, 0.0) - threads0.get(server_pid, 0.0)
@@ -383,6 +389,7 @@ COLUMNS = (
     ("srv us/msg", "server_cpu_us_per_msg", "{:.1f}"),
     ("srv cpu%", "server_cpu_pct", "{:.0f}"),
     ("loop cpu%", "server_loop_cpu_pct", "{:.0f}"),
+    ("sys cpu%", "server_sys_cpu_pct", "{:.0f}"),
     ("cli cpu%", "client_cpu_pct", "{:.0f}"),
 )
 
@@ -405,6 +412,14 @@ def table_row(row: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     plan = Plan(args)
+    try:
+        return _main(plan)
+    except (RuntimeError, OSError, aiohttp.ClientError) as exc:
+        print(f"tidings bench direct: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(plan: Plan) -> int:
     nonce = secrets.token_hex(4)
     server: LocalServer | None = None
     report: dict[str, Any] = {"bench": "direct", "settings": plan.describe()}

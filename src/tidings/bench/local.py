@@ -32,18 +32,24 @@ def free_port() -> int:
 
 
 def _stat_cpu_s(path: str) -> float | None:
+    times = _stat_times_s(path)
+    return None if times is None else times[0] + times[1]
+
+
+def _stat_times_s(path: str) -> tuple[float, float] | None:
     try:
         with open(path) as fh:
             raw = fh.read()
     except OSError:
         return None
     fields = raw[raw.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def proc_cpu_s(pid: int) -> float | None:
-    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
-    return _stat_cpu_s(f"/proc/{pid}/stat")
+def proc_cpu_s(pid: int) -> tuple[float, float] | None:
+    """(utime, stime) of a process, all its threads, from /proc/<pid>/stat."""
+    return _stat_times_s(f"/proc/{pid}/stat")
 
 
 def thread_cpu_s(pid: int) -> dict[int, float]:

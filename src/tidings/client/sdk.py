@@ -94,7 +94,20 @@ _END = object()
 
 
 class _PendingSend:
-    __slots__ = ("body", "cid", "conv", "flags", "future", "rid", "to", "type")
+    """A send in the outbox until acked; ``rid`` is 0 while not on the wire."""
+
+    __slots__ = (
+        "body",
+        "cid",
+        "conv",
+        "flags",
+        "future",
+        "mentions",
+        "reply_to",
+        "rid",
+        "to",
+        "type",
+    )
 
     def __init__(
         self,
@@ -105,6 +118,8 @@ class _PendingSend:
         body: dict[str, Any],
         flags: int,
         future: asyncio.Future[Sent],
+        mentions: list[str],
+        reply_to: str | None,
     ) -> None:
         self.cid = cid
         self.to = to
@@ -113,6 +128,8 @@ class _PendingSend:
         self.body = body
         self.flags = flags
         self.future = future
+        self.mentions = mentions
+        self.reply_to = reply_to
         self.rid = 0
 
 
@@ -238,6 +255,8 @@ class Client:
         type: str = "text",
         cid: str | None = None,
         flags: int = 0,
+        mentions: list[str] | None = None,
+        reply_to: str | None = None,
     ) -> Sent:
         """Send and wait until the server has stored it. Survives reconnects: the same
         client id is resent until acked. Raises RequestError when refused for good."""
@@ -248,7 +267,7 @@ class Client:
         if existing is not None:
             return await asyncio.shield(existing.future)
         fut: asyncio.Future[Sent] = asyncio.get_running_loop().create_future()
-        p = _PendingSend(cid, to, conv, type, body, flags, fut)
+        p = _PendingSend(cid, to, conv, type, body, flags, fut, mentions or [], reply_to)
         self._outbox[cid] = p
         self._pump()
         return await asyncio.shield(fut)
@@ -457,6 +476,8 @@ class Client:
             body=p.body,
             ts=s.ts,
             flags=p.flags,
+            mentions=p.mentions,
+            reply_to=p.reply_to,
         )
         self._on_message(msg, echo=True)
         if not p.future.done():
@@ -525,7 +546,9 @@ class Client:
                 continue
             p.rid = next(self._rid)
             self._send_rids[p.rid] = p
-            self._write(Send(p.rid, p.cid, p.body, p.to, p.conv, p.type, p.flags))
+            self._write(
+                Send(p.rid, p.cid, p.body, p.to, p.conv, p.type, p.flags, p.mentions, p.reply_to)
+            )
 
     async def _request(self, make: Callable[[int], Any], retries: int = 5) -> Any:
         """One request/answer; throttling answers (retryable) are retried after the hint."""

@@ -48,6 +48,7 @@ class WsConn:
         self.codec = codec
         self.close_code: int | None = None
         self.close_reason = ""
+        self._closing: asyncio.Future[None] | None = None
 
     async def recv(self) -> bytes | None:
         while True:
@@ -91,7 +92,7 @@ class WsConn:
         if transport is not None:
             transport.abort()
         elif not self._session.closed:
-            asyncio.ensure_future(self._session.close())
+            self._closing = asyncio.ensure_future(self._session.close())
 
     async def dispose(self) -> None:
         self.abort()
@@ -157,7 +158,7 @@ async def connect(
     url: str,
     codec: str = "msgpack",
     ssl_context: ssl.SSLContext | None = None,
-    max_frame: int = 1 << 20,
+    max_frame: int = 8 << 20,
     timeout: float = 10.0,
 ) -> ClientConn:
     """Open a transport by URL: ws://, wss://, tcp:// or tcps://host:port."""

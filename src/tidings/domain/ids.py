@@ -12,9 +12,10 @@ MAX_DEVICE_ID_BYTES = 64
 MAX_CLIENT_ID_BYTES = 64
 PLATFORMS = frozenset({"ios", "android", "web", "desktop", "iot", "bot"})
 
-# Letters and digits of any script, plus a few separators. No whitespace, no '|'
+# Letters, marks and digits of any script, plus a few separators. No whitespace, no '|'
 # (the separator of direct-conversation ids), no control characters.
-_USER_RE = re.compile(r"^[\w.@:+-]+$")
+_USER_PUNCT = frozenset("._@:+-")
+_USER_CATEGORIES = frozenset({"L", "M", "N"})
 _DEVICE_RE = re.compile(r"^[A-Za-z0-9._:-]+$")
 
 
@@ -23,7 +24,9 @@ def normalize_user_id(raw: object) -> str:
     if not isinstance(raw, str) or not raw:
         raise TidingsError("invalid", "user id must be a non-empty string")
     uid = unicodedata.normalize("NFKC", raw).casefold()
-    if len(uid.encode()) > MAX_USER_ID_BYTES or not _USER_RE.fullmatch(uid):
+    if len(uid.encode()) > MAX_USER_ID_BYTES or not all(
+        c in _USER_PUNCT or unicodedata.category(c)[0] in _USER_CATEGORIES for c in uid
+    ):
         raise TidingsError(
             "invalid",
             f"user id must be 1-{MAX_USER_ID_BYTES} bytes of letters, digits and . _ @ : + -",

@@ -110,8 +110,8 @@ class TcpLink(asyncio.Protocol):
         t = self.transport
         if t is None:
             return
-        if code == close.SLOW_CONSUMER:
-            t.abort()
+        if t.get_write_buffer_size() > self.max_buffer:
+            t.abort()  # its buffer is full: a close frame would only queue behind it
             return
         self._write_close(code, reason)
         t.close()

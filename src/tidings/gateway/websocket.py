@@ -55,8 +55,8 @@ class WsLink:
 
     def close(self, code: int, reason: str) -> None:
         t = self.transport
-        if code == close.SLOW_CONSUMER and t is not None:
-            t.abort()  # its buffer is full: a close frame would queue behind it
+        if t is not None and t.get_write_buffer_size() > self.max_buffer:
+            t.abort()  # its buffer is full: a close frame would only queue behind it
             return
         if self._closing is None and not self.ws.closed:
             self._closing = asyncio.ensure_future(

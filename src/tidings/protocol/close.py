@@ -4,9 +4,8 @@ from __future__ import annotations
 
 NORMAL = 1000
 GOING_AWAY = 1001  # server shutting down: reconnect (to another node) and sync
-PROTOCOL_ERROR = 1002  # framing broken beyond recovery (bad TCP preface, non-frame bytes)
+PROTOCOL_ERROR = 1002  # reserved; a bad TCP preface is dropped without any answer
 UNSUPPORTED_DATA = 1003  # a text frame on the msgpack subprotocol or vice versa
-POLICY = 1008
 TOO_BIG = 1009  # a frame over the limit, refused on its length before buffering
 INTERNAL = 1011
 TRY_AGAIN_LATER = 1013  # server overloaded: reconnect with backoff
@@ -14,7 +13,9 @@ TRY_AGAIN_LATER = 1013  # server overloaded: reconnect with backoff
 AUTH_TIMEOUT = 4001  # no successful hello within the auth timeout
 AUTH_FAILED = 4002  # the hello's token was refused (see the preceding error frame)
 TOKEN_REVOKED = 4003  # the session's token or device was revoked while connected
-KICKED = 4004  # another session replaced this one under the login policy
+KICKED = (
+    4004  # reserved for the login policy: another session replaced this one under the login policy
+)
 ACK_TIMEOUT = 4005  # pushes stayed unacknowledged after every retransmit: sync on reconnect
 IDLE_TIMEOUT = 4006  # nothing received within the idle timeout
 FLOOD = 4008  # the client kept sending far beyond its rate limit
@@ -26,7 +27,6 @@ MEANINGS: dict[int, str] = {
     GOING_AWAY: "server going away",
     PROTOCOL_ERROR: "protocol error",
     UNSUPPORTED_DATA: "unsupported data",
-    POLICY: "policy violation",
     TOO_BIG: "frame too large",
     INTERNAL: "internal error",
     TRY_AGAIN_LATER: "try again later",

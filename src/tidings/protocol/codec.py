@@ -59,7 +59,7 @@ class Codec:
             return frame
         except msgspec.ValidationError as exc:
             raise self._classify(data, exc) from None
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, ValueError) as exc:
             raise FrameError("bad_frame", f"malformed {self.name}: {exc}") from None
 
     def decode_server(self, data: bytes) -> ServerFrame:
@@ -72,7 +72,7 @@ class Codec:
     def _classify(self, data: bytes, exc: msgspec.ValidationError) -> FrameError:
         try:
             loose = self._loose.decode(data)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError, ValueError):
             return FrameError("bad_frame", f"malformed {self.name}")
         rid = _request_id(loose)
         if not isinstance(loose, dict):

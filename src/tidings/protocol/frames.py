@@ -22,6 +22,10 @@ class Limits(msgspec.Struct, frozen=True, omit_defaults=False):
     rate_burst: int
     max_inflight: int
     history_page_max: int
+    sync_page_max: int
+    max_unacked: int
+    max_requests_inflight: int  # hello, ping, sync and history answered concurrently
+    max_mentions: int
 
 
 class Message(msgspec.Struct, frozen=True, omit_defaults=True):

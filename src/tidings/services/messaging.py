@@ -26,6 +26,7 @@ FLAG_SILENT = 1
 FLAG_NOT_COUNTED = 2
 MAX_FLAGS = 0xFFFF
 MAX_MENTIONS = 100
+REPLY_BUDGET_BYTES = 1 << 20  # sync and history answers stay near this size (bodies)
 _pack = msgspec.msgpack.Encoder().encode
 
 
@@ -47,12 +48,24 @@ def to_wire(rec: MessageRecord) -> Message:
 
 
 def parse_id(value: str, what: str) -> int:
-    if not (isinstance(value, str) and value.isdigit() and len(value) <= 20):
+    if not (isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20):
         raise TidingsError("invalid", f"{what} must be a decimal string")
     n = int(value)
     if n >= 2**63:
         raise TidingsError("invalid", f"{what} out of range")
     return n
+
+
+def _within(page: list[MessageRecord], budget: int) -> tuple[list[MessageRecord], int]:
+    """The longest prefix of ``page`` whose bodies fit ``budget`` (at least one if any fit)."""
+    used = 0
+    for i, m in enumerate(page):
+        if used + m.size > budget and i > 0:
+            return page[:i], used
+        if used + m.size > budget:
+            return [], 0
+        used += m.size
+    return page, used
 
 
 class SyncResult(msgspec.Struct, frozen=True):
@@ -77,8 +90,6 @@ class Messaging:
             if f.type == "system":
                 raise TidingsError("forbidden", "system messages come from the server API")
             raise TidingsError("invalid", f"unknown message type {f.type[:32]!r}")
-        if not 0 <= f.flags <= MAX_FLAGS:
-            raise TidingsError("invalid", "flags out of range")
         conv, members = self.target(uid, f.to, f.conv)
         return self.build(
             uid, device, conv, members, f.cid, f.type, f.body, f.flags, f.mentions, f.reply_to
@@ -97,6 +108,8 @@ class Messaging:
         mentions: list[str] | None = None,
         reply_to: str | None = None,
     ) -> NewMessage:
+        if not 0 <= flags <= MAX_FLAGS:
+            raise TidingsError("invalid", "flags out of range")
         if not check_json_model(body):
             raise TidingsError("invalid", "body must hold only JSON values")
         body_bytes = _pack(body)
@@ -134,29 +147,31 @@ class Messaging:
             peer = normalize_user_id(to)
         else:
             assert conv is not None
-            pair = direct_members(conv)
-            if pair is None:
+            raw_pair = direct_members(conv)
+            if raw_pair is None:
                 raise TidingsError("not_found", "no such conversation")
+            pair = (normalize_user_id(raw_pair[0]), normalize_user_id(raw_pair[1]))
             if uid not in pair:
                 raise TidingsError("forbidden", "not a member of this conversation")
             peer = pair[1] if pair[0] == uid else pair[0]
         members = (uid,) if peer == uid else (uid, peer)
         return direct_conversation_id(uid, peer), members
 
-    def submit(self, msg: NewMessage) -> asyncio.Future[AppendResult]:
-        """Append durably; once committed (and not a retry) publish to the members' devices."""
+    def submit(self, msg: NewMessage, *, from_device: bool = True) -> asyncio.Future[AppendResult]:
+        """Append durably; once committed (and not a retry) publish to the members' devices
+        (all of them but the sending device; all of them for server-API sends)."""
         fut = self.store.append_message(msg)
-        fut.add_done_callback(self._committed(msg))
+        fut.add_done_callback(self._committed(msg, msg.dev if from_device else None))
         return fut
 
-    def _committed(self, msg: NewMessage) -> Any:
+    def _committed(self, msg: NewMessage, exclude: str | None) -> Any:
         def done(fut: asyncio.Future[AppendResult]) -> None:
             if fut.cancelled() or fut.exception() is not None:
                 return
             res = fut.result()
             if not res.dup:
                 users = self._members_of(res.record.conv, msg.members)
-                self.bus.publish(MessageEvent(res.record, users, exclude_device=msg.dev))
+                self.bus.publish(MessageEvent(res.record, users, exclude_device=exclude))
 
         return done
 
@@ -188,6 +203,14 @@ class Messaging:
         await self.check_read(uid, conv)
         limit = min(limit, self.settings.history_page_max)
         rows = await self.store.history(conv, before, limit)
+        # Keep the reply within the byte budget: drop the oldest, the client pages on.
+        total, keep = 0, len(rows)
+        for i in range(len(rows) - 1, -1, -1):
+            total += rows[i].size
+            if total > REPLY_BUDGET_BYTES and i < len(rows) - 1:
+                keep = len(rows) - 1 - i
+                break
+        rows = rows[len(rows) - keep :]
         more = bool(rows) and rows[0].seq > 1
         return rows, more
 
@@ -197,6 +220,7 @@ class Messaging:
         if limit < 1:
             raise TidingsError("invalid", "limit must be >= 1")
         budget = min(limit, self.settings.sync_page_max)
+        bytes_left = REPLY_BUDGET_BYTES
         rows = await self.store.changed_conversations(uid, since)
         convs: list[ConvState] = []
         msgs: list[MessageRecord] = []
@@ -215,6 +239,10 @@ class Messaging:
                 continue
             page = await self.store.messages_after(row.conv, held, min(budget, row.last_seq - held))
             page = [m for m in page if m.seq <= row.last_seq]
+            page, nbytes = _within(page, bytes_left)
+            bytes_left -= nbytes
+            if not page:
+                budget = 0
             msgs.extend(page)
             budget -= len(page)
             if not page or page[-1].seq < row.last_seq:

@@ -38,7 +38,7 @@ from tidings.protocol.frames import (
     Sync,
     Synced,
 )
-from tidings.services.messaging import to_wire
+from tidings.services.messaging import MAX_MENTIONS, to_wire
 from tidings.session.context import Link, ServerContext
 from tidings.store.base import AppendResult
 
@@ -93,6 +93,10 @@ class Session:
                 rate_burst=s.rate_burst,
                 max_inflight=s.max_inflight,
                 history_page_max=s.history_page_max,
+                sync_page_max=s.sync_page_max,
+                max_unacked=s.max_unacked,
+                max_requests_inflight=MAX_READS_INFLIGHT,
+                max_mentions=MAX_MENTIONS,
             ),
             heartbeat_ms=s.heartbeat_ms,
             idle_timeout_ms=s.idle_timeout_ms,
@@ -117,6 +121,15 @@ class Session:
     # ------------------------------------------------------------------ inbound
 
     def on_frame(self, payload: bytes) -> None:
+        try:
+            self._on_frame(payload)
+        except TidingsError as exc:  # a validation deep in a handler
+            self._error(0, exc)
+        except Exception:
+            log.exception("frame handling failed")
+            self._error(0, TidingsError("internal", "request failed"))
+
+    def _on_frame(self, payload: bytes) -> None:
         if self.state == "closed":
             return
         now = self.ctx.clock.monotonic()
@@ -144,6 +157,8 @@ class Session:
                 self._on_hello(frame)  # type: ignore[arg-type]
             elif kind is Hello:
                 self._error(rid, TidingsError("invalid", "hello already received"))
+            elif self.state == "auth":
+                self._error(rid, TidingsError("unauthenticated", "wait for `ready` first"))
             else:
                 self._error(rid, TidingsError("unauthenticated", "send hello with a token first"))
             return

@@ -58,6 +58,7 @@ class MessageRecord(msgspec.Struct, frozen=True):
     flags: int = 0
     mentions: tuple[str, ...] = ()
     reply_to: int | None = None
+    size: int = 0  # bytes of the stored body (to bound reply sizes)
 
 
 class AppendResult(msgspec.Struct, frozen=True):

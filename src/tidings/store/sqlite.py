@@ -64,6 +64,7 @@ def _record(row: tuple[Any, ...]) -> MessageRecord:
         flags=row[9],
         mentions=tuple(_unpack(row[10])) if row[10] else (),
         reply_to=row[11],
+        size=len(row[7]),
     )
 
 
@@ -354,6 +355,7 @@ class SqliteStore:
             flags=msg.flags,
             mentions=msg.mentions,
             reply_to=msg.reply_to,
+            size=len(msg.body_bytes),
         )
         return AppendResult(rec, False)
 
@@ -385,7 +387,15 @@ class SqliteStore:
         ).fetchone()
         if row is None:  # pragma: no cover - the conflict came from elsewhere
             return TidingsError("internal", "client id conflict without a row")
-        if row[0] != msg.conv or row[6] != msg.type or row[7] != msg.body_bytes:
+        same = (
+            row[0] == msg.conv
+            and row[6] == msg.type
+            and row[7] == msg.body_bytes
+            and row[9] == msg.flags
+            and row[10] == (_pack(list(msg.mentions)) if msg.mentions else None)
+            and row[11] == msg.reply_to
+        )
+        if not same:
             return TidingsError(
                 "conflict", f"cid {msg.cid!r} was already used for a different message"
             )
