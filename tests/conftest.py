@@ -64,13 +64,22 @@ class Harness:
         await self.server.accounts.put_user(uid)
         return uid
 
-    async def token(self, uid: str, device: str = "d1", platform: str = "desktop",
-                    ttl_s: int | None = None) -> str:
+    async def token(
+        self, uid: str, device: str = "d1", platform: str = "desktop", ttl_s: int | None = None
+    ) -> str:
         await self.server.accounts.put_user(uid)
         return (await self.server.accounts.issue_token(uid, device, platform, ttl_s)).token
 
-    async def client(self, uid: str, device: str = "d1", *, transport: str = "ws",
-                     codec: str = "msgpack", connect: bool = True, **kw: Any) -> Client:
+    async def client(
+        self,
+        uid: str,
+        device: str = "d1",
+        *,
+        transport: str = "ws",
+        codec: str = "msgpack",
+        connect: bool = True,
+        **kw: Any,
+    ) -> Client:
         token = await self.token(uid, device)
         kw.setdefault("heartbeat_s", 0.5)
         kw.setdefault("dead_after_s", 2.0)

@@ -80,7 +80,9 @@ class Proxy:
             await asyncio.wait([a, b])
         self.pipes.discard(pipe)
 
-    async def _pump(self, pipe: _Pipe, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self, pipe: _Pipe, src: asyncio.StreamReader, dst: asyncio.StreamWriter
+    ) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError, ConnectionError):
             while True:
                 data = await src.read(65536)

@@ -32,8 +32,18 @@ class ServerProcess:
     def start(self, **settings: Any) -> ServerProcess:
         os.makedirs(self.data_dir, exist_ok=True)
         merged = {"log_level": "WARNING", **self.settings, **settings}
-        args = [sys.executable, "-m", "tidings", "serve", "--data-dir", self.data_dir,
-                "--port", str(self.port), "--tcp-port", str(self.tcp_port)]
+        args = [
+            sys.executable,
+            "-m",
+            "tidings",
+            "serve",
+            "--data-dir",
+            self.data_dir,
+            "--port",
+            str(self.port),
+            "--tcp-port",
+            str(self.tcp_port),
+        ]
         for k, v in merged.items():
             args += ["--set", f"{k}={v}"]
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
@@ -60,10 +70,13 @@ class ServerProcess:
 
     def http(self, method: str, path: str, body: Any = None) -> Any:
         req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}", method=method,
+            f"http://127.0.0.1:{self.port}{path}",
+            method=method,
             data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"Bearer {self.admin_key}",
-                     "Content-Type": "application/json"},
+            headers={
+                "Authorization": f"Bearer {self.admin_key}",
+                "Content-Type": "application/json",
+            },
         )
         with urllib.request.urlopen(req, timeout=10) as r:
             data = r.read()
@@ -75,8 +88,11 @@ class ServerProcess:
 
     def token(self, uid: str, device: str) -> str:
         self.http("PUT", f"/v1/users/{uid}", {})
-        return str(self.http("POST", f"/v1/users/{uid}/tokens",
-                             {"device": device, "platform": "bot"})["token"])
+        return str(
+            self.http("POST", f"/v1/users/{uid}/tokens", {"device": device, "platform": "bot"})[
+                "token"
+            ]
+        )
 
     def history(self, conv: str) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

@@ -78,7 +78,9 @@ class Raw:
             msg = await self._ws.receive()
             if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                 data = msg.data if isinstance(msg.data, bytes) else msg.data.encode()
-                return (msgspec.json.decode if self.codec == "json" else msgspec.msgpack.decode)(data)
+                return (msgspec.json.decode if self.codec == "json" else msgspec.msgpack.decode)(
+                    data
+                )
             self.close_code = (
                 int(msg.data) if msg.type is aiohttp.WSMsgType.CLOSE else self._ws.close_code
             )
@@ -99,6 +101,7 @@ class Raw:
 
     async def until(self, kind: str, timeout: float = 5.0) -> Any:
         """Read frames until one of type ``kind`` (pushes etc. in between are skipped)."""
+
         async def loop() -> Any:
             while True:
                 f = await self._recv()
@@ -106,15 +109,18 @@ class Raw:
                     raise AssertionError(f"closed ({self.close_code}) while waiting for {kind}")
                 if f.get("t") == kind:
                     return f
+
         return await asyncio.wait_for(loop(), timeout)
 
     async def closed(self, timeout: float = 5.0) -> int | None:
         """Read until the connection closes; return the close code."""
+
         async def loop() -> int | None:
             while True:
                 f = await self._recv()
                 if f is None or (isinstance(f, dict) and f.get("t") == "close"):
                     return self.close_code
+
         return await asyncio.wait_for(loop(), timeout)
 
     async def login(self, token: str, rid: int = 1) -> Any:

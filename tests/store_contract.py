@@ -25,8 +25,15 @@ _pack = msgspec.msgpack.encode
 def new_msg(sender: str, peer: str, cid: str, text: str = "hi", **kw: Any) -> NewMessage:
     body = {"text": text}
     return NewMessage(
-        conv=direct_conversation_id(sender, peer), sender=sender, dev="d1", cid=cid,
-        type="text", body=body, body_bytes=_pack(body), members=(sender, peer), **kw,
+        conv=direct_conversation_id(sender, peer),
+        sender=sender,
+        dev="d1",
+        cid=cid,
+        type="text",
+        body=body,
+        body_bytes=_pack(body),
+        members=(sender, peer),
+        **kw,
     )
 
 
@@ -41,8 +48,10 @@ class StoreContract:
         store = await open_store()
         await with_users(store, "a", "b")
         results = await asyncio.gather(
-            *(store.append_message(new_msg("a" if i % 2 else "b", "b" if i % 2 else "a", f"c{i}"))
-              for i in range(300))
+            *(
+                store.append_message(new_msg("a" if i % 2 else "b", "b" if i % 2 else "a", f"c{i}"))
+                for i in range(300)
+            )
         )
         assert sorted(r.record.seq for r in results) == list(range(1, 301))
         rows = await store.messages_after("d:a|b", 0, 1000)

@@ -29,22 +29,35 @@ LAYOUTS = {
 }
 
 
-async def proxied_client(h: Harness, uid: str, device: str, transport: str,
-                         codec: str) -> tuple[Client, Proxy]:
+async def proxied_client(
+    h: Harness, uid: str, device: str, transport: str, codec: str
+) -> tuple[Client, Proxy]:
     port = h.server.http_port if transport == "ws" else h.server.tcp_port
     proxy = await Proxy("127.0.0.1", port).start()
-    url = (f"ws://127.0.0.1:{proxy.port}/v1/ws" if transport == "ws"
-           else f"tcp://127.0.0.1:{proxy.port}")
-    client = Client(url, await h.token(uid, device), codec=codec, heartbeat_s=0.25,
-                    dead_after_s=0.9, backoff_min_s=0.02, backoff_max_s=0.3,
-                    gap_grace_s=0.1, request_timeout_s=3)
+    url = (
+        f"ws://127.0.0.1:{proxy.port}/v1/ws"
+        if transport == "ws"
+        else f"tcp://127.0.0.1:{proxy.port}"
+    )
+    client = Client(
+        url,
+        await h.token(uid, device),
+        codec=codec,
+        heartbeat_s=0.25,
+        dead_after_s=0.9,
+        backoff_min_s=0.02,
+        backoff_max_s=0.3,
+        gap_grace_s=0.1,
+        request_timeout_s=3,
+    )
     h.clients.append(client)
     await client.connect()
     return client, proxy
 
 
-async def chaos(rng: random.Random, proxies: list[Proxy], stop: asyncio.Event,
-                log: list[str]) -> None:
+async def chaos(
+    rng: random.Random, proxies: list[Proxy], stop: asyncio.Event, log: list[str]
+) -> None:
     while not stop.is_set():
         await asyncio.sleep(rng.uniform(0.05, 0.4))
         i = rng.randrange(len(proxies))
@@ -62,8 +75,9 @@ async def test_chaos_exactly_once_in_order(make_server: Any, layout: str) -> Non
     seed = int(os.environ.get("CHAOS_SEED", random.randrange(2**32)))
     print(f"chaos seed {seed} layout {layout}")
     rng = random.Random(seed)
-    h: Harness = await make_server(rate_per_s=10_000, rate_burst=10_000, idle_timeout_ms=2_000,
-                                   retransmit_ms=300)
+    h: Harness = await make_server(
+        rate_per_s=10_000, rate_burst=10_000, idle_timeout_ms=2_000, retransmit_ms=300
+    )
     (st, sc), (b1t, b1c), (b2t, b2c) = LAYOUTS[layout]
     a, pa = await proxied_client(h, "alice", "a1", st, sc)
     b1, pb1 = await proxied_client(h, "bob", "b1", b1t, b1c)
@@ -75,8 +89,10 @@ async def test_chaos_exactly_once_in_order(make_server: Any, layout: str) -> Non
             if isinstance(ev, MessageEvent):
                 got[name].append(ev.message)
 
-    collectors = [asyncio.ensure_future(collect("b1", b1)),
-                  asyncio.ensure_future(collect("b2", b2))]
+    collectors = [
+        asyncio.ensure_future(collect("b1", b1)),
+        asyncio.ensure_future(collect("b2", b2)),
+    ]
     stop = asyncio.Event()
     log: list[str] = []
     chaos_task = asyncio.ensure_future(chaos(rng, [pa, pb1, pb2], stop, log))
@@ -103,11 +119,21 @@ async def test_chaos_exactly_once_in_order(make_server: Any, layout: str) -> Non
     try:
         await asyncio.wait_for(settled(), 60)
     finally:
-        print(f"chaos events: {len(log)}; reconnects a={a.connects} b1={b1.connects} "
-              f"b2={b2.connects}; received b1={len(got['b1'])} b2={len(got['b2'])}")
+        print(
+            f"chaos events: {len(log)}; reconnects a={a.connects} b1={b1.connects} "
+            f"b2={b2.connects}; received b1={len(got['b1'])} b2={len(got['b2'])}"
+        )
         for c in (b1, b2):
-            print("state", c.held, {k: sorted(v)[:5] for k, v in c._buffer.items()},
-                  c.ready.is_set(), c._conn, c._sync_task, c._want_sync, c.since)
+            print(
+                "state",
+                c.held,
+                {k: sorted(v)[:5] for k, v in c._buffer.items()},
+                c.ready.is_set(),
+                c._conn,
+                c._sync_task,
+                c._want_sync,
+                c.since,
+            )
     await asyncio.sleep(0.5)  # anything extra (a duplicate) would show up now
     expected = [f"chaos-{i}" for i in range(N)]
     by_seq = {ack.seq: ack.cid for ack in acks}

@@ -51,8 +51,9 @@ async def test_acked_pushes_are_not_retransmitted(make_server: Any) -> None:
     assert frame["t"] == "pong" and frame["id"] == 77  # no retransmitted push in between
 
 
-async def test_sdk_shows_no_duplicates_after_ack_timeout(make_server: Any,
-                                                          monkeypatch: Any) -> None:
+async def test_sdk_shows_no_duplicates_after_ack_timeout(
+    make_server: Any, monkeypatch: Any
+) -> None:
     """An SDK that withheld acks is cut off, reconnects, syncs, and shows each message once."""
     h: Harness = await make_server(retransmit_ms=100, max_retransmits=2)
     b = await h.client("bob")
@@ -97,24 +98,31 @@ async def collect(client: Client, into: list[MessageEvent]) -> None:
 async def test_sigkill_with_uncommitted_batch(tmp_path: Path, procs: list[ServerProcess]) -> None:
     """SIGKILL with >=100 sends in an uncommitted batch: after restart and resend every acked
     message is stored exactly once, seqs are gapless, nothing is duplicated."""
-    srv = ServerProcess(str(tmp_path / "data"), group_commit_linger_ms=1500,
-                        rate_per_s=5000, rate_burst=5000)
+    srv = ServerProcess(
+        str(tmp_path / "data"), group_commit_linger_ms=1500, rate_per_s=5000, rate_burst=5000
+    )
     procs.append(srv)
     srv.start()
     url = f"ws://127.0.0.1:{srv.port}/v1/ws"
-    a = Client(url, srv.token("alice", "a1"), heartbeat_s=0.3, dead_after_s=1.5,
-               backoff_max_s=0.3)
-    b = Client(f"tcp://127.0.0.1:{srv.tcp_port}", srv.token("bob", "b1"), heartbeat_s=0.3,
-               dead_after_s=1.5, backoff_max_s=0.3)
+    a = Client(url, srv.token("alice", "a1"), heartbeat_s=0.3, dead_after_s=1.5, backoff_max_s=0.3)
+    b = Client(
+        f"tcp://127.0.0.1:{srv.tcp_port}",
+        srv.token("bob", "b1"),
+        heartbeat_s=0.3,
+        dead_after_s=1.5,
+        backoff_max_s=0.3,
+    )
     await a.connect()
     await b.connect()
     received: list[MessageEvent] = []
     collector = asyncio.ensure_future(collect(b, received))
-    first = await asyncio.gather(*(a.send(to="bob", text=f"early {i}", cid=f"e{i}")
-                                   for i in range(20)))
+    first = await asyncio.gather(
+        *(a.send(to="bob", text=f"early {i}", cid=f"e{i}") for i in range(20))
+    )
     assert sorted(s.seq for s in first) == list(range(1, 21))
-    late = [asyncio.ensure_future(a.send(to="bob", text=f"late {i}", cid=f"l{i}"))
-            for i in range(150)]
+    late = [
+        asyncio.ensure_future(a.send(to="bob", text=f"late {i}", cid=f"l{i}")) for i in range(150)
+    ]
     await wait_until(lambda: srv.health()["pending_writes"] >= 100, 5, "sends to be pending")
     assert not any(f.done() for f in late), "the batch committed before the kill"
     srv.kill()
@@ -135,12 +143,17 @@ async def test_sigkill_with_uncommitted_batch(tmp_path: Path, procs: list[Server
 
 async def test_sigterm_drains(tmp_path: Path, procs: list[ServerProcess]) -> None:
     """SIGTERM finishes in-flight writes (every send is acked), closes with 1001, exits 0."""
-    srv = ServerProcess(str(tmp_path / "data"), group_commit_linger_ms=800,
-                        rate_per_s=5000, rate_burst=5000)
+    srv = ServerProcess(
+        str(tmp_path / "data"), group_commit_linger_ms=800, rate_per_s=5000, rate_burst=5000
+    )
     procs.append(srv)
     srv.start()
-    a = Client(f"tcp://127.0.0.1:{srv.tcp_port}", srv.token("alice", "a1"),
-               backoff_min_s=5, backoff_max_s=5)
+    a = Client(
+        f"tcp://127.0.0.1:{srv.tcp_port}",
+        srv.token("alice", "a1"),
+        backoff_min_s=5,
+        backoff_max_s=5,
+    )
     await a.connect()
     srv.token("bob", "b1")
     sends = [asyncio.ensure_future(a.send(to="bob", text=f"m{i}")) for i in range(60)]

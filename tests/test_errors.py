@@ -77,8 +77,16 @@ async def test_unknown_type_and_wrong_field_types(harness: Harness, codec: str) 
     err(await raw.recv(), "invalid", 9)
     await raw.send({"id": 10})
     err(await raw.recv(), "invalid", 10)
-    await raw.send({"t": "send", "id": 11, "cid": "c", "to": "bob", "conv": "d:alice|bob",
-                    "body": {"text": "x"}})
+    await raw.send(
+        {
+            "t": "send",
+            "id": 11,
+            "cid": "c",
+            "to": "bob",
+            "conv": "d:alice|bob",
+            "body": {"text": "x"},
+        }
+    )
     err(await raw.recv(), "invalid", 11)
     await raw.send({"t": "send", "id": 12, "cid": "", "to": "bob", "body": {"text": "x"}})
     err(await raw.recv(), "invalid", 12)
@@ -95,8 +103,16 @@ async def test_msgpack_binary_body_is_invalid(harness: Harness) -> None:
     """MessagePack bytes/ext values are outside the JSON data model: `invalid`."""
     raw = await authed(harness, "msgpack")
     await harness.user("bob")
-    await raw.send({"t": "send", "id": 3, "cid": "b", "to": "bob",
-                    "type": "custom", "body": {"blob": b"\x00\x01"}})
+    await raw.send(
+        {
+            "t": "send",
+            "id": 3,
+            "cid": "b",
+            "to": "bob",
+            "type": "custom",
+            "body": {"blob": b"\x00\x01"},
+        }
+    )
     err(await raw.recv(), "invalid", 3)
     assert await message_count(harness) == 0
     await raw.close()
@@ -110,8 +126,16 @@ async def test_too_large_body_and_text(harness: Harness) -> None:
     text = "é" * (s.max_text_bytes // 2 + 1)  # fewer characters than the limit, more bytes
     await raw.send({"t": "send", "id": 2, "cid": "t", "to": "bob", "body": {"text": text}})
     err(await raw.recv(), "too_large", 2)
-    await raw.send({"t": "send", "id": 3, "cid": "u", "to": "bob", "type": "custom",
-                    "body": {"x": "a" * (s.max_body_bytes + 10)}})
+    await raw.send(
+        {
+            "t": "send",
+            "id": 3,
+            "cid": "u",
+            "to": "bob",
+            "type": "custom",
+            "body": {"x": "a" * (s.max_body_bytes + 10)},
+        }
+    )
     err(await raw.recv(), "too_large", 3)
     assert await message_count(harness) == 0
     await raw.close()
@@ -182,8 +206,16 @@ async def test_bad_tokens(harness: Harness, case: str) -> None:
     """Forged, algorithm-swapped, malformed and expired tokens are refused and closed (4002)."""
     await harness.user("alice")
     now = int(time.time())
-    claims = {"iss": "tidings", "sub": "alice", "dev": "d1", "plat": "web", "jti": "j",
-              "ims": now * 1000, "iat": now, "exp": now + 3600}
+    claims = {
+        "iss": "tidings",
+        "sub": "alice",
+        "dev": "d1",
+        "plat": "web",
+        "jti": "j",
+        "ims": now * 1000,
+        "iat": now,
+        "exp": now + 3600,
+    }
     token = {
         "garbage": "not-a-token",
         "forged": jwt.encode(claims, "another key that is long enough!!", algorithm="HS256"),
@@ -219,11 +251,20 @@ async def test_forbidden_and_not_found(harness: Harness) -> None:
     await b.send(to="carol", text="private")
     await raw.send({"t": "history", "id": 2, "conv": "d:bob|carol"})
     err(await raw.recv(), "forbidden", 2)
-    await raw.send({"t": "send", "id": 3, "cid": "f", "conv": "d:bob|carol",
-                    "body": {"text": "let me in"}})
+    await raw.send(
+        {"t": "send", "id": 3, "cid": "f", "conv": "d:bob|carol", "body": {"text": "let me in"}}
+    )
     err(await raw.recv(), "forbidden", 3)
-    await raw.send({"t": "send", "id": 4, "cid": "s", "to": "bob", "type": "system",
-                    "body": {"text": "fake system"}})
+    await raw.send(
+        {
+            "t": "send",
+            "id": 4,
+            "cid": "s",
+            "to": "bob",
+            "type": "system",
+            "body": {"text": "fake system"},
+        }
+    )
     err(await raw.recv(), "forbidden", 4)
     await raw.send({"t": "send", "id": 5, "cid": "n", "to": "nobody", "body": {"text": "?"}})
     err(await raw.recv(), "not_found", 5)

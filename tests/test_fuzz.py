@@ -27,14 +27,44 @@ from tests.rawclient import Raw
 from tidings.protocol import close
 
 TYPES = ["hello", "send", "ack", "ping", "sync", "history", "close", "push", "sent", "x"]
-FIELDS = ["t", "id", "v", "token", "cid", "to", "conv", "type", "body", "flags", "mentions",
-          "reply_to", "seq", "since", "have", "limit", "before", "code", "reason", "caps"]
-DOCUMENTED_CLOSES = {close.NORMAL, close.UNSUPPORTED_DATA, close.TOO_BIG, close.AUTH_FAILED,
-                     close.UNSUPPORTED_VERSION, close.FLOOD}
+FIELDS = [
+    "t",
+    "id",
+    "v",
+    "token",
+    "cid",
+    "to",
+    "conv",
+    "type",
+    "body",
+    "flags",
+    "mentions",
+    "reply_to",
+    "seq",
+    "since",
+    "have",
+    "limit",
+    "before",
+    "code",
+    "reason",
+    "caps",
+]
+DOCUMENTED_CLOSES = {
+    close.NORMAL,
+    close.UNSUPPORTED_DATA,
+    close.TOO_BIG,
+    close.AUTH_FAILED,
+    close.UNSUPPORTED_VERSION,
+    close.FLOOD,
+}
+
 
 def scalars(binary: bool) -> st.SearchStrategy[Any]:
-    ints = (st.integers(min_value=-(2**63), max_value=2**64 - 1) if binary
-            else st.integers(min_value=-(2**70), max_value=2**70))
+    ints = (
+        st.integers(min_value=-(2**63), max_value=2**64 - 1)
+        if binary
+        else st.integers(min_value=-(2**70), max_value=2**70)
+    )
     return st.none() | st.booleans() | ints | st.floats(allow_nan=True) | st.text(max_size=24)
 
 
@@ -51,8 +81,7 @@ def frames(binary: bool) -> st.SearchStrategy[Any]:
     structured = st.builds(
         lambda t, rest: {"t": t, **rest},
         st.sampled_from(TYPES) | st.text(max_size=8),
-        st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), values(binary),
-                        max_size=8),
+        st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), values(binary), max_size=8),
     )
     return st.one_of(structured, values(binary), st.binary(max_size=200).map(lambda b: ("raw", b)))
 
@@ -62,8 +91,14 @@ def counts(db: str) -> tuple[int, ...]:
     try:
         return tuple(
             conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            for table in ("messages", "conversations", "members", "users", "devices",
-                          "revoked_tokens")
+            for table in (
+                "messages",
+                "conversations",
+                "members",
+                "users",
+                "devices",
+                "revoked_tokens",
+            )
         )
     finally:
         conn.close()
@@ -101,8 +136,9 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: Any) -> Iterator[Env]:
-    srv = ServerProcess(str(tmp_path_factory.mktemp("fuzz")), rate_per_s=100_000,
-                        rate_burst=100_000)
+    srv = ServerProcess(
+        str(tmp_path_factory.mktemp("fuzz")), rate_per_s=100_000, rate_burst=100_000
+    )
     srv.start()
     loop = uvloop.new_event_loop()
     try:
@@ -114,8 +150,10 @@ def env(tmp_path_factory: Any) -> Iterator[Env]:
 
 def forbidden_target(frame: Any) -> bool:
     """True if the frame could name a real conversation (the fuzzer's own notes)."""
+
     def mentions_fuzzer(v: Any) -> bool:
         return isinstance(v, str) and "fuzzer" in unicodedata.normalize("NFKC", v).casefold()
+
     return isinstance(frame, dict) and any(mentions_fuzzer(frame.get(k)) for k in ("to", "conv"))
 
 
@@ -141,15 +179,25 @@ async def probe(env: Env, raw: Raw, kind: str, frame: Any) -> None:
             return
         assert isinstance(f, dict) and f.get("t") in ("error", "pong", "page", "synced", "ready")
         if f["t"] == "error":
-            assert f["code"] in ("bad_frame", "unknown_type", "invalid", "too_large",
-                                 "unsupported_version", "forbidden", "not_found")
+            assert f["code"] in (
+                "bad_frame",
+                "unknown_type",
+                "invalid",
+                "too_large",
+                "unsupported_version",
+                "forbidden",
+                "not_found",
+            )
         if f["t"] == "pong" and f["id"] == rid:
             return
 
 
 @pytest.mark.parametrize("kind", ["json", "msgpack", "tcp"])
-@settings(max_examples=300, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_random_frames_change_nothing(env: Env, kind: str, data: Any) -> None:
     """Random frames never crash, hang or store anything; the server keeps serving."""

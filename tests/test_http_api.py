@@ -15,16 +15,23 @@ from tidings.client import Client
 from tidings.protocol import close
 
 
-async def call(h: Harness, method: str, path: str, body: Any = None, key: str | None = None,
-               token: str | None = None) -> tuple[int, Any]:
+async def call(
+    h: Harness,
+    method: str,
+    path: str,
+    body: Any = None,
+    key: str | None = None,
+    token: str | None = None,
+) -> tuple[int, Any]:
     headers = {}
     if key is not None or token is None:
         headers["Authorization"] = f"Bearer {key if key is not None else h.server.admin_key}"
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    async with aiohttp.ClientSession() as s, s.request(
-        method, h.http_url + path, json=body, headers=headers
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.request(method, h.http_url + path, json=body, headers=headers) as r,
+    ):
         data = await r.json() if r.content_type == "application/json" else None
         return r.status, data
 
@@ -72,17 +79,20 @@ async def test_put_user_is_idempotent(harness: Harness) -> None:
 async def test_token_issue_and_use(harness: Harness) -> None:
     """A token issued over HTTP authenticates a device bound to that device id."""
     await call(harness, "PUT", "/v1/users/alice", {})
-    status, tok = await call(harness, "POST", "/v1/users/alice/tokens",
-                             {"device": "phone-1", "platform": "ios"})
+    status, tok = await call(
+        harness, "POST", "/v1/users/alice/tokens", {"device": "phone-1", "platform": "ios"}
+    )
     assert status == 200 and tok["device"] == "phone-1" and tok["expires_ms"] > 0
     raw = await Raw.ws(harness.ws_url)
     ready = await raw.login(tok["token"])
     assert ready["user"] == "alice" and ready["device"] == "phone-1"
-    status, body = await call(harness, "POST", "/v1/users/alice/tokens",
-                              {"device": "x", "platform": "toaster"})
+    status, body = await call(
+        harness, "POST", "/v1/users/alice/tokens", {"device": "x", "platform": "toaster"}
+    )
     assert status == 400 and body["error"]["code"] == "invalid"
-    status, body = await call(harness, "POST", "/v1/users/ghost/tokens",
-                              {"device": "x", "platform": "ios"})
+    status, body = await call(
+        harness, "POST", "/v1/users/ghost/tokens", {"device": "x", "platform": "ios"}
+    )
     assert status == 404
     await raw.close()
 
@@ -107,23 +117,39 @@ async def test_kick_device_closes_connections_and_revokes(harness: Harness) -> N
 
 async def test_register_login_logout(harness: Harness) -> None:
     """Self-registration (argon2) gives a token; login works; logout revokes the token."""
-    status, tok = await call(harness, "POST", "/v1/auth/register",
-                             {"user": "zoe", "password": "correct horse", "device": "w1",
-                              "platform": "web"}, key="")
+    status, _tok = await call(
+        harness,
+        "POST",
+        "/v1/auth/register",
+        {"user": "zoe", "password": "correct horse", "device": "w1", "platform": "web"},
+        key="",
+    )
     assert status == 201
     user = await harness.server.store.get_user("zoe")
     assert user is not None and user.password_hash and user.password_hash.startswith("$argon2")
-    status, body = await call(harness, "POST", "/v1/auth/register",
-                              {"user": "ZOE", "password": "another one", "device": "w1",
-                               "platform": "web"}, key="")
+    status, body = await call(
+        harness,
+        "POST",
+        "/v1/auth/register",
+        {"user": "ZOE", "password": "another one", "device": "w1", "platform": "web"},
+        key="",
+    )
     assert status == 409 and body["error"]["code"] == "conflict"
-    status, body = await call(harness, "POST", "/v1/auth/login",
-                              {"user": "zoe", "password": "wrong pass", "device": "w2",
-                               "platform": "web"}, key="")
+    status, body = await call(
+        harness,
+        "POST",
+        "/v1/auth/login",
+        {"user": "zoe", "password": "wrong pass", "device": "w2", "platform": "web"},
+        key="",
+    )
     assert status == 401 and body["error"]["code"] == "auth_failed"
-    status, tok2 = await call(harness, "POST", "/v1/auth/login",
-                              {"user": "zoe", "password": "correct horse", "device": "w2",
-                               "platform": "web"}, key="")
+    status, tok2 = await call(
+        harness,
+        "POST",
+        "/v1/auth/login",
+        {"user": "zoe", "password": "correct horse", "device": "w2", "platform": "web"},
+        key="",
+    )
     assert status == 200
     c = Client(harness.ws_url, tok2["token"])
     await c.connect()
@@ -136,18 +162,26 @@ async def test_register_login_logout(harness: Harness) -> None:
     await c.close()
     status, body = await call(harness, "POST", "/v1/auth/logout", token=tok2["token"])
     assert status == 401 and body["error"]["code"] == "token_revoked"
-    status, body = await call(harness, "POST", "/v1/auth/register",
-                              {"user": "y", "password": "short", "device": "w1",
-                               "platform": "web"}, key="")
+    status, body = await call(
+        harness,
+        "POST",
+        "/v1/auth/register",
+        {"user": "y", "password": "short", "device": "w1", "platform": "web"},
+        key="",
+    )
     assert status == 400
 
 
 async def test_registration_can_be_disabled(make_server: Any) -> None:
     """With allow_registration off, self-registration is `forbidden`."""
     h = await make_server(allow_registration=False)
-    status, body = await call(h, "POST", "/v1/auth/register",
-                              {"user": "y", "password": "long enough", "device": "w1",
-                               "platform": "web"}, key="")
+    status, body = await call(
+        h,
+        "POST",
+        "/v1/auth/register",
+        {"user": "y", "password": "long enough", "device": "w1", "platform": "web"},
+        key="",
+    )
     assert status == 403 and body["error"]["code"] == "forbidden"
 
 
@@ -155,8 +189,13 @@ async def test_server_send_and_history(harness: Harness) -> None:
     """The backend sends on a user's behalf (idempotent on cid) and reads history."""
     b = await harness.client("bob")
     await harness.user("alice")
-    body = {"from": "alice", "to": "bob", "cid": "sys-1", "type": "system",
-            "body": {"text": "Welcome!"}}
+    body = {
+        "from": "alice",
+        "to": "bob",
+        "cid": "sys-1",
+        "type": "system",
+        "body": {"text": "Welcome!"},
+    }
     status, sent = await call(harness, "POST", "/v1/messages", body)
     assert status == 200 and sent["seq"] == 1 and not sent["dup"]
     status, again = await call(harness, "POST", "/v1/messages", body)
@@ -171,10 +210,14 @@ async def test_server_send_and_history(harness: Harness) -> None:
 
 async def test_bad_json_body(harness: Harness) -> None:
     """A malformed request body is `bad_frame` (400), never a crash."""
-    async with aiohttp.ClientSession() as s, s.put(
-        harness.http_url + "/v1/users/a", data=b"{oops",
-        headers={"Authorization": f"Bearer {harness.server.admin_key}"},
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.put(
+            harness.http_url + "/v1/users/a",
+            data=b"{oops",
+            headers={"Authorization": f"Bearer {harness.server.admin_key}"},
+        ) as r,
+    ):
         assert r.status == 400
         assert (await r.json())["error"]["code"] == "bad_frame"
 
@@ -197,8 +240,7 @@ async def test_websocket_origin_check(harness: Harness, origin: str | None, ok: 
     headers = {"Origin": origin} if origin else {}
     async with aiohttp.ClientSession() as s:
         try:
-            ws = await s.ws_connect(harness.ws_url, protocols=("tidings.v1.json",),
-                                    headers=headers)
+            ws = await s.ws_connect(harness.ws_url, protocols=("tidings.v1.json",), headers=headers)
             await ws.close()
             assert ok
         except aiohttp.WSServerHandshakeError as exc:

@@ -42,8 +42,10 @@ async def test_seqs_are_gapless_per_conversation(harness: Harness) -> None:
     """Concurrent sends in one conversation get seqs 1..N with no gap or repeat."""
     a = await harness.client("alice")
     b = await harness.client("bob")
-    results = await asyncio.gather(*(a.send(to="bob", text=f"m{i}") for i in range(100)),
-                                   *(b.send(to="alice", text=f"r{i}") for i in range(100)))
+    results = await asyncio.gather(
+        *(a.send(to="bob", text=f"m{i}") for i in range(100)),
+        *(b.send(to="alice", text=f"r{i}") for i in range(100)),
+    )
     assert sorted(r.seq for r in results) == list(range(1, 201))
     page = await a.history("d:alice|bob", limit=100)
     assert [m.seq for m in page.msgs] == list(range(101, 201)) and page.more

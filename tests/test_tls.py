@@ -23,20 +23,32 @@ def self_signed(tmp: Path) -> tuple[str, str]:
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=1))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                       x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
-                       critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1")),
+                ]
+            ),
+            critical=False,
+        )
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return str(cert_path), str(key_path)
 
 
@@ -55,8 +67,9 @@ async def test_tls_everywhere(make_server: Any, tmp_path: Path) -> None:
     assert h.ws_url.startswith("wss://") and h.tcp_url.startswith("tcps://")
     await a.send(to="bob", text="over tls")
     assert (await next_message(b)).message.body["text"] == "over tls"
-    plain = Client(f"tcp://127.0.0.1:{h.server.tcp_port}", await h.token("carol"),
-                   backoff_max_s=0.1)
+    plain = Client(
+        f"tcp://127.0.0.1:{h.server.tcp_port}", await h.token("carol"), backoff_max_s=0.1
+    )
     h.clients.append(plain)
     try:
         await plain.connect(wait=False)

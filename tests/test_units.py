@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import itertools
 import os
 import pathlib
 
@@ -18,9 +19,9 @@ from tidings.domain.ids import (
     normalize_user_id,
 )
 from tidings.protocol.codec import CODECS, FrameError, check_json_model
+from tidings.protocol.errors import TidingsError
 from tidings.protocol.frames import Hello, Send
 from tidings.protocol.framing import FramingError, TcpFrameDecoder, tcp_frame, ws_frame
-from tidings.protocol.errors import TidingsError
 
 SRC = pathlib.Path(__file__).parent.parent / "src" / "tidings"
 
@@ -78,7 +79,9 @@ def test_codec_classifies_errors(codec: str) -> None:
         with pytest.raises(FrameError) as e:
             c.decode_client(data)
         assert (e.value.code, e.value.request_id) == (code, rid)
-    send = c.decode_client(enc({"t": "send", "id": 1, "cid": "c", "to": "b", "body": {"text": "é"}}))
+    send = c.decode_client(
+        enc({"t": "send", "id": 1, "cid": "c", "to": "b", "body": {"text": "é"}})
+    )
     assert isinstance(send, Send) and send.type == "text"
 
 
@@ -116,7 +119,7 @@ def test_message_ids_increase_and_carry_time() -> None:
     g = MessageIdGenerator(5)
     ids = [g.next(1_800_000_000_000) for _ in range(5000)]
     ids += [g.next(1_799_999_999_000)]  # clock stepped back
-    assert all(a < b for a, b in zip(ids, ids[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(ids))
     assert abs(message_id_time_ms(ids[0]) - 1_800_000_000_000) <= 1
     assert ids[-1] < 2**63
 
@@ -124,9 +127,14 @@ def test_message_ids_increase_and_carry_time() -> None:
 def test_settings_precedence(tmp_path: pathlib.Path) -> None:
     """Defaults < TOML < environment < explicit overrides; unknown keys are errors."""
     toml = tmp_path / "t.toml"
-    toml.write_text('port = 9000\ntcp-port = 9001\nrate_per_s = 7.5\nallowed_origins = ["http://a"]\n')
-    s = load_settings(str(toml), env={"TIDINGS_PORT": "9100", "TIDINGS_ALLOW_REGISTRATION": "off"},
-                      overrides={"tcp_port": 9200})
+    toml.write_text(
+        'port = 9000\ntcp-port = 9001\nrate_per_s = 7.5\nallowed_origins = ["http://a"]\n'
+    )
+    s = load_settings(
+        str(toml),
+        env={"TIDINGS_PORT": "9100", "TIDINGS_ALLOW_REGISTRATION": "off"},
+        overrides={"tcp_port": 9200},
+    )
     assert (s.port, s.tcp_port, s.rate_per_s) == (9100, 9200, 7.5)
     assert s.allow_registration is False and s.allowed_origins == ["http://a"]
     assert load_settings(env={"TIDINGS_CONFIG": str(toml)}).port == 9000
@@ -137,8 +145,17 @@ def test_settings_precedence(tmp_path: pathlib.Path) -> None:
         load_settings(env={"TIDINGS_PORT": "eighty"})
 
 
-FORBIDDEN_IN_PURE = {"asyncio", "socket", "sqlite3", "aiohttp", "uvloop", "threading",
-                     "selectors", "ssl", "subprocess"}
+FORBIDDEN_IN_PURE = {
+    "asyncio",
+    "socket",
+    "sqlite3",
+    "aiohttp",
+    "uvloop",
+    "threading",
+    "selectors",
+    "ssl",
+    "subprocess",
+}
 
 
 @pytest.mark.parametrize("package", ["protocol", "domain"])
