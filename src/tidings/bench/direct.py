@@ -272,11 +272,25 @@ def run_rate(
         row["server_sys_cpu_pct"] = round(100 * (cpu1[1] - cpu0[1]) / plan.duration, 1)
     if server_pid in threads0 and server_pid in threads1:
         # Where the server's CPU went: its event loop (the main thread) vs the others
-        # (the SQLite writer, checkpointer and reader threads).
-        main_s = threads1.get(server_pid, 0.0) - threads0.get(server_pid, 0.0)
-        other_s = sum(v - threads0.get(t, 0.0) for t, v in threads1.items() if t != server_pid)
-        row["server_loop_cpu_pct"] = round(100 * main_s / plan.duration, 1)
-        row["server_other_threads_cpu_pct"] = round(100 * other_s / plan.duration, 1)
+        # (the SQLite writer, checkpointer and reader threads), user and system time.
+        per_thread = []
+        for tid, (u1, s1) in sorted(threads1.items()):
+            u0, s0 = threads0.get(tid, (0.0, 0.0))
+            per_thread.append(
+                {
+                    "tid": tid,
+                    "loop": tid == server_pid,
+                    "user_pct": round(100 * (u1 - u0) / plan.duration, 1),
+                    "sys_pct": round(100 * (s1 - s0) / plan.duration, 1),
+                }
+            )
+        loop = [t for t in per_thread if t["loop"]]
+        others = [t for t in per_thread if not t["loop"]]
+        row["server_loop_cpu_pct"] = round(sum(t["user_pct"] + t["sys_pct"] for t in loop), 1)
+        row["server_other_threads_cpu_pct"] = round(
+            sum(t["user_pct"] + t["sys_pct"] for t in others), 1
+        )
+        row["server_threads"] = [t for t in per_thread if t["user_pct"] or t["sys_pct"]]
     return row
 
 

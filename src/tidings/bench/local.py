@@ -31,11 +31,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _stat_cpu_s(path: str) -> float | None:
-    times = _stat_times_s(path)
-    return None if times is None else times[0] + times[1]
-
-
 def _stat_times_s(path: str) -> tuple[float, float] | None:
     try:
         with open(path) as fh:
@@ -52,14 +47,14 @@ def proc_cpu_s(pid: int) -> tuple[float, float] | None:
     return _stat_times_s(f"/proc/{pid}/stat")
 
 
-def thread_cpu_s(pid: int) -> dict[int, float]:
-    """utime + stime of each thread of a process, by thread id."""
-    out: dict[int, float] = {}
+def thread_cpu_s(pid: int) -> dict[int, tuple[float, float]]:
+    """(utime, stime) of each thread of a process, by thread id."""
+    out: dict[int, tuple[float, float]] = {}
     with contextlib.suppress(OSError):
         for tid in os.listdir(f"/proc/{pid}/task"):
-            cpu = _stat_cpu_s(f"/proc/{pid}/task/{tid}/stat")
-            if cpu is not None:
-                out[int(tid)] = cpu
+            times = _stat_times_s(f"/proc/{pid}/task/{tid}/stat")
+            if times is not None:
+                out[int(tid)] = times
     return out
 
 
