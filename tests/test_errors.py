@@ -371,3 +371,29 @@ def test_every_error_code_is_tested() -> None:
 
 
 _ = msgspec
+
+
+async def test_slow_consumer_window_close(make_server: Any) -> None:
+    """Over max_unacked unacknowledged pushes the connection is closed with 4009."""
+    h = await make_server(max_unacked=5, retransmit_ms=60_000, rate_per_s=1000, rate_burst=1000)
+    raw = await Raw.ws(h.ws_url)
+    assert (await raw.login(await h.token("bob")))["t"] == "ready"
+    a = await h.client("alice")
+    for i in range(6):
+        await a.send(to="bob", text=f"{i}")
+    assert await raw.closed() == close.SLOW_CONSUMER
+
+
+async def test_listen_backlog_is_raised(harness: Harness) -> None:
+    """Both listeners use a large backlog (ss shows it as Send-Q of the listening socket)."""
+    import shutil
+    import subprocess
+
+    assert shutil.which("ss"), "iproute2's ss is installed by scripts/test.sh"
+    with open("/proc/sys/net/core/somaxconn") as fh:
+        expected = min(harness.server.settings.backlog, int(fh.read()))
+    for port in (harness.server.http_port, harness.server.tcp_port):
+        out = subprocess.run(
+            ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert int(out[2]) == expected > 128

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -156,3 +157,86 @@ async def test_watermark_in_pong_reveals_missed_message(harness: Harness) -> Non
     hub.by_user["bob"] = hidden
     ev = await next_message(b, timeout=5)
     assert ev.message.mid == sent.mid
+
+
+async def test_mentions_and_reply_to_round_trip(harness: Harness) -> None:
+    """Mentions (normalised) and reply_to travel with the message to every device."""
+    a = await harness.client("alice")
+    b = await harness.client("bob")
+    first = await a.send(to="bob", text="question")
+    await next_message(b)
+    sent = await b.send(to="alice", text="answer", mentions=["ALICE"], reply_to=first.mid)
+    ev = await next_message(a)
+    while ev.message.seq != sent.seq:
+        ev = await next_message(a)
+    assert ev.message.mentions == ["alice"] and ev.message.reply_to == first.mid
+    page = await a.history(sent.conv)
+    assert page.msgs[-1].reply_to == first.mid
+
+
+async def test_server_api_sends_reach_every_device(harness: Harness) -> None:
+    """A message from the server API reaches all devices, even one whose id is `server`."""
+    alice_server_dev = await harness.client("alice", "server")
+    await harness.user("bob")
+    msg = harness.server.messaging.build(
+        "alice", "server", "d:alice|bob", ("alice", "bob"), "api-1", "system", {"text": "hi"}
+    )
+    await harness.server.messaging.submit(msg, from_device=False)
+    ev = await next_message(alice_server_dev)
+    assert ev.message.type == "system" and not ev.echo
+
+
+async def test_large_sync_is_paged_by_bytes(make_server: Any) -> None:
+    """Sync answers stay near 1 MiB of bodies; the device pages to completion."""
+    h: Harness = await make_server(rate_per_s=1000, rate_burst=1000)
+    a = await h.client("alice")
+    big = "x" * 8000
+    await h.user("bob")
+    for i in range(300):  # ~2.4 MB of text
+        await a.send(to="bob", text=f"{i} {big}")
+    rows = await h.server.messaging.sync("bob", "0", {}, 500)
+    assert not rows.complete and 0 < len(rows.msgs) < 300
+    assert sum(m.size for m in rows.msgs) <= (1 << 20)
+    b = await h.client("bob")
+    got = [(await next_message(b)).message.seq for _ in range(300)]
+    assert got == list(range(1, 301))
+
+
+async def test_ids_must_be_ascii_digits(harness: Harness) -> None:
+    """Non-ASCII digits in id fields are `invalid`, not a crash or a misread."""
+    from tests.rawclient import Raw
+
+    raw = await Raw.ws(harness.ws_url)
+    assert (await raw.login(await harness.token("alice")))["t"] == "ready"
+    await harness.user("bob")
+    await raw.send(
+        {"t": "send", "id": 2, "cid": "r", "to": "bob", "body": {"text": "x"}, "reply_to": "²"}
+    )
+    frame = await raw.recv()
+    assert frame["t"] == "error" and frame["code"] == "invalid" and frame["id"] == 2
+    await raw.send({"t": "sync", "id": 3, "since": "١٢"})
+    frame = await raw.recv()
+    assert frame["t"] == "error" and frame["code"] == "invalid" and frame["id"] == 3
+    await raw.close()
+
+
+async def test_user_ids_of_any_script(harness: Harness) -> None:
+    """User ids in scripts with combining marks are accepted and round-trip."""
+    a = await harness.client("हिंदी")
+    await harness.user("日本語")
+    sent = await a.send(to="日本語", text="नमस्ते")
+    assert sent.conv in ("d:हिंदी|日本語", "d:日本語|हिंदी")
+
+
+async def test_hello_advertises_limits(harness: Harness) -> None:
+    """The server hello carries version, limits, heartbeat and timeouts."""
+    from tests.rawclient import Raw
+
+    raw = await Raw.ws(harness.ws_url)
+    hello = raw.hello
+    s = harness.server.settings
+    assert hello["t"] == "hello" and hello["v"] == 1
+    assert hello["limits"]["max_frame_bytes"] == s.max_frame_bytes
+    assert hello["limits"]["max_unacked"] == s.max_unacked
+    assert hello["heartbeat_ms"] == s.heartbeat_ms
+    await raw.close()

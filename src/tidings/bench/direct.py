@@ -30,6 +30,7 @@ from tidings.bench.hist import Histogram
 from tidings.bench.local import (
     LOOPBACK,
     LocalServer,
+    code_info,
     create_users,
     listener_pid,
     machine_info,
@@ -470,6 +471,7 @@ def _main(plan: Plan) -> int:
         if plan.client_cores:
             os.sched_setaffinity(0, set(plan.client_cores))
         report["machine"] = machine_info()
+        report["code"] = code_info()
         uids = [(f"bench-{nonce}-{i}-s", f"bench-{nonce}-{i}-r") for i in range(plan.pairs)]
         flat = [u for pair in uids for u in pair]
         tokens = asyncio.run(create_users(base_url, admin_key, flat, "bench"))

@@ -119,6 +119,29 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def code_info() -> dict[str, Any]:
+    """The tidings version and, when run from a git checkout, its commit and dirtiness."""
+    from tidings import __version__
+
+    info: dict[str, Any] = {"version": __version__}
+    here = os.path.dirname(os.path.abspath(__file__))
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        if head.returncode == 0:
+            info["commit"] = head.stdout.strip()
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--", "."],
+                cwd=os.path.dirname(here),
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
+            info["dirty"] = bool(status.stdout.strip())
+    return info
+
+
 @dataclass
 class LocalServer:
     """``python -m tidings serve`` in its own process, pinned to ``cores``."""
