@@ -20,6 +20,7 @@ import os
 import secrets
 import sys
 import time
+import urllib.request
 from multiprocessing.connection import Connection
 from typing import Any
 from urllib.parse import urlsplit
@@ -216,6 +217,7 @@ def run_rate(
     port: int,
     server_pid: int | None,
     nonce: str,
+    base_url: str,
 ) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     chunks = [users[i :: plan.procs] for i in range(plan.procs)]
@@ -255,7 +257,7 @@ def run_rate(
         _sleep_until(ws)
         cpu0 = proc_cpu_s(server_pid) if server_pid else None
         threads0 = thread_cpu_s(server_pid) if server_pid else {}
-        _sleep_until(we)
+        backlog = _watch_backlog(base_url, we)
         cpu1 = proc_cpu_s(server_pid) if server_pid else None
         threads1 = thread_cpu_s(server_pid) if server_pid else {}
         deadline = we + plan.grace + 60
@@ -269,6 +271,8 @@ def run_rate(
     if cpu0 is not None and cpu1 is not None:
         server_cpu = cpu1[0] + cpu1[1] - cpu0[0] - cpu0[1]
     row = summarise(plan, rate, results, server_cpu)
+    row["server_pending_writes_max"] = max(backlog, default=None)
+    row["server_pending_writes_end"] = backlog[-1] if backlog else None
     if cpu0 is not None and cpu1 is not None:
         row["server_sys_cpu_pct"] = round(100 * (cpu1[1] - cpu0[1]) / plan.duration, 1)
     if server_pid in threads0 and server_pid in threads1:
@@ -293,6 +297,22 @@ def run_rate(
         )
         row["server_threads"] = [t for t in per_thread if t["user_pct"] or t["sys_pct"]]
     return row
+
+
+def _watch_backlog(base_url: str, until: float) -> list[int]:
+    """Sleep until ``until``, reading the server's queued writes (/healthz) once a second."""
+    seen: list[int] = []
+    while True:
+        _sleep_until(min(until, time.monotonic() + 1.0))
+        if time.monotonic() >= until:
+            return seen
+        try:
+            with urllib.request.urlopen(f"{base_url}/healthz", timeout=0.5) as resp:
+                pending = json.loads(resp.read()).get("pending_writes")
+            if isinstance(pending, int):
+                seen.append(pending)
+        except (OSError, ValueError):
+            pass
 
 
 def with_timeout_join(proc: multiprocessing.process.BaseProcess) -> None:
@@ -406,6 +426,7 @@ COLUMNS = (
     ("loop cpu%", "server_loop_cpu_pct", "{:.0f}"),
     ("sys cpu%", "server_sys_cpu_pct", "{:.0f}"),
     ("cli cpu%", "client_cpu_pct", "{:.0f}"),
+    ("queue max", "server_pending_writes_max", "{}"),
 )
 
 
@@ -490,7 +511,7 @@ def _main(plan: Plan) -> int:
             if step and plan.pause:
                 time.sleep(plan.pause)
             load = os.getloadavg()
-            row = run_rate(plan, rate, step, users, port, server_pid, nonce)
+            row = run_rate(plan, rate, step, users, port, server_pid, nonce, base_url)
             row["loadavg_before"] = load
             runs.append(row)
             print(table_row(row), flush=True)
