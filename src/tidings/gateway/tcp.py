@@ -6,6 +6,7 @@ import asyncio
 import logging
 from typing import Any, cast
 
+from tidings.gateway.bounded import BoundedWriter
 from tidings.protocol import PROTOCOL_VERSION, close
 from tidings.protocol.codec import CODECS, MSGPACK
 from tidings.protocol.frames import Close
@@ -16,7 +17,7 @@ from tidings.session.session import Session
 log = logging.getLogger(__name__)
 
 
-class TcpLink(asyncio.Protocol):
+class TcpLink(BoundedWriter, asyncio.Protocol):
     framing = "tcp"
 
     def __init__(self, ctx: ServerContext) -> None:
@@ -94,24 +95,13 @@ class TcpLink(asyncio.Protocol):
     def frame(self, payload: bytes) -> bytes:
         return tcp_frame(payload)
 
-    def write(self, data: bytes) -> None:
-        t = self.transport
-        if t is None or t.is_closing():
-            return
-        t.write(data)
-        if t.get_write_buffer_size() > self.max_buffer and self.session is not None:
-            self.session.close(close.SLOW_CONSUMER, "send buffer full")
-
     def _write_close(self, code: int, reason: str) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(tcp_frame(self.codec.encode(Close(code, reason[:120]))))
 
     def close(self, code: int, reason: str) -> None:
         t = self.transport
-        if t is None:
-            return
-        if t.get_write_buffer_size() > self.max_buffer:
-            t.abort()  # its buffer is full: a close frame would only queue behind it
+        if t is None or self.abort_if_overfull():
             return
         self._write_close(code, reason)
         t.close()

@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from tidings.gateway.bounded import BoundedWriter
 from tidings.protocol import close
 from tidings.protocol.codec import CODECS, JSON, MSGPACK, Codec
 from tidings.protocol.framing import WS_BINARY, WS_TEXT, ws_frame
@@ -27,7 +28,7 @@ SUBPROTOCOL_MSGPACK = "tidings.v1.msgpack"
 SUBPROTOCOLS = (SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK)
 
 
-class WsLink:
+class WsLink(BoundedWriter):
     framing = "ws"
 
     def __init__(
@@ -45,18 +46,8 @@ class WsLink:
     def frame(self, payload: bytes) -> bytes:
         return ws_frame(payload, self._opcode)
 
-    def write(self, data: bytes) -> None:
-        t = self.transport
-        if t is None or t.is_closing():
-            return
-        t.write(data)
-        if t.get_write_buffer_size() > self.max_buffer and self.session is not None:
-            self.session.close(close.SLOW_CONSUMER, "send buffer full")
-
     def close(self, code: int, reason: str) -> None:
-        t = self.transport
-        if t is not None and t.get_write_buffer_size() > self.max_buffer:
-            t.abort()  # its buffer is full: a close frame would only queue behind it
+        if self.abort_if_overfull():
             return
         if self._closing is None and not self.ws.closed:
             self._closing = asyncio.ensure_future(
