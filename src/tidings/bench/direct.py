@@ -21,23 +21,24 @@ import secrets
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 
-from tidings.bench.hist import Histogram
-from tidings.bench.local import (
-    LOOPBACK,
-    LocalServer,
+from tidings.bench.local import LOOPBACK, LocalServer, create_users
+from tidings.bench.observe import (
     code_info,
-    create_users,
     listener_pid,
     machine_info,
-    proc_cpu_s,
-    thread_cpu_s,
+    server_cpu_s,
+    snapshot,
+    store_files,
+    window_figures,
 )
+from tidings.bench.report import summarise, summary, table_header, table_row
 from tidings.bench.worker import worker_main
 
 # Bounds: the bench refuses anything bigger.
@@ -61,8 +62,6 @@ SERVER_SETTINGS = {
     "max_unacked": "65536",
     "log_level": "WARNING",
 }
-VALID_RATE_FRACTION = 0.99
-MAX_CLIENT_CPU_PCT = 90.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -209,43 +208,10 @@ def _sleep_until(t: float) -> None:
         time.sleep(delay)
 
 
-def run_rate(
-    plan: Plan,
-    rate: float,
-    step: int,
-    users: list[tuple[str, str, str, str]],
-    port: int,
-    server_pid: int | None,
-    nonce: str,
-    base_url: str,
-) -> dict[str, Any]:
-    ctx = multiprocessing.get_context("spawn")
-    chunks = [users[i :: plan.procs] for i in range(plan.procs)]
-    text = "x" * plan.size
-    workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+def run_rate(plan: Plan, target: Target, rate: float, step: int) -> dict[str, Any]:
+    """One rate: spawn the load generators, run the schedule, merge their results."""
+    workers = _spawn_workers(plan, target, rate, step)
     try:
-        for i, chunk in enumerate(chunks):
-            parent, child = ctx.Pipe()
-            cores = [plan.client_cores[i % len(plan.client_cores)]] if plan.client_cores else []
-            cfg = {
-                "port": port,
-                "transport": plan.transport,
-                "codec": plan.codec,
-                "rate": rate * len(chunk) / len(users),
-                "warmup": plan.warmup,
-                "duration": plan.duration,
-                "grace": plan.grace,
-                "pairs": chunk,
-                "text": text,
-                "cid_prefix": f"{nonce}.{step}.",
-                "cores": cores,
-            }
-            proc: multiprocessing.process.BaseProcess = ctx.Process(
-                target=worker_main, args=(child, cfg), daemon=True
-            )
-            proc.start()
-            child.close()
-            workers.append((proc, parent))
         deadline = time.monotonic() + READY_TIMEOUT_S
         for _, conn in workers:
             _recv(conn, deadline, "ready")
@@ -255,48 +221,60 @@ def run_rate(
         ws = t0 + plan.warmup
         we = ws + plan.duration
         _sleep_until(ws)
-        cpu0 = proc_cpu_s(server_pid) if server_pid else None
-        threads0 = thread_cpu_s(server_pid) if server_pid else {}
-        backlog = _watch_backlog(base_url, we)
-        cpu1 = proc_cpu_s(server_pid) if server_pid else None
-        threads1 = thread_cpu_s(server_pid) if server_pid else {}
+        before = snapshot(target.pid)
+        backlog = _watch_backlog(target.base_url, we)
+        after = snapshot(target.pid)
         deadline = we + plan.grace + 60
         results = [_recv(conn, deadline, "result") for _, conn in workers]
     finally:
         for proc, conn in workers:
             if proc.is_alive():
-                with_timeout_join(proc)
+                _join(proc)
             conn.close()
-    server_cpu = None
-    if cpu0 is not None and cpu1 is not None:
-        server_cpu = cpu1[0] + cpu1[1] - cpu0[0] - cpu0[1]
-    row = summarise(plan, rate, results, server_cpu)
+    row = summarise(rate, plan.duration, results, server_cpu_s(before, after))
+    row.update(window_figures(before, after, target.pid, plan.duration))
+    if "machine_busy_pct" in row:
+        # Everything else the box ran meanwhile: other work on these cores shows up here.
+        mine = (row["server_cpu_pct"] or 0.0) + sum(row["client_cpu_pct_per_proc"])
+        row["other_cpu_pct"] = round(max(0.0, row["machine_busy_pct"] - mine), 1)
+    if target.data_dir:
+        row.update(store_files(target.data_dir))
     row["server_pending_writes_max"] = max(backlog, default=None)
     row["server_pending_writes_end"] = backlog[-1] if backlog else None
-    if cpu0 is not None and cpu1 is not None:
-        row["server_sys_cpu_pct"] = round(100 * (cpu1[1] - cpu0[1]) / plan.duration, 1)
-    if server_pid in threads0 and server_pid in threads1:
-        # Where the server's CPU went: its event loop (the main thread) vs the others
-        # (the SQLite writer, checkpointer and reader threads), user and system time.
-        per_thread = []
-        for tid, (u1, s1) in sorted(threads1.items()):
-            u0, s0 = threads0.get(tid, (0.0, 0.0))
-            per_thread.append(
-                {
-                    "tid": tid,
-                    "loop": tid == server_pid,
-                    "user_pct": round(100 * (u1 - u0) / plan.duration, 1),
-                    "sys_pct": round(100 * (s1 - s0) / plan.duration, 1),
-                }
-            )
-        loop = [t for t in per_thread if t["loop"]]
-        others = [t for t in per_thread if not t["loop"]]
-        row["server_loop_cpu_pct"] = round(sum(t["user_pct"] + t["sys_pct"] for t in loop), 1)
-        row["server_other_threads_cpu_pct"] = round(
-            sum(t["user_pct"] + t["sys_pct"] for t in others), 1
-        )
-        row["server_threads"] = [t for t in per_thread if t["user_pct"] or t["sys_pct"]]
     return row
+
+
+def _spawn_workers(
+    plan: Plan, target: Target, rate: float, step: int
+) -> list[tuple[multiprocessing.process.BaseProcess, Connection]]:
+    """One process per slice of the pairs; each gets its share of the rate."""
+    ctx = multiprocessing.get_context("spawn")
+    users = target.users
+    workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+    for i in range(plan.procs):
+        chunk = users[i :: plan.procs]
+        parent, child = ctx.Pipe()
+        cores = [plan.client_cores[i % len(plan.client_cores)]] if plan.client_cores else []
+        cfg = {
+            "port": target.port,
+            "transport": plan.transport,
+            "codec": plan.codec,
+            "rate": rate * len(chunk) / len(users),
+            "warmup": plan.warmup,
+            "duration": plan.duration,
+            "grace": plan.grace,
+            "pairs": chunk,
+            "text": "x" * plan.size,
+            "cid_prefix": f"{target.nonce}.{step}.",
+            "cores": cores,
+        }
+        proc: multiprocessing.process.BaseProcess = ctx.Process(
+            target=worker_main, args=(child, cfg), daemon=True
+        )
+        proc.start()
+        child.close()
+        workers.append((proc, parent))
+    return workers
 
 
 def _watch_backlog(base_url: str, until: float) -> list[int]:
@@ -315,7 +293,7 @@ def _watch_backlog(base_url: str, until: float) -> list[int]:
             pass
 
 
-def with_timeout_join(proc: multiprocessing.process.BaseProcess) -> None:
+def _join(proc: multiprocessing.process.BaseProcess) -> None:
     proc.join(10)
     if proc.is_alive():
         proc.terminate()
@@ -323,124 +301,6 @@ def with_timeout_join(proc: multiprocessing.process.BaseProcess) -> None:
 
 
 # ------------------------------------------------------------------ results
-
-
-def _ms(us: float) -> float:
-    return round(us / 1000, 3)
-
-
-def _add(into: dict[str, int], more: dict[str, int]) -> None:
-    for k, v in more.items():
-        into[k] = into.get(k, 0) + v
-
-
-def summarise(
-    plan: Plan, rate: float, results: list[dict[str, Any]], server_cpu_s: float | None
-) -> dict[str, Any]:
-    e2e = Histogram()
-    ack = Histogram()
-    totals: dict[str, int] = {}
-    errors: dict[str, int] = {}
-    closes: dict[str, int] = {}
-    counters = [
-        *("sent", "send_failed", "answered", "errored", "acked_in_window", "delivered"),
-        *("delivered_in_window", "lost", "unanswered", "unconfirmed", "redelivered"),
-        *("dup_stored", "reordered", "foreign", "acks_out"),
-    ]
-    for r in results:
-        e2e.merge(Histogram.from_dict(r["e2e"]))
-        ack.merge(Histogram.from_dict(r["ack"]))
-        for name in counters:
-            totals[name] = totals.get(name, 0) + int(r[name])
-        _add(errors, r["errors"])
-        _add(closes, r["closes"])
-    cpu = [float(r["cpu_pct"]) for r in results]
-    achieved = totals["delivered_in_window"] / plan.duration
-    row: dict[str, Any] = {
-        "offered_per_s": rate,
-        "msgs_per_s": round(achieved, 1),
-        "acked_per_s": round(totals["acked_in_window"] / plan.duration, 1),
-        "p50_ms": _ms(e2e.percentile(50)),
-        "p90_ms": _ms(e2e.percentile(90)),
-        "p99_ms": _ms(e2e.percentile(99)),
-        "p999_ms": _ms(e2e.percentile(99.9)),
-        "max_ms": _ms(e2e.max),
-        "mean_ms": _ms(e2e.mean),
-        "ack_p50_ms": _ms(ack.percentile(50)),
-        "ack_p99_ms": _ms(ack.percentile(99)),
-        "ack_p999_ms": _ms(ack.percentile(99.9)),
-        "samples": e2e.count,
-        "lost": totals["lost"],
-        "duplicated": totals["dup_stored"] + totals["redelivered"],
-        "duplicated_stored": totals["dup_stored"],
-        "redelivered": totals["redelivered"],
-        "reordered": totals["reordered"],
-        "server_cpu_s": None if server_cpu_s is None else round(server_cpu_s, 3),
-        "server_cpu_pct": None
-        if server_cpu_s is None
-        else round(100 * server_cpu_s / plan.duration, 1),
-        "server_cpu_us_per_msg": None
-        if server_cpu_s is None or not totals["delivered_in_window"]
-        else round(server_cpu_s * 1e6 / totals["delivered_in_window"], 1),
-        "client_cpu_pct": max(cpu) if cpu else 0.0,
-        "client_cpu_pct_mean": round(sum(cpu) / len(cpu), 1) if cpu else 0.0,
-        "client_cpu_pct_per_proc": cpu,
-        "max_send_lag_ms": max(float(r["max_send_lag_ms"]) for r in results),
-        "counts": totals,
-        "errors": errors,
-        "closes": closes,
-        "histograms_us": {"e2e": e2e.to_dict(), "ack": ack.to_dict()},
-    }
-    reasons = []
-    if achieved < VALID_RATE_FRACTION * rate:
-        reasons.append(f"achieved {achieved:.0f}/s < 99% of offered {rate:g}/s")
-    if row["client_cpu_pct"] > MAX_CLIENT_CPU_PCT:
-        reasons.append(f"client CPU {row['client_cpu_pct']}% > {MAX_CLIENT_CPU_PCT:g}%")
-    for name in ("lost", "duplicated", "reordered"):
-        if row[name]:
-            reasons.append(f"{row[name]} {name}")
-    if errors:
-        reasons.append(f"error answers {errors}")
-    if closes:
-        reasons.append(f"connections closed {closes}")
-    if totals["send_failed"] or totals["unanswered"]:
-        reasons.append(f"{totals['send_failed']} failed, {totals['unanswered']} unanswered sends")
-    row["valid"] = not reasons
-    row["reasons"] = reasons
-    return row
-
-
-COLUMNS = (
-    ("offered/s", "offered_per_s", "{:.0f}"),
-    ("achieved/s", "msgs_per_s", "{:.0f}"),
-    ("p50 ms", "p50_ms", "{:.2f}"),
-    ("p99 ms", "p99_ms", "{:.2f}"),
-    ("p99.9 ms", "p999_ms", "{:.2f}"),
-    ("max ms", "max_ms", "{:.1f}"),
-    ("ack p99", "ack_p99_ms", "{:.2f}"),
-    ("lost", "lost", "{}"),
-    ("dup", "duplicated", "{}"),
-    ("reord", "reordered", "{}"),
-    ("srv us/msg", "server_cpu_us_per_msg", "{:.1f}"),
-    ("srv cpu%", "server_cpu_pct", "{:.0f}"),
-    ("loop cpu%", "server_loop_cpu_pct", "{:.0f}"),
-    ("sys cpu%", "server_sys_cpu_pct", "{:.0f}"),
-    ("cli cpu%", "client_cpu_pct", "{:.0f}"),
-    ("queue max", "server_pending_writes_max", "{}"),
-)
-
-
-def table_header() -> str:
-    return "  ".join(f"{title:>10}" for title, _, _ in COLUMNS) + "  status"
-
-
-def table_row(row: dict[str, Any]) -> str:
-    cells = []
-    for _, key, fmt in COLUMNS:
-        value = row.get(key)
-        cells.append(f"{'-' if value is None else fmt.format(value):>10}")
-    status = "ok" if row["valid"] else "INVALID: " + "; ".join(row["reasons"])
-    return "  ".join(cells) + "  " + status
 
 
 # ------------------------------------------------------------------ main
@@ -455,76 +315,74 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
 
+@dataclass
+class Target:
+    """The server under load and the bench's users on it."""
+
+    base_url: str
+    port: int  # where the clients connect (HTTP port for ws, raw TCP port for tcp)
+    pid: int | None
+    data_dir: str | None
+    nonce: str = field(default_factory=lambda: secrets.token_hex(4))
+    users: list[tuple[str, str, str, str]] = field(default_factory=list)
+
+
+def _start_server(plan: Plan, report: dict[str, Any]) -> tuple[LocalServer, Target]:
+    server = LocalServer(plan.server_settings, plan.server_cores, plan.data_dir, plan.keep_data)
+    server.start()
+    port = server.tcp_port if plan.transport == "tcp" else server.port
+    target = Target(server.url, port, server.pid, server.data_dir)
+    settings_used = " ".join(f"{k}={v}" for k, v in plan.server_settings.items())
+    print(
+        f"server: pid {server.pid} on {server.url} (tcp {server.tcp_port}), cores "
+        f"{plan.server_cores or 'any'}, data {server.data_dir}\nserver settings: {settings_used}",
+        flush=True,
+    )
+    report["settings"]["server"] = {
+        "started": True,
+        "argv": server.argv[1:],
+        "settings": plan.server_settings,
+        "data_dir": server.data_dir,
+    }
+    return server, target
+
+
+def _given_server(plan: Plan, report: dict[str, Any]) -> Target:
+    base_url = f"http://{LOOPBACK}:{plan.http_port}"
+    port = plan.tcp_port if plan.transport == "tcp" and plan.tcp_port else plan.http_port
+    pid = plan.server_pid or listener_pid(plan.http_port)
+    print(f"server: {base_url}, pid {pid or 'unknown (no CPU figures)'}", flush=True)
+    report["settings"]["server"] = {"started": False, "url": base_url, "pid": pid}
+    return Target(base_url, port, pid, None)
+
+
 def _main(plan: Plan) -> int:
-    nonce = secrets.token_hex(4)
     server: LocalServer | None = None
     report: dict[str, Any] = {"bench": "direct", "settings": plan.describe()}
+    report["machine"] = machine_info()
+    report["code"] = code_info()
     try:
         if plan.url is None:
-            server = LocalServer(
-                plan.server_settings, plan.server_cores, plan.data_dir, keep=plan.keep_data
-            )
-            server.start()
+            server, target = _start_server(plan, report)
             admin_key = server.admin_key()
-            base_url = server.url
-            port = server.tcp_port if plan.transport == "tcp" else server.port
-            server_pid: int | None = server.pid
-            settings_used = " ".join(f"{k}={v}" for k, v in plan.server_settings.items())
-            print(
-                f"server: pid {server.pid} on {base_url} (tcp {server.tcp_port}), cores "
-                f"{plan.server_cores or 'any'}, data {server.data_dir}",
-                flush=True,
-            )
-            print(f"server settings: {settings_used}", flush=True)
-            report["settings"]["server"] = {
-                "started": True,
-                "argv": server.argv[1:],
-                "settings": plan.server_settings,
-                "data_dir": server.data_dir,
-            }
         else:
+            target = _given_server(plan, report)
             admin_key = plan.admin_key
-            base_url = f"http://{LOOPBACK}:{plan.http_port}"
-            port = plan.tcp_port if plan.transport == "tcp" and plan.tcp_port else plan.http_port
-            server_pid = plan.server_pid or listener_pid(plan.http_port)
-            print(f"server: {base_url}, pid {server_pid or 'unknown (no CPU figures)'}", flush=True)
-            report["settings"]["server"] = {"started": False, "url": base_url, "pid": server_pid}
         if plan.client_cores:
             os.sched_setaffinity(0, set(plan.client_cores))
-        report["machine"] = machine_info()
-        report["code"] = code_info()
-        uids = [(f"bench-{nonce}-{i}-s", f"bench-{nonce}-{i}-r") for i in range(plan.pairs)]
-        flat = [u for pair in uids for u in pair]
-        tokens = asyncio.run(create_users(base_url, admin_key, flat, "bench"))
-        users = [(s, tokens[s], r, tokens[r]) for s, r in uids]
-        m = report["machine"]
-        print(
-            f"machine: {m['cpu_model']}, {m['nproc']} cpus; load gen: {plan.procs} proc(s) on "
-            f"cores {plan.client_cores or 'any'}; {plan.pairs} pairs over {plan.transport}/"
-            f"{plan.codec}; {plan.warmup:g}s warmup + {plan.duration:g}s measured per rate",
-            flush=True,
+        uids = [
+            (f"bench-{target.nonce}-{i}-s", f"bench-{target.nonce}-{i}-r")
+            for i in range(plan.pairs)
+        ]
+        tokens = asyncio.run(
+            create_users(target.base_url, admin_key, [u for p in uids for u in p], "bench")
         )
-        print(table_header(), flush=True)
-        runs: list[dict[str, Any]] = []
-        report["runs"] = runs
-        for step, rate in enumerate(plan.rates):
-            if step and plan.pause:
-                time.sleep(plan.pause)
-            load = os.getloadavg()
-            row = run_rate(plan, rate, step, users, port, server_pid, nonce, base_url)
-            row["loadavg_before"] = load
-            runs.append(row)
-            print(table_row(row), flush=True)
-            if server is not None and server.proc is not None and server.proc.poll() is not None:
-                print(f"the server exited:\n{server.log_tail()}", file=sys.stderr)
-                break
-        report["summary"] = _summary(runs)
-        if len(runs) == 1:
-            report.update({k: v for k, v in runs[0].items() if k not in report})
+        target.users = [(s, tokens[s], r, tokens[r]) for s, r in uids]
+        _sweep(plan, target, server, report)
     finally:
         if server is not None:
             code = server.stop()
-            report.setdefault("settings", {}).setdefault("server", {})["exit_code"] = code
+            report["settings"]["server"]["exit_code"] = code
             if code not in (0, None):
                 print(f"server exited with {code}:\n{server.log_tail()}", file=sys.stderr)
         if plan.json_path:
@@ -535,13 +393,28 @@ def _main(plan: Plan) -> int:
     return 0 if runs and all(r["valid"] for r in runs) else 1
 
 
-def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    valid = [r for r in runs if r["valid"]]
-    best = max(valid, key=lambda r: r["msgs_per_s"], default=None)
-    return {
-        "max_valid_offered_per_s": best["offered_per_s"] if best else None,
-        "max_valid_msgs_per_s": best["msgs_per_s"] if best else None,
-        "max_msgs_per_s": max((r["msgs_per_s"] for r in runs), default=None),
-        "p99_ms_by_rate": {f"{r['offered_per_s']:g}": r["p99_ms"] for r in runs},
-        "all_valid": bool(runs) and len(valid) == len(runs),
-    }
+def _sweep(plan: Plan, target: Target, server: LocalServer | None, report: dict[str, Any]) -> None:
+    m = report["machine"]
+    print(
+        f"machine: {m['cpu_model']}, {m['nproc']} cpus; load gen: {plan.procs} proc(s) on "
+        f"cores {plan.client_cores or 'any'}; {plan.pairs} pairs over {plan.transport}/"
+        f"{plan.codec}; {plan.warmup:g}s warmup + {plan.duration:g}s measured per rate",
+        flush=True,
+    )
+    print(table_header(), flush=True)
+    runs: list[dict[str, Any]] = []
+    report["runs"] = runs
+    for step, rate in enumerate(plan.rates):
+        if step and plan.pause:
+            time.sleep(plan.pause)
+        load = os.getloadavg()
+        row = run_rate(plan, target, rate, step)
+        row["loadavg_before"] = load
+        runs.append(row)
+        print(table_row(row), flush=True)
+        if server is not None and server.proc is not None and server.proc.poll() is not None:
+            print(f"the server exited:\n{server.log_tail()}", file=sys.stderr)
+            break
+    report["summary"] = summary(runs)
+    if len(runs) == 1:
+        report.update({k: v for k, v in runs[0].items() if k not in report})

@@ -1,11 +1,9 @@
-"""The server side of a bench: a local server process, its CPU time, the admin API."""
+"""The server side of a bench: a local server process and the admin API."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -15,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO
 
 import aiohttp
 
@@ -29,117 +27,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
-
-
-def _stat_times_s(path: str) -> tuple[float, float] | None:
-    try:
-        with open(path) as fh:
-            raw = fh.read()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
-def proc_cpu_s(pid: int) -> tuple[float, float] | None:
-    """(utime, stime) of a process, all its threads, from /proc/<pid>/stat."""
-    return _stat_times_s(f"/proc/{pid}/stat")
-
-
-def thread_cpu_s(pid: int) -> dict[int, tuple[float, float]]:
-    """(utime, stime) of each thread of a process, by thread id."""
-    out: dict[int, tuple[float, float]] = {}
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            times = _stat_times_s(f"/proc/{pid}/task/{tid}/stat")
-            if times is not None:
-                out[int(tid)] = times
-    return out
-
-
-def listener_pid(port: int) -> int | None:
-    """The pid of the process listening on 127.0.0.1:``port``, when this user can see it."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as fh:
-                next(fh)
-                for line in fh:
-                    parts = line.split()
-                    local, state, inode = parts[1], parts[3], parts[9]
-                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
-                        inodes.add(f"socket:[{inode}]")
-        except OSError:
-            continue
-    if not inodes:
-        return None
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        fd_dir = f"/proc/{entry}/fd"
-        try:
-            for fd in os.listdir(fd_dir):
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"{fd_dir}/{fd}") in inodes:
-                        return int(entry)
-        except OSError:
-            continue
-    return None
-
-
-def machine_info() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem_kb = 0
-    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemTotal:"):
-                mem_kb = int(line.split()[1])
-                break
-    versions: dict[str, str] = {}
-    for name in ("aiohttp", "msgspec", "uvloop"):
-        with contextlib.suppress(Exception):
-            from importlib.metadata import version
-
-            versions[name] = version(name)
-    return {
-        "cpu_model": model,
-        "nproc": os.cpu_count(),
-        "affinity": sorted(os.sched_getaffinity(0)),
-        "mem_gib": round(mem_kb / 2**20, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "versions": versions,
-        "loadavg": os.getloadavg(),
-    }
-
-
-def code_info() -> dict[str, Any]:
-    """The tidings version and, when run from a git checkout, its commit and dirtiness."""
-    from tidings import __version__
-
-    info: dict[str, Any] = {"version": __version__}
-    here = os.path.dirname(os.path.abspath(__file__))
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        )
-        if head.returncode == 0:
-            info["commit"] = head.stdout.strip()
-            status = subprocess.run(
-                ["git", "status", "--porcelain", "--", "."],
-                cwd=os.path.dirname(here),
-                capture_output=True,
-                text=True,
-                timeout=5,
-            )
-            info["dirty"] = bool(status.stdout.strip())
-    return info
 
 
 @dataclass

@@ -62,6 +62,8 @@ class Stats:
     closes: dict[str, int] = field(default_factory=dict)
     max_send_lag_s: float = 0.0
     acks_out: int = 0
+    per_second: list[int] = field(default_factory=list)  # deliveries per window second
+    per_second_max_us: list[int] = field(default_factory=list)  # worst latency per second
 
 
 class Pair:
@@ -193,6 +195,11 @@ class RecipientConn(LeanConn):
                         stats.e2e.record(now_us - at)
                     if in_window:
                         stats.delivered_in_window += 1
+                        second = (now_us - ws_us) // 1_000_000
+                        if second < len(stats.per_second):
+                            stats.per_second[second] += 1
+                            if now_us - at > stats.per_second_max_us[second]:
+                                stats.per_second_max_us[second] = now_us - at
                 else:
                     count = pair.recv_count[n]
                     if count < 255:
@@ -258,75 +265,84 @@ async def _connect(
     return proto
 
 
+async def _open_all(
+    pairs: list[Pair], users: list[tuple[str, str, str, str]], cfg: dict[str, Any], stats: Stats
+) -> None:
+    """Connect and authenticate every pair: the recipient first, so no push is missed."""
+    sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    cid_prefix = str(cfg["cid_prefix"])
+
+    async def open_pair(pair: Pair, stoken: str, rtoken: str) -> None:
+        r: RecipientConn = await _connect(RecipientConn, cfg, rtoken, sem)
+        r.pair, r.stats, r.cid_prefix = pair, stats, cid_prefix
+        pair.recipient = r
+        s: SenderConn = await _connect(SenderConn, cfg, stoken, sem)
+        s.pair, s.stats, s.per = pair, stats, len(pairs)
+        pair.sender = s
+
+    await asyncio.gather(*(open_pair(p, u[1], u[3]) for p, u in zip(pairs, users, strict=True)))
+
+
+def _close_all(pairs: list[Pair]) -> None:
+    for p in pairs:
+        for c in (p.sender, p.recipient):
+            if c is not None:
+                c.close()
+
+
 async def _run(conn: Connection, cfg: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
     rate = float(cfg["rate"])
     warmup = float(cfg["warmup"])
     duration = float(cfg["duration"])
-    grace = float(cfg["grace"])
     users: list[tuple[str, str, str, str]] = cfg["pairs"]  # sender, token, recipient, token
-    per = len(users)
     total = math.ceil((warmup + duration) * rate)
-    cap = total // per + 1
+    cap = total // len(users) + 1
     stats = Stats()
-    cid_prefix = str(cfg["cid_prefix"])
     pairs = [Pair(i, u[0], u[2], cap) for i, u in enumerate(users)]
-    sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
-
-    async def open_pair(pair: Pair, stoken: str, rtoken: str) -> None:
-        r: RecipientConn = await _connect(RecipientConn, cfg, rtoken, sem)
-        r.pair, r.stats, r.cid_prefix = pair, stats, cid_prefix
-        s: SenderConn = await _connect(SenderConn, cfg, stoken, sem)
-        s.pair, s.stats, s.per = pair, stats, per
-        pair.recipient, pair.sender = r, s
-
     try:
-        await asyncio.gather(*(open_pair(p, u[1], u[3]) for p, u in zip(pairs, users, strict=True)))
+        await _open_all(pairs, users, cfg, stats)
     except Exception as exc:
-        for p in pairs:
-            for c in (p.sender, p.recipient):
-                if c is not None:
-                    c.close()
+        _close_all(pairs)
         conn.send(("error", f"connect failed: {exc!r}"))
         return
-    conn.send(("ready", {"pid": os.getpid(), "connections": 2 * per}))
+    conn.send(("ready", {"pid": os.getpid(), "connections": 2 * len(pairs)}))
     msg = await loop.run_in_executor(None, conn.recv)
     if msg[0] != "go":
-        for p in pairs:
-            assert p.sender is not None and p.recipient is not None
-            p.sender.close()
-            p.recipient.close()
+        _close_all(pairs)
         return
     clocks = Clocks(float(msg[1]), rate, warmup, duration)
+    stats.per_second = [0] * math.ceil(duration)
+    stats.per_second_max_us = [0] * math.ceil(duration)
     for p in pairs:
         assert p.sender is not None and p.recipient is not None
         p.sender.clocks = clocks
         p.recipient.clocks = clocks
-
     cpu: dict[str, float] = {}
 
-    def snap(name: str) -> None:
+    def snap(name: str) -> None:  # this process's CPU time at the window's edges
         cpu[name] = time.process_time()
         cpu[name + "_wall"] = time.monotonic()
 
     loop.call_later(max(0.0, clocks.ws - time.monotonic()), snap, "start")
     loop.call_later(max(0.0, clocks.we - time.monotonic()), snap, "end")
     heartbeat = min((p.sender.heartbeat_ms for p in pairs if p.sender is not None), default=25_000)
-    await _drive(pairs, clocks, total, str(cfg["text"]), cid_prefix, stats, heartbeat / 1000)
-    # Grace: wait for every answer and every acknowledged message to arrive, bounded.
-    deadline = max(clocks.we, time.monotonic()) + grace
-    while time.monotonic() < deadline:
-        if stats.answered + stats.errored >= stats.sent and stats.delivered >= stats.answered:
-            break
-        await asyncio.sleep(POLL_S * 5)
+    text, prefix = str(cfg["text"]), str(cfg["cid_prefix"])
+    await _drive(pairs, clocks, total, text, prefix, stats, heartbeat / 1000)
+    await _await_stragglers(stats, max(clocks.we, time.monotonic()) + float(cfg["grace"]))
     if "end" not in cpu:
         snap("end")
-    for p in pairs:
-        assert p.sender is not None and p.recipient is not None
-        p.sender.close()
-        p.recipient.close()
+    _close_all(pairs)
     await asyncio.sleep(0.05)
     conn.send(("result", _result(pairs, stats, cpu)))
+
+
+async def _await_stragglers(stats: Stats, deadline: float) -> None:
+    """Wait (bounded) for every answer and for every acknowledged message to arrive."""
+    while time.monotonic() < deadline:
+        if stats.answered + stats.errored >= stats.sent and stats.delivered >= stats.answered:
+            return
+        await asyncio.sleep(POLL_S)
 
 
 async def _drive(
@@ -425,6 +441,8 @@ def _result(pairs: list[Pair], stats: Stats, cpu: dict[str, float]) -> dict[str,
         "closes": stats.closes,
         "acks_out": stats.acks_out,
         "max_send_lag_ms": round(stats.max_send_lag_s * 1000, 3),
+        "per_second": stats.per_second,
+        "per_second_max_us": stats.per_second_max_us,
         "cpu_s": cpu_s,
         "wall_s": wall_s,
         "cpu_pct": round(100 * cpu_s / wall_s, 1) if wall_s > 0 else 0.0,

@@ -1,0 +1,151 @@
+"""Results of ``tidings bench direct``: merging the load generators', validity, the table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tidings.bench.hist import Histogram
+
+VALID_RATE_FRACTION = 0.99
+MAX_CLIENT_CPU_PCT = 90.0
+COUNTERS = (
+    *("sent", "send_failed", "answered", "errored", "acked_in_window", "delivered"),
+    *("delivered_in_window", "lost", "unanswered", "unconfirmed", "redelivered"),
+    *("dup_stored", "reordered", "foreign", "acks_out"),
+)
+
+
+def _ms(us: float) -> float:
+    return round(us / 1000, 3)
+
+
+def _add(into: dict[str, int], more: dict[str, int]) -> None:
+    for k, v in more.items():
+        into[k] = into.get(k, 0) + v
+
+
+def summarise(
+    rate: float, duration: float, results: list[dict[str, Any]], server_cpu_s: float | None
+) -> dict[str, Any]:
+    """One row: the load generators' results merged, with ``valid`` and its ``reasons``."""
+    e2e = Histogram()
+    ack = Histogram()
+    totals: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    closes: dict[str, int] = {}
+    for r in results:
+        e2e.merge(Histogram.from_dict(r["e2e"]))
+        ack.merge(Histogram.from_dict(r["ack"]))
+        for name in COUNTERS:
+            totals[name] = totals.get(name, 0) + int(r[name])
+        _add(errors, r["errors"])
+        _add(closes, r["closes"])
+    cpu = [float(r["cpu_pct"]) for r in results]
+    per_second = [sum(col) for col in zip(*(r["per_second"] for r in results), strict=True)]
+    per_second_max = [
+        max(col) for col in zip(*(r["per_second_max_us"] for r in results), strict=True)
+    ]
+    achieved = totals["delivered_in_window"] / duration
+    row: dict[str, Any] = {
+        "offered_per_s": rate,
+        "msgs_per_s": round(achieved, 1),
+        "acked_per_s": round(totals["acked_in_window"] / duration, 1),
+        "p50_ms": _ms(e2e.percentile(50)),
+        "p90_ms": _ms(e2e.percentile(90)),
+        "p99_ms": _ms(e2e.percentile(99)),
+        "p999_ms": _ms(e2e.percentile(99.9)),
+        "max_ms": _ms(e2e.max),
+        "mean_ms": _ms(e2e.mean),
+        "ack_p50_ms": _ms(ack.percentile(50)),
+        "ack_p99_ms": _ms(ack.percentile(99)),
+        "ack_p999_ms": _ms(ack.percentile(99.9)),
+        "samples": e2e.count,
+        "lost": totals["lost"],
+        "duplicated": totals["dup_stored"] + totals["redelivered"],
+        "duplicated_stored": totals["dup_stored"],
+        "redelivered": totals["redelivered"],
+        "reordered": totals["reordered"],
+        "server_cpu_s": None if server_cpu_s is None else round(server_cpu_s, 3),
+        "server_cpu_pct": None if server_cpu_s is None else round(100 * server_cpu_s / duration, 1),
+        "server_cpu_us_per_msg": None
+        if server_cpu_s is None or not totals["delivered_in_window"]
+        else round(server_cpu_s * 1e6 / totals["delivered_in_window"], 1),
+        "client_cpu_pct": max(cpu) if cpu else 0.0,
+        "client_cpu_pct_mean": round(sum(cpu) / len(cpu), 1) if cpu else 0.0,
+        "client_cpu_pct_per_proc": cpu,
+        "max_send_lag_ms": max(float(r["max_send_lag_ms"]) for r in results),
+        "timeline": {
+            "delivered_per_s": per_second,
+            "max_latency_ms": [_ms(v) for v in per_second_max],
+        },
+        "counts": totals,
+        "errors": errors,
+        "closes": closes,
+        "histograms_us": {"e2e": e2e.to_dict(), "ack": ack.to_dict()},
+    }
+    reasons = []
+    if achieved < VALID_RATE_FRACTION * rate:
+        reasons.append(f"achieved {achieved:.0f}/s < 99% of offered {rate:g}/s")
+    if row["client_cpu_pct"] > MAX_CLIENT_CPU_PCT:
+        reasons.append(f"client CPU {row['client_cpu_pct']}% > {MAX_CLIENT_CPU_PCT:g}%")
+    for name in ("lost", "duplicated", "reordered"):
+        if row[name]:
+            reasons.append(f"{row[name]} {name}")
+    if errors:
+        reasons.append(f"error answers {errors}")
+    if closes:
+        reasons.append(f"connections closed {closes}")
+    if totals["send_failed"] or totals["unanswered"]:
+        reasons.append(f"{totals['send_failed']} failed, {totals['unanswered']} unanswered sends")
+    row["valid"] = not reasons
+    row["reasons"] = reasons
+    return row
+
+
+COLUMNS = (
+    ("offered/s", "offered_per_s", "{:.0f}"),
+    ("achieved/s", "msgs_per_s", "{:.0f}"),
+    ("p50 ms", "p50_ms", "{:.2f}"),
+    ("p99 ms", "p99_ms", "{:.2f}"),
+    ("p99.9 ms", "p999_ms", "{:.2f}"),
+    ("max ms", "max_ms", "{:.1f}"),
+    ("ack p99", "ack_p99_ms", "{:.2f}"),
+    ("lost", "lost", "{}"),
+    ("dup", "duplicated", "{}"),
+    ("reord", "reordered", "{}"),
+    ("srv us/msg", "server_cpu_us_per_msg", "{:.1f}"),
+    ("srv cpu%", "server_cpu_pct", "{:.0f}"),
+    ("loop cpu%", "server_loop_cpu_pct", "{:.0f}"),
+    ("sys cpu%", "server_sys_cpu_pct", "{:.0f}"),
+    ("cli cpu%", "client_cpu_pct", "{:.0f}"),
+    ("other cpu%", "other_cpu_pct", "{:.0f}"),
+    ("queue max", "server_pending_writes_max", "{}"),
+    ("wal MB", "server_wal_bytes", "{:.0f}"),
+)
+
+
+def table_header() -> str:
+    return "  ".join(f"{title:>10}" for title, _, _ in COLUMNS) + "  status"
+
+
+def table_row(row: dict[str, Any]) -> str:
+    cells = []
+    for _, key, fmt in COLUMNS:
+        value = row.get(key)
+        if value is not None and key.endswith("_bytes"):
+            value = value / 1e6
+        cells.append(f"{'-' if value is None else fmt.format(value):>10}")
+    status = "ok" if row["valid"] else "INVALID: " + "; ".join(row["reasons"])
+    return "  ".join(cells) + "  " + status
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    valid = [r for r in runs if r["valid"]]
+    best = max(valid, key=lambda r: r["msgs_per_s"], default=None)
+    return {
+        "max_valid_offered_per_s": best["offered_per_s"] if best else None,
+        "max_valid_msgs_per_s": best["msgs_per_s"] if best else None,
+        "max_msgs_per_s": max((r["msgs_per_s"] for r in runs), default=None),
+        "p99_ms_by_rate": {f"{r['offered_per_s']:g}": r["p99_ms"] for r in runs},
+        "all_valid": bool(runs) and len(valid) == len(runs),
+    }
