@@ -25,6 +25,7 @@ from tidings.services.accounts import Accounts
 from tidings.services.messaging import Messaging
 from tidings.services.secrets import load_or_create
 from tidings.session.context import ServerContext
+from tidings.session.gate import WriteGate
 from tidings.store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -62,12 +63,14 @@ class Server:
             allow_registration=s.allow_registration,
         )
         self.messaging = Messaging(self.store, self.bus, s)
+        self.gate = WriteGate(self.store, s.write_high_water, s.write_low_water)
         self.ctx = ServerContext(
             settings=s,
             clock=self.clock,
             store=self.store,
             accounts=self.accounts,
             messaging=self.messaging,
+            gate=self.gate,
             registry=self.hub,
             server_name=f"tidings/{__version__}",
         )
@@ -152,7 +155,7 @@ class Server:
             for site in list(self._runner.sites):
                 await site.stop()
         deadline = self.clock.monotonic() + s.drain_timeout_s
-        while await self.store.pending_writes() and self.clock.monotonic() < deadline:
+        while self.store.backlog() and self.clock.monotonic() < deadline:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0)  # let commit callbacks write their answers
         self.hub.close_all(close.GOING_AWAY, "server shutting down")

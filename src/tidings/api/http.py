@@ -224,7 +224,7 @@ class HttpApi:
     # ------------------------------------------------------------------ handlers
 
     async def health(self, request: web.Request, _: None) -> tuple[int, m.Health]:
-        pending = await self.messaging.store.pending_writes()
+        pending = self.messaging.store.backlog()
         return 200, m.Health("ok", __version__, self.online(), pending)
 
     async def put_user(self, request: web.Request, body: m.PutUser) -> tuple[int, m.UserOut]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
@@ -19,10 +20,8 @@ _USER_CATEGORIES = frozenset({"L", "M", "N"})
 _DEVICE_RE = re.compile(r"^[A-Za-z0-9._:-]+$")
 
 
-def normalize_user_id(raw: object) -> str:
-    """The canonical form of a user id (NFKC + casefold), or TidingsError('invalid')."""
-    if not isinstance(raw, str) or not raw:
-        raise TidingsError("invalid", "user id must be a non-empty string")
+@functools.lru_cache(maxsize=65_536)
+def _normalize(raw: str) -> str:
     uid = unicodedata.normalize("NFKC", raw).casefold()
     if len(uid.encode()) > MAX_USER_ID_BYTES or not all(
         c in _USER_PUNCT or unicodedata.category(c)[0] in _USER_CATEGORIES for c in uid
@@ -32,6 +31,15 @@ def normalize_user_id(raw: object) -> str:
             f"user id must be 1-{MAX_USER_ID_BYTES} bytes of letters, digits and . _ @ : + -",
         )
     return uid
+
+
+def normalize_user_id(raw: object) -> str:
+    """The canonical form of a user id (NFKC + casefold), or TidingsError('invalid')."""
+    if not isinstance(raw, str) or not raw:
+        raise TidingsError("invalid", "user id must be a non-empty string")
+    if len(raw) > 4 * MAX_USER_ID_BYTES:  # never cache arbitrarily long junk
+        raise TidingsError("invalid", f"user id must be at most {MAX_USER_ID_BYTES} bytes")
+    return _normalize(raw)
 
 
 def validate_device(device: object, platform: object) -> tuple[str, str]:

@@ -99,6 +99,14 @@ class TcpLink(BoundedWriter, asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(tcp_frame(self.codec.encode(Close(code, reason[:120]))))
 
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
     def close(self, code: int, reason: str) -> None:
         t = self.transport
         if t is None or self.abort_if_overfull():

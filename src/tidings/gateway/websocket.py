@@ -42,11 +42,21 @@ class WsLink(BoundedWriter):
         self._opcode = WS_BINARY if codec.binary else WS_TEXT
         self.session: Session | None = None
         self._closing: asyncio.Task[Any] | None = None
+        self.reading = asyncio.Event()
+        self.reading.set()
 
     def frame(self, payload: bytes) -> bytes:
         return ws_frame(payload, self._opcode)
 
+    def pause_reading(self) -> None:
+        # The handler stops consuming; aiohttp's own flow control then stops the socket.
+        self.reading.clear()
+
+    def resume_reading(self) -> None:
+        self.reading.set()
+
     def close(self, code: int, reason: str) -> None:
+        self.reading.set()
         if self.abort_if_overfull():
             return
         if self._closing is None and not self.ws.closed:
@@ -112,6 +122,8 @@ def make_handler(ctx: ServerContext) -> Any:
                 elif msg.type is WSMsgType.ERROR:
                     log.debug("websocket error from %s: %s", peer, ws.exception())
                     break
+                if not link.reading.is_set():
+                    await link.reading.wait()
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:

@@ -83,8 +83,9 @@ class Messaging:
 
     # ------------------------------------------------------------------ send
 
-    def prepare(self, uid: str, device: str, f: Send) -> NewMessage:
-        """Validate a send from (uid, device); raise TidingsError with the reason."""
+    def prepare(self, uid: str, device: str, f: Send, json_decoded: bool = False) -> NewMessage:
+        """Validate a send from (uid, device); raise TidingsError with the reason.
+        ``json_decoded``: the body came from JSON, so it is in the JSON model already."""
         validate_client_id(f.cid)
         if f.type not in CLIENT_TYPES:
             if f.type == "system":
@@ -92,7 +93,17 @@ class Messaging:
             raise TidingsError("invalid", f"unknown message type {f.type[:32]!r}")
         conv, members = self.target(uid, f.to, f.conv)
         return self.build(
-            uid, device, conv, members, f.cid, f.type, f.body, f.flags, f.mentions, f.reply_to
+            uid,
+            device,
+            conv,
+            members,
+            f.cid,
+            f.type,
+            f.body,
+            f.flags,
+            f.mentions,
+            f.reply_to,
+            json_decoded=json_decoded,
         )
 
     def build(
@@ -107,12 +118,17 @@ class Messaging:
         flags: int = 0,
         mentions: list[str] | None = None,
         reply_to: str | None = None,
+        *,
+        json_decoded: bool = False,
     ) -> NewMessage:
         if not 0 <= flags <= MAX_FLAGS:
             raise TidingsError("invalid", "flags out of range")
-        if not check_json_model(body):
+        if not json_decoded and not check_json_model(body):
             raise TidingsError("invalid", "body must hold only JSON values")
-        body_bytes = _pack(body)
+        try:
+            body_bytes = _pack(body)
+        except (OverflowError, TypeError, ValueError):
+            raise TidingsError("invalid", "body holds a value MessagePack cannot carry") from None
         if len(body_bytes) > self.settings.max_body_bytes:
             raise TidingsError("too_large", f"body over {self.settings.max_body_bytes} bytes")
         if mtype == "text":

@@ -10,6 +10,7 @@ from tidings.config import Settings
 from tidings.protocol.codec import Codec
 from tidings.services.accounts import Accounts
 from tidings.services.messaging import Messaging
+from tidings.session.gate import WriteGate
 from tidings.store.base import Store
 
 if TYPE_CHECKING:
@@ -35,6 +36,12 @@ class Link(Protocol):
         """Send the close code (where the transport has one) and close."""
         ...
 
+    def pause_reading(self) -> None:
+        """Stop taking frames from the socket until resume_reading()."""
+        ...
+
+    def resume_reading(self) -> None: ...
+
 
 class Registry(Protocol):
     def register(self, session: Session) -> None: ...
@@ -54,4 +61,5 @@ class ServerContext:
     accounts: Accounts
     messaging: Messaging
     registry: Registry
+    gate: WriteGate
     server_name: str = "tidings"

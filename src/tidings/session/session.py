@@ -110,6 +110,7 @@ class Session:
             return
         self.state = "closed"
         self.ctx.registry.unregister(self)
+        self.ctx.gate.forget(self)
         self.link.close(code, reason)
 
     def on_lost(self) -> None:
@@ -117,6 +118,7 @@ class Session:
         if self.state != "closed":
             self.state = "closed"
             self.ctx.registry.unregister(self)
+            self.ctx.gate.forget(self)
 
     # ------------------------------------------------------------------ inbound
 
@@ -241,7 +243,9 @@ class Session:
             )
             return
         try:
-            msg = self.ctx.messaging.prepare(self.uid, self.device, f)
+            msg = self.ctx.messaging.prepare(
+                self.uid, self.device, f, json_decoded=not self.link.codec.binary
+            )
         except TidingsError as exc:
             self._error(f.id, exc)
             return
@@ -249,9 +253,11 @@ class Session:
         fut = self.ctx.messaging.submit(msg)
         rid = f.id
         fut.add_done_callback(lambda fut: self._sent(rid, fut))
+        self.ctx.gate.after_submit(self)
 
     def _sent(self, rid: int, fut: asyncio.Future[AppendResult]) -> None:
         self.inflight -= 1
+        self.ctx.gate.after_commit()
         if self.state == "closed":
             return
         exc = fut.exception()
