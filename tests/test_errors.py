@@ -19,7 +19,6 @@ from tidings.protocol import close
 from tidings.protocol.errors import KINDS
 
 
-
 def err(frame: Any, code: str, rid: int | None = None) -> None:
     assert frame is not None, "connection closed instead of an error"
     assert frame["t"] == "error", frame
@@ -225,7 +224,10 @@ async def test_bad_tokens(harness: Harness, case: str) -> None:
         await asyncio.sleep(2.1)
     raw = await Raw.ws(harness.ws_url)
     answer = await raw.login(token)
-    err(answer, "token_expired" if case == "expired" else "auth_failed", 1)
+    if case == "expired":
+        err(answer, "token_expired", 1)
+    else:
+        err(answer, "auth_failed", 1)
     assert await raw.closed() == close.AUTH_FAILED
 
 
