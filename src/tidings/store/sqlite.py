@@ -138,6 +138,7 @@ class SqliteStore:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.execute(f"PRAGMA journal_size_limit={self.wal_restart_bytes}")
+        conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: the hot index pages stay cached
         apply_sqlite(conn)
         self._wconn = conn
         self._read_pool = ThreadPoolExecutor(self._readers_n, thread_name_prefix="sqlite-read")

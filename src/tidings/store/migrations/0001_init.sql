@@ -53,9 +53,11 @@ CREATE TABLE messages (
     ts       INTEGER NOT NULL,
     flags    INTEGER NOT NULL DEFAULT 0,
     mentions BLOB,                       -- MessagePack list, NULL when empty
-    reply_to INTEGER,
-    PRIMARY KEY (conv, seq)
-) WITHOUT ROWID;
+    reply_to INTEGER
+);
+-- A rowid table: new rows append at the end of the table's b-tree (few pages touched per
+-- group commit); the two indexes carry the lookups.
+CREATE UNIQUE INDEX messages_by_seq ON messages (conv, seq);
 CREATE UNIQUE INDEX messages_by_client_id ON messages (sender, cid);
 
 -- Worker ids for message ids, leased per process.
