@@ -408,8 +408,10 @@ async def test_json_integer_beyond_64_bits_is_invalid(harness: Harness) -> None:
     """A JSON body integer too large for 64 bits is `invalid`, not an internal error."""
     raw = await authed(harness, "json")
     await harness.user("bob")
-    await raw.send_bytes(b'{"t":"send","id":4,"cid":"big","to":"bob","type":"custom",'
-                         b'"body":{"n":123456789012345678901234567890}}')
+    await raw.send_bytes(
+        b'{"t":"send","id":4,"cid":"big","to":"bob","type":"custom",'
+        b'"body":{"n":123456789012345678901234567890}}'
+    )
     err(await raw.recv(), "invalid", 4)
     assert await message_count(harness) == 0
     await raw.close()

@@ -181,7 +181,8 @@ class SqliteStore:
         if self._closed:
             op.fut.set_exception(TidingsError("unavailable", "server is shutting down"))
             return
-        if self._pending >= self.max_pending:
+        if self._pending >= self.max_pending and isinstance(op, _MsgOp):
+            # Only message appends are shed: account and admin writes are rare and small.
             op.fut.set_exception(
                 TidingsError("unavailable", "write queue full", retry_after_ms=200)
             )

@@ -1,0 +1,100 @@
+"""`tidings bench direct` runs end to end and reports what docs/benchmarks.md promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.parametrize("transport", ["ws", "tcp"])
+def test_bench_direct_small_run(tmp_path: Path, transport: str) -> None:
+    """A short sweep starts its own server, measures, validates and writes the JSON."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tidings",
+            "bench",
+            "direct",
+            "--pairs",
+            "4",
+            "--rate",
+            "100,200",
+            "--duration",
+            "2",
+            "--warmup",
+            "0.5",
+            "--grace",
+            "3",
+            "--transport",
+            transport,
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "offered/s" in proc.stdout and "rate_per_s=" in proc.stdout
+    data = json.loads(out.read_text())
+    rows = data["runs"]
+    assert [r["offered_per_s"] for r in rows] == [100, 200]
+    for row in rows:
+        for key in (
+            "msgs_per_s",
+            "p50_ms",
+            "p99_ms",
+            "p999_ms",
+            "ack_p99_ms",
+            "lost",
+            "duplicated",
+            "reordered",
+            "server_cpu_us_per_msg",
+            "client_cpu_pct",
+        ):
+            assert key in row, key
+        assert row["valid"], row.get("reasons")
+        assert row["lost"] == row["duplicated"] == row["reordered"] == 0
+        assert row["msgs_per_s"] >= 0.99 * row["offered_per_s"]
+        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["p999_ms"]
+
+
+def test_bench_flags_an_invalid_run(tmp_path: Path) -> None:
+    """A run whose sends are refused is reported INVALID with reasons, exit status 1."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tidings",
+            "bench",
+            "direct",
+            "--pairs",
+            "2",
+            "--rate",
+            "50",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--grace",
+            "2",
+            "--server-set",
+            "max_pending_writes=0",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "INVALID" in proc.stdout
+    row = json.loads(out.read_text())["runs"][0]
+    assert not row["valid"] and row["reasons"]
