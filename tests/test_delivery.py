@@ -169,3 +169,19 @@ async def test_sigterm_drains(tmp_path: Path, procs: list[ServerProcess]) -> Non
     await a.close()
     srv.start()
     assert len(srv.history("d:alice|bob")) == 60
+
+
+async def test_backpressure_pauses_senders_then_resumes(make_server: Any) -> None:
+    """Above the write high-water mark senders stop being read; all sends still complete."""
+    h: Harness = await make_server(group_commit_linger_ms=200, write_high_water=10,
+                                   write_low_water=2, rate_per_s=10_000, rate_burst=10_000)
+    a = await h.client("alice", transport="tcp")
+    await h.user("bob")
+    results = await asyncio.gather(*(a.send(to="bob", text=f"{i}") for i in range(60)))
+    assert sorted(r.seq for r in results) == list(range(1, 61))
+    assert h.server.gate.pauses >= 1
+    assert not h.server.gate.paused
+    w = await h.client("walter", transport="ws")
+    results = await asyncio.gather(*(w.send(to="bob", text=f"{i}") for i in range(40)))
+    assert sorted(r.seq for r in results) == list(range(1, 41))
+    assert not h.server.gate.paused
