@@ -74,3 +74,33 @@ async def test_migrations_recorded(open_store: Opener, tmp_path: Any) -> None:
     await store.close()
     conn = sqlite3.connect(str(tmp_path / "t.db"))
     assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == [1]
+
+
+async def test_disk_full_keeps_seqs_gapless_and_writer_alive(open_store: Opener) -> None:
+    """A full disk fails the affected batch as `unavailable`; after space returns, retries
+    commit with gapless seqs and the writer keeps serving (also non-message writes)."""
+    store = await open_store()
+    assert isinstance(store, SqliteStore) and store._wconn is not None
+    await with_users(store, "a", "b", "c")
+    await store.append_message(new_msg("a", "b", "x0"))
+    pages = store._wconn.execute("PRAGMA page_count").fetchone()[0]
+    store._wconn.execute(f"PRAGMA max_page_count={pages + 2}")
+    huge = new_msg("a", "c", "y1", text="z" * 200_000)
+    results = await asyncio.gather(
+        store.append_message(new_msg("a", "b", "x1")),
+        store.append_message(huge),
+        store.append_message(new_msg("a", "b", "x2")),
+        return_exceptions=True,
+    )
+    codes = [r.code if isinstance(r, TidingsError) else "ok" for r in results]
+    assert codes[1] != "ok"
+    with pytest.raises(TidingsError):  # a non-message write on a full disk fails cleanly
+        await store.put_user("d" * 10, "d", "x" * 300_000, None, 1)
+    store._wconn.execute("PRAGMA max_page_count=1073741823")
+    for cid in ("x1", "x2"):
+        await store.append_message(new_msg("a", "b", cid))
+    rows = await store.messages_after("d:a|b", 0, 10)
+    assert [r.seq for r in rows] == [1, 2, 3]
+    assert [r.cid for r in rows] == ["x0", "x1", "x2"]
+    await store.put_user("e", "e", "", None, 1)  # the writer is alive
+    await store.close()

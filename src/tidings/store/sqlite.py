@@ -234,7 +234,12 @@ class SqliteStore:
                     stopping = True
                     break
                 batch.append(nxt)
-            results = self._run_batch(batch)
+            try:
+                results = self._run_batch(batch)
+            except Exception:  # never let the writer die: every later write would hang
+                log.exception("write batch failed")
+                assert self._wconn is not None
+                results = self._fail_batch(self._wconn, len(batch), "storage error")
             assert self._loop is not None
             try:
                 self._loop.call_soon_threadsafe(self._deliver, batch, results)
@@ -268,6 +273,10 @@ class SqliteStore:
                 results.append(self._append(conn, op.msg, touched))
             else:
                 results.append(self._call(conn, op.fn))
+            if not conn.in_transaction:
+                # SQLite rolled the whole transaction back (disk full, I/O error): nothing
+                # of this batch is stored, including what looked fine so far.
+                return self._fail_batch(conn, len(batch), "storage write failed")
         try:
             if touched:
                 conn.executemany(
@@ -277,30 +286,41 @@ class SqliteStore:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             log.error("group commit failed: %s", exc)
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            self._seq.clear()
-            err = TidingsError("unavailable", "storage commit failed", retry_after_ms=500)
-            return [err] * len(batch)
+            return self._fail_batch(conn, len(batch), "storage commit failed")
         self.batches += 1
         self.batched_ops += len(batch)
         if len(self._seq) > 200_000:
             self._seq.clear()
         return results
 
+    def _fail_batch(self, conn: sqlite3.Connection, n: int, why: str) -> list[Any]:
+        """Roll back whatever is left of the transaction and fail every op of the batch.
+        The seq counters may hold values of rolled-back rows: drop them."""
+        log.error("%s; the batch of %d is refused", why, n)
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        self._seq.clear()
+        return [TidingsError("unavailable", why, retry_after_ms=500)] * n
+
     def _call(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        conn.execute("SAVEPOINT op")
         try:
-            res = fn(conn)
-        except BaseException as exc:
-            conn.execute("ROLLBACK TO op")
+            conn.execute("SAVEPOINT op")
+            try:
+                res = fn(conn)
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                if isinstance(exc, TidingsError):
+                    return exc
+                log.exception("store operation failed")
+                return TidingsError("internal", "storage operation failed")
             conn.execute("RELEASE op")
-            if isinstance(exc, TidingsError):
-                return exc
-            log.exception("store operation failed")
-            return TidingsError("internal", "storage operation failed")
-        conn.execute("RELEASE op")
-        return res
+            return res
+        except sqlite3.Error as exc:  # the savepoint itself failed (e.g. disk full)
+            log.error("store operation failed: %s", exc)
+            return TidingsError("unavailable", "storage write failed", retry_after_ms=500)
 
     def _append(
         self, conn: sqlite3.Connection, msg: NewMessage, touched: dict[str, tuple[int, int, int]]
