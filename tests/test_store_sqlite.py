@@ -104,3 +104,34 @@ async def test_disk_full_keeps_seqs_gapless_and_writer_alive(open_store: Opener)
     assert [r.cid for r in rows] == ["x0", "x1", "x2"]
     await store.put_user("e", "e", "", None, 1)  # the writer is alive
     await store.close()
+
+
+async def test_write_gate_resumes_after_any_commit(tmp_path: Any) -> None:
+    """Paused senders resume when the backlog drains, whichever write drained it last."""
+    from tidings.session.gate import WriteGate
+
+    store = SqliteStore(str(tmp_path / "g.db"), SystemClock(), max_batch=1)
+    await store.open()
+    store.set_worker_id(1)
+    await with_users(store, "a", "b")
+
+    class FakeLink:
+        paused = False
+
+        def pause_reading(self) -> None:
+            self.paused = True
+
+        def resume_reading(self) -> None:
+            self.paused = False
+
+    class FakeSession:
+        link = FakeLink()
+
+    gate = WriteGate(store, high=1, low=0)
+    session = FakeSession()
+    fut = store.append_message(new_msg("a", "b", "m1"))
+    gate.after_submit(session)  # type: ignore[arg-type]
+    assert session.link.paused
+    await asyncio.gather(fut, store.put_user("c", "c", "", None, 1))
+    assert not session.link.paused and not gate.paused
+    await store.close()

@@ -24,6 +24,7 @@ class WriteGate:
         self.low = low
         self.paused: set[Session] = set()
         self.pauses = 0  # statistics
+        store.on_commit(self.after_commit)
 
     def after_submit(self, session: Session) -> None:
         if self.store.backlog() >= self.high and session not in self.paused:

@@ -257,7 +257,6 @@ class Session:
 
     def _sent(self, rid: int, fut: asyncio.Future[AppendResult]) -> None:
         self.inflight -= 1
-        self.ctx.gate.after_commit()
         if self.state == "closed":
             return
         exc = fut.exception()

@@ -14,6 +14,7 @@ Guarantees every implementation gives (checked by tests/store_contract.py):
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgspec
@@ -131,6 +132,10 @@ class Store(Protocol):
 
     async def lease_worker_id(self, holder: str, now_ms: int, ttl_ms: int) -> int:
         """A worker id no other live holder has; renew by calling again before expiry."""
+        ...
+
+    def on_commit(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` on the loop after every group commit has been handed back."""
         ...
 
     def backlog(self) -> int:

@@ -116,6 +116,7 @@ class SqliteStore:
         self._seq: dict[str, int] = {}
         self._ids: MessageIdGenerator | None = None
         self._pending = 0
+        self._commit_listeners: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None
         self._checkpointer: threading.Thread | None = None
@@ -174,6 +175,9 @@ class SqliteStore:
 
     def backlog(self) -> int:
         return self._pending
+
+    def on_commit(self, listener: Callable[[], None]) -> None:
+        self._commit_listeners.append(listener)
 
     # ------------------------------------------------------------------ writer side
 
@@ -256,6 +260,8 @@ class SqliteStore:
                 fut.set_exception(res)
             else:
                 fut.set_result(res)
+        for listener in self._commit_listeners:
+            listener()
 
     def _run_batch(self, batch: list[_MsgOp | _FnOp]) -> list[Any]:
         conn = self._wconn
