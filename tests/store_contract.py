@@ -42,6 +42,19 @@ async def with_users(store: Store, *uids: str) -> None:
         await store.put_user(u, u, "", None, 1)
 
 
+class _ClockBehind:
+    """A wall clock one minute behind the real one (an NTP step or a VM restore)."""
+
+    def __init__(self, clock: Any) -> None:
+        self._clock = clock
+
+    def now_ms(self) -> int:
+        return int(self._clock.now_ms()) - 60_000
+
+    def monotonic(self) -> float:
+        return float(self._clock.monotonic())
+
+
 class StoreContract:
     async def test_seqs_are_gapless_and_in_commit_order(self, open_store: Opener) -> None:
         """Concurrent appends to one conversation get seqs 1..N, each exactly once."""
@@ -118,6 +131,18 @@ class StoreContract:
         assert nxt.record.seq == 11
         await store.close()
 
+    async def test_ids_after_restart_exceed_stored_ids(self, open_store: Opener) -> None:
+        """After a restart new message ids are above every stored one (clock steps back)."""
+        store = await open_store()
+        await with_users(store, "a", "b")
+        last = (await store.append_message(new_msg("a", "b", "before"))).record.mid
+        await store.close()
+        store = await open_store()
+        store.clock = _ClockBehind(store.clock)  # type: ignore[attr-defined]
+        nxt = (await store.append_message(new_msg("a", "b", "after"))).record.mid
+        assert nxt > last
+        await store.close()
+
     async def test_history_pages(self, open_store: Opener) -> None:
         """history() pages backwards in ascending order; messages_after() pages forwards."""
         store = await open_store()
@@ -158,6 +183,12 @@ class StoreContract:
         user2, created2 = await store.put_user("u", "U", "renamed", None, 6)
         assert not created2 and user2.name == "renamed" and user2.password_hash == "hash"
         assert await store.users_exist(["u", "v"]) == {"u"}
+        with pytest.raises(TidingsError) as taken:
+            await store.create_user("u", "U", "intruder", "other-hash", 8)
+        assert taken.value.code == "conflict"
+        assert (await store.get_user("u")) == user2
+        created3 = await store.create_user("w", "W", "", "h", 9)
+        assert created3.uid == "w" and (await store.get_user("w")) == created3
         await store.upsert_device("u", "d", "ios", 7)
         state = await store.auth_state("j1", "u", "d")
         assert not state.token_revoked and state.device_revoked_before_ms == 0

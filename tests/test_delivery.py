@@ -175,8 +175,13 @@ async def test_sigterm_drains(tmp_path: Path, procs: list[ServerProcess]) -> Non
 
 async def test_backpressure_pauses_senders_then_resumes(make_server: Any) -> None:
     """Above the write high-water mark senders stop being read; all sends still complete."""
-    h: Harness = await make_server(group_commit_linger_ms=200, write_high_water=10,
-                                   write_low_water=2, rate_per_s=10_000, rate_burst=10_000)
+    h: Harness = await make_server(
+        group_commit_linger_ms=200,
+        write_high_water=10,
+        write_low_water=2,
+        rate_per_s=10_000,
+        rate_burst=10_000,
+    )
     a = await h.client("alice", transport="tcp")
     await h.user("bob")
     results = await asyncio.gather(*(a.send(to="bob", text=f"{i}") for i in range(60)))

@@ -245,3 +245,50 @@ async def test_websocket_origin_check(harness: Harness, origin: str | None, ok: 
             assert ok
         except aiohttp.WSServerHandshakeError as exc:
             assert not ok and exc.status == 403
+
+
+async def test_revocation_during_hello_is_not_missed(harness: Harness, monkeypatch: Any) -> None:
+    """A device revoked while its hello is being checked is closed right after `ready`."""
+    import asyncio
+
+    token = await harness.token("alice", "slow")
+    store = harness.server.store
+    original = store.watermark
+
+    async def slow_watermark(uid: str) -> int:
+        await asyncio.sleep(0.3)
+        return await original(uid)
+
+    monkeypatch.setattr(store, "watermark", slow_watermark)
+    raw = await Raw.ws(harness.ws_url)
+    await raw.send({"t": "hello", "v": 1, "token": token, "id": 1})
+    await asyncio.sleep(0.1)  # the token has been checked; the session is not registered
+    await harness.server.accounts.revoke_device("alice", "slow")
+    assert await raw.closed() == close.TOKEN_REVOKED
+
+
+async def test_concurrent_registrations_of_one_id(harness: Harness) -> None:
+    """Two registrations racing for one id: one wins, the other gets `conflict`, and the
+    winner's password is the one that logs in."""
+    import asyncio
+
+    async def register(pw: str) -> tuple[int, Any]:
+        return await call(
+            harness,
+            "POST",
+            "/v1/auth/register",
+            {"user": "race", "password": pw, "device": "w", "platform": "web"},
+            key="",
+        )
+
+    (s1, _), (s2, _) = await asyncio.gather(register("password-one"), register("password-two"))
+    assert sorted([s1, s2]) == [201, 409]
+    winner = "password-one" if s1 == 201 else "password-two"
+    status, _ = await call(
+        harness,
+        "POST",
+        "/v1/auth/login",
+        {"user": "race", "password": winner, "device": "w2", "platform": "web"},
+        key="",
+    )
+    assert status == 200

@@ -183,3 +183,13 @@ def test_layering() -> None:
         for upper in ("tidings.gateway", "tidings.session", "tidings.api"):
             assert upper not in text, f"{path.name} imports {upper}"
     assert os.path.exists(SRC / "store" / "migrations" / "0001_init.sql")
+
+
+def test_message_ids_stay_above_stored_ids_after_clock_step_back() -> None:
+    """A generator seeded with the highest stored id never draws below it."""
+    first = MessageIdGenerator(3)
+    stored = first.next(1_800_000_000_000)
+    restarted = MessageIdGenerator(3, after=stored)
+    nxt = restarted.next(1_800_000_000_000 - 5_000)  # the clock went back 5 s
+    assert nxt > stored
+    assert restarted.next(1_800_000_000_000 + 10) > nxt

@@ -93,12 +93,14 @@ class MessageIdGenerator:
     so ids stay strictly increasing.
     """
 
-    def __init__(self, worker_id: int) -> None:
+    def __init__(self, worker_id: int, after: int = 0) -> None:
+        """``after``: every id drawn is above it (the highest id already stored), even if
+        the clock now reads earlier than when that id was made."""
         if not 0 <= worker_id <= MAX_WORKER:
             raise ValueError("worker id out of range")
         self.worker_id = worker_id
-        self._last_ms = 0
-        self._counter = 0
+        self._last_ms = after >> (WORKER_BITS + COUNTER_BITS)
+        self._counter = _COUNTER_MASK if after else 0  # the next draw moves past `after`
 
     def next(self, now_ms: int) -> int:
         ms = max(now_ms - EPOCH_MS, self._last_ms)

@@ -100,9 +100,7 @@ class Accounts:
         if await self.store.get_user(uid) is not None:
             raise TidingsError("conflict", "that user id is taken")
         hashed = await self._hash(password)
-        _, created = await self.store.put_user(uid, raw_uid, name, hashed, self.clock.now_ms())
-        if not created:
-            raise TidingsError("conflict", "that user id is taken")
+        await self.store.create_user(uid, raw_uid, name, hashed, self.clock.now_ms())
         return await self.issue_token(uid, device, platform)
 
     async def login(self, raw_uid: str, password: str, device: str, platform: str) -> IssuedToken:

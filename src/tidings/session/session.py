@@ -226,6 +226,11 @@ class Session:
         self._reply(Ready(f.id, self.uid, self.device, str(wm), self.session_id))
         self.state = "ready"
         self.ctx.registry.register(self)
+        # A revocation stored while the token was being checked was published before this
+        # session was registered: look once more, now that later ones will reach us.
+        state = await self.ctx.store.auth_state(claims.jti, claims.uid, claims.device)
+        if state.token_revoked or claims.issued_ms < state.device_revoked_before_ms:
+            self.close(close.TOKEN_REVOKED, "token revoked")
 
     def _auth_failed(self, rid: int, err: TidingsError) -> None:
         self._error(rid, err)

@@ -116,6 +116,7 @@ class SqliteStore:
         self._seq: dict[str, int] = {}
         self._ids: MessageIdGenerator | None = None
         self._pending = 0
+        self._max_mid = 0
         self._commit_listeners: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None
@@ -141,6 +142,9 @@ class SqliteStore:
         conn.execute(f"PRAGMA journal_size_limit={self.wal_restart_bytes}")
         conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: the hot index pages stay cached
         apply_sqlite(conn)
+        self._max_mid = int(
+            conn.execute("SELECT max(last_mid) FROM conversations").fetchone()[0] or 0
+        )
         self._wconn = conn
         self._read_pool = ThreadPoolExecutor(self._readers_n, thread_name_prefix="sqlite-read")
         self._writer = threading.Thread(target=self._writer_main, name="sqlite-writer", daemon=True)
@@ -151,7 +155,7 @@ class SqliteStore:
         self._checkpointer.start()
 
     def set_worker_id(self, worker_id: int) -> None:
-        self._ids = MessageIdGenerator(worker_id)
+        self._ids = MessageIdGenerator(worker_id, after=self._max_mid)
 
     async def close(self) -> None:
         if self._closed:
@@ -502,6 +506,22 @@ class SqliteStore:
                 (uid,),
             ).fetchone()
             return UserRecord(*row), not existed
+
+        return await self._write(op)
+
+    async def create_user(
+        self, uid: str, display: str, name: str, password_hash: str | None, now_ms: int
+    ) -> UserRecord:
+        def op(conn: sqlite3.Connection) -> UserRecord:
+            try:
+                conn.execute(
+                    "INSERT INTO users (uid, display, name, password_hash, created_ms) "
+                    "VALUES (?,?,?,?,?)",
+                    (uid, display, name, password_hash, now_ms),
+                )
+            except sqlite3.IntegrityError:
+                raise TidingsError("conflict", "that user id is taken") from None
+            return UserRecord(uid, display, name, password_hash, now_ms)
 
         return await self._write(op)
 
