@@ -415,3 +415,32 @@ async def test_json_integer_beyond_64_bits_is_invalid(harness: Harness) -> None:
     err(await raw.recv(), "invalid", 4)
     assert await message_count(harness) == 0
     await raw.close()
+
+
+@pytest.mark.parametrize("codec", ["json", "msgpack"])
+async def test_deep_nesting(harness: Harness, codec: str) -> None:
+    """Bodies nested past 32 levels are `invalid`; absurd nesting is `bad_frame`; no crash."""
+    raw = await authed(harness, codec)
+    await harness.user("bob")
+    body: Any = {"x": 1}
+    for _ in range(40):
+        body = {"x": body}
+    await raw.send({"t": "send", "id": 1, "cid": "deep", "to": "bob", "type": "custom",
+                    "body": body})
+    err(await raw.recv(), "invalid", 1)
+    if codec == "json":
+        await raw.send_bytes(b'{"t":"send","id":2,"cid":"d2","to":"bob","body":' + b"[" * 3000
+                             + b"]" * 3000 + b"}")
+        err(await raw.recv(), "bad_frame")
+    assert await message_count(harness) == 0
+    await raw.close()
+
+
+async def test_out_of_range_integers(harness: Harness) -> None:
+    """History/sync integers past 63 bits are `invalid`, not an internal error."""
+    raw = await authed(harness, "json")
+    await raw.send({"t": "history", "id": 1, "conv": "d:alice|alice", "before": 2**64})
+    err(await raw.recv(), "invalid", 1)
+    await raw.send({"t": "sync", "id": 2, "have": {"d:alice|alice": 2**63}})
+    err(await raw.recv(), "invalid", 2)
+    await raw.close()

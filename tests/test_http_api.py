@@ -292,3 +292,41 @@ async def test_concurrent_registrations_of_one_id(harness: Harness) -> None:
         key="",
     )
     assert status == 200
+
+
+async def test_sdk_send_fails_after_final_close(harness: Harness) -> None:
+    """Once the device is revoked, pending and new SDK sends fail instead of hanging."""
+    import asyncio
+
+    c = await harness.client("alice", "gone")
+    await harness.user("bob")
+    await harness.server.accounts.revoke_device("alice", "gone")
+    async for ev in c.events():
+        if getattr(ev, "final", False):
+            break
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(c.send(to="bob", text="too late"), 2)
+
+
+async def test_sdk_reconnects_promptly_after_refused_hello(harness: Harness,
+                                                           monkeypatch: Any) -> None:
+    """A hello refused as `unavailable` (close 1013) is retried on a new connection at once."""
+    import time
+
+    from tidings.protocol.errors import TidingsError
+
+    store = harness.server.store
+    original = store.auth_state
+    calls = {"n": 0}
+
+    async def flaky(*args: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise TidingsError("unavailable", "database restarting", retry_after_ms=100)
+        return await original(*args)
+
+    monkeypatch.setattr(store, "auth_state", flaky)
+    t0 = time.monotonic()
+    c = await harness.client("alice", "flaky", backoff_min_s=0.05)
+    assert c.ready.is_set() and time.monotonic() - t0 < 3
+    assert calls["n"] >= 2

@@ -225,11 +225,15 @@ class Client:
             self._run_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._run_task
+        self._fail_outbox(ConnectionError("client closed"))
+        self._events.put_nowait(_END)
+
+    def _fail_outbox(self, exc: Exception) -> None:
         for p in self._outbox.values():
             if not p.future.done():
-                p.future.set_exception(ConnectionError("client closed"))
+                p.future.set_exception(exc)
         self._outbox.clear()
-        self._events.put_nowait(_END)
+        self._send_rids.clear()
 
     def abort_connection(self) -> None:
         """Drop the current connection abruptly (the client reconnects by itself)."""
@@ -260,6 +264,8 @@ class Client:
     ) -> Sent:
         """Send and wait until the server has stored it. Survives reconnects: the same
         client id is resent until acked. Raises RequestError when refused for good."""
+        if self._final is not None:
+            raise ConnectionError(f"connection closed for good ({self._final.code})")
         if body is None:
             body = {"text": text or ""}
         cid = cid or uuid.uuid4().hex
@@ -324,6 +330,7 @@ class Client:
             ev = Disconnected(code, conn.close_reason, final)
             if final:
                 self._final = ev
+                self._fail_outbox(ConnectionError(f"connection closed for good ({code})"))
             self._events.put_nowait(ev)
             if final:
                 return
@@ -351,7 +358,8 @@ class Client:
         authenticated = False
         try:
             ready = await self._request(
-                lambda rid: Hello(PROTOCOL_VERSION, token, rid, client="tidings-python")
+                lambda rid: Hello(PROTOCOL_VERSION, token, rid, client="tidings-python"),
+                retries=0,  # a refused hello is followed by a close: reconnect instead
             )
             assert isinstance(ready, Ready)
             authenticated = True
@@ -392,6 +400,7 @@ class Client:
         while True:
             data = await conn.recv()
             if data is None:
+                self._fail_requests()  # nothing pending can be answered on this connection
                 return
             self._last_rx = loop.time()
             try:

@@ -59,7 +59,7 @@ class Codec:
             return frame
         except msgspec.ValidationError as exc:
             raise self._classify(data, exc) from None
-        except (msgspec.DecodeError, UnicodeDecodeError, ValueError) as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise FrameError("bad_frame", f"malformed {self.name}: {exc}") from None
 
     def decode_server(self, data: bytes) -> ServerFrame:
@@ -72,7 +72,7 @@ class Codec:
     def _classify(self, data: bytes, exc: msgspec.ValidationError) -> FrameError:
         try:
             loose = self._loose.decode(data)
-        except (msgspec.DecodeError, UnicodeDecodeError, ValueError):
+        except (msgspec.DecodeError, UnicodeDecodeError, ValueError, RecursionError):
             return FrameError("bad_frame", f"malformed {self.name}")
         rid = _request_id(loose)
         if not isinstance(loose, dict):

@@ -26,6 +26,7 @@ FLAG_SILENT = 1
 FLAG_NOT_COUNTED = 2
 MAX_FLAGS = 0xFFFF
 MAX_MENTIONS = 100
+MAX_ID = 2**63
 REPLY_BUDGET_BYTES = 1 << 20  # sync and history answers stay near this size (bodies)
 _pack = msgspec.msgpack.Encoder().encode
 
@@ -83,9 +84,8 @@ class Messaging:
 
     # ------------------------------------------------------------------ send
 
-    def prepare(self, uid: str, device: str, f: Send, json_decoded: bool = False) -> NewMessage:
-        """Validate a send from (uid, device); raise TidingsError with the reason.
-        ``json_decoded``: the body came from JSON, so it is in the JSON model already."""
+    def prepare(self, uid: str, device: str, f: Send) -> NewMessage:
+        """Validate a send from (uid, device); raise TidingsError with the reason."""
         validate_client_id(f.cid)
         if f.type not in CLIENT_TYPES:
             if f.type == "system":
@@ -103,7 +103,6 @@ class Messaging:
             f.flags,
             f.mentions,
             f.reply_to,
-            json_decoded=json_decoded,
         )
 
     def build(
@@ -118,12 +117,10 @@ class Messaging:
         flags: int = 0,
         mentions: list[str] | None = None,
         reply_to: str | None = None,
-        *,
-        json_decoded: bool = False,
     ) -> NewMessage:
         if not 0 <= flags <= MAX_FLAGS:
             raise TidingsError("invalid", "flags out of range")
-        if not json_decoded and not check_json_model(body):
+        if not check_json_model(body):  # also bounds nesting depth, whatever the codec
             raise TidingsError("invalid", "body must hold only JSON values")
         try:
             body_bytes = _pack(body)
@@ -214,8 +211,8 @@ class Messaging:
     async def history(
         self, uid: str, conv: str, before: int, limit: int
     ) -> tuple[list[MessageRecord], bool]:
-        if before < 0 or limit < 1:
-            raise TidingsError("invalid", "before must be >= 0 and limit >= 1")
+        if not 0 <= before < MAX_ID or not 1 <= limit < MAX_ID:
+            raise TidingsError("invalid", "before must be 0..2^63-1 and limit >= 1")
         await self.check_read(uid, conv)
         limit = min(limit, self.settings.history_page_max)
         rows = await self.store.history(conv, before, limit)
@@ -233,8 +230,10 @@ class Messaging:
     async def sync(self, uid: str, since_raw: str, have: dict[str, int], limit: int) -> SyncResult:
         """What changed since the device's sync point, given the seqs it states it holds."""
         since = parse_id(since_raw, "since")
-        if limit < 1:
+        if not 1 <= limit < MAX_ID:
             raise TidingsError("invalid", "limit must be >= 1")
+        if any(not 0 <= held < MAX_ID for held in have.values()):
+            raise TidingsError("invalid", "`have` seqs must be 0..2^63-1")
         budget = min(limit, self.settings.sync_page_max)
         bytes_left = REPLY_BUDGET_BYTES
         rows = await self.store.changed_conversations(uid, since)

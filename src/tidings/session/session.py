@@ -45,7 +45,7 @@ from tidings.store.base import AppendResult
 log = logging.getLogger(__name__)
 
 CAPS = ["ack", "sync", "history", "retransmit"]
-ACK_COST = 0.05  # acks and pings are nearly free against the rate limit
+ACK_COST = 0.05  # acks are nearly free against the rate limit (pings cost a read: 1)
 MAX_READS_INFLIGHT = 8
 
 
@@ -149,7 +149,7 @@ class Session:
                 self._on_ack(frame)  # type: ignore[arg-type]
             return
         rid = getattr(frame, "id", 0)
-        if not self._take(now, ACK_COST if kind is Ping else 1.0, rid):
+        if not self._take(now, 1.0, rid):
             return
         if kind is Close:
             self.close(close.NORMAL, "client closed")
@@ -248,9 +248,7 @@ class Session:
             )
             return
         try:
-            msg = self.ctx.messaging.prepare(
-                self.uid, self.device, f, json_decoded=not self.link.codec.binary
-            )
+            msg = self.ctx.messaging.prepare(self.uid, self.device, f)
         except TidingsError as exc:
             self._error(f.id, exc)
             return
