@@ -168,10 +168,11 @@ class StoreContract:
         r2 = await store.append_message(new_msg("a", "c", "2"))
         assert await store.watermark("a") == r2.record.mid
         assert await store.watermark("b") == r1.record.mid
-        changed = await store.changed_conversations("a", r1.record.mid)
+        changed = await store.changed_conversations("a", r1.record.mid, 100)
         assert [c.conv for c in changed] == ["d:a|c"]
-        everything = await store.changed_conversations("a", 0)
+        everything = await store.changed_conversations("a", 0, 100)
         assert {c.conv: c.last_seq for c in everything} == {"d:a|b": 1, "d:a|c": 1}
+        assert [c.conv for c in await store.changed_conversations("a", 0, 1)] == ["d:a|b"]
         assert await store.is_member("d:a|b", "b") and not await store.is_member("d:a|b", "c")
         await store.close()
 

@@ -30,7 +30,7 @@ def err(frame: Any, code: str, rid: int | None = None) -> None:
 
 
 async def message_count(h: Harness) -> int:
-    rows = await h.server.store.changed_conversations("alice", 0)
+    rows = await h.server.store.changed_conversations("alice", 0, 10_000)
     return sum(r.last_seq for r in rows)
 
 

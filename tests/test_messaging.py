@@ -240,3 +240,25 @@ async def test_hello_advertises_limits(harness: Harness) -> None:
     assert hello["limits"]["max_unacked"] == s.max_unacked
     assert hello["heartbeat_ms"] == s.heartbeat_ms
     await raw.close()
+
+
+async def test_sync_pages_many_conversations(harness: Harness, monkeypatch: Any) -> None:
+    """With more changed conversations than one answer lists, the sync point advances over
+    the completed prefix and a fresh device still ends with every message."""
+    from tidings.services import messaging
+
+    monkeypatch.setattr(messaging, "SYNC_CONVS_MAX", 20)
+    await harness.user("bob")
+    for i in range(70):
+        await harness.user(f"s{i}")
+        await harness.server.messaging.submit(
+            harness.server.messaging.build(f"s{i}", "d1", f"d:bob|s{i}", ("bob", f"s{i}"),
+                                           f"c{i}", "text", {"text": f"hi {i}"})
+        )
+    first = await harness.server.messaging.sync("bob", "0", {}, 500)
+    assert len(first.convs) == 20 and not first.complete and first.wm > 0
+    b = await harness.client("bob", sync_limit=15)
+    got = {(await next_message(b)).message.conv for _ in range(70)}
+    assert got == {f"d:bob|s{i}" for i in range(70)}
+    await b.sync_now()
+    assert int(b.since) == await harness.server.store.watermark("bob")

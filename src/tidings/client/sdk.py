@@ -597,10 +597,11 @@ class Client:
                     assert isinstance(res, Synced)
                     for m in sorted(res.msgs, key=lambda m: (m.conv, m.seq)):
                         self._on_message(m, echo=m.sender == self.user and m.dev == self.device)
-                    if res.complete:
+                    # wm covers what this answer completed (all of it when complete).
+                    advanced = int(res.wm) > int(since)
+                    if advanced:
                         self.since = res.wm
-                        break
-                    if not res.msgs:
+                    if res.complete or (not res.msgs and not advanced):
                         break
         except (ConnectionError, TimeoutError, RequestError) as exc:
             log.debug("sync interrupted: %s", exc)

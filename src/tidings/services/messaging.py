@@ -27,6 +27,7 @@ FLAG_NOT_COUNTED = 2
 MAX_FLAGS = 0xFFFF
 MAX_MENTIONS = 100
 MAX_ID = 2**63
+SYNC_CONVS_MAX = 1000  # conversations listed in one sync answer
 REPLY_BUDGET_BYTES = 1 << 20  # sync and history answers stay near this size (bodies)
 _pack = msgspec.msgpack.Encoder().encode
 
@@ -236,31 +237,32 @@ class Messaging:
             raise TidingsError("invalid", "`have` seqs must be 0..2^63-1")
         budget = min(limit, self.settings.sync_page_max)
         bytes_left = REPLY_BUDGET_BYTES
-        rows = await self.store.changed_conversations(uid, since)
+        rows = await self.store.changed_conversations(uid, since, SYNC_CONVS_MAX + 1)
         convs: list[ConvState] = []
         msgs: list[MessageRecord] = []
-        complete = True
-        for row in rows:
+        # Rows come in last_mid order. `wm` advances over the prefix of conversations the
+        # device holds completely once it applies this answer: the next sync point.
+        wm, prefix_held = since, True
+        for row in rows[:SYNC_CONVS_MAX]:
             pair = direct_members(row.conv)
             peer = None
             if pair is not None:
                 peer = pair[1] if pair[0] == uid else pair[0]
             convs.append(ConvState(row.conv, row.last_seq, peer))
             held = have.get(row.conv, 0)
-            if held >= row.last_seq:
-                continue
-            if budget <= 0:
-                complete = False
-                continue
-            page = await self.store.messages_after(row.conv, held, min(budget, row.last_seq - held))
-            page = [m for m in page if m.seq <= row.last_seq]
-            page, nbytes = _within(page, bytes_left)
-            bytes_left -= nbytes
-            if not page:
-                budget = 0
-            msgs.extend(page)
-            budget -= len(page)
-            if not page or page[-1].seq < row.last_seq:
-                complete = False
-        wm = max((r.last_mid for r in rows), default=since) if complete else since
+            covered = held >= row.last_seq
+            if not covered and budget > 0 and bytes_left > 0:
+                want = min(budget, row.last_seq - held)
+                page = await self.store.messages_after(row.conv, held, want)
+                page = [m for m in page if m.seq <= row.last_seq]
+                page, nbytes = _within(page, bytes_left)
+                bytes_left -= nbytes
+                budget = budget - len(page) if page else 0
+                msgs.extend(page)
+                covered = bool(page) and page[-1].seq >= row.last_seq
+            if covered and prefix_held:
+                wm = row.last_mid
+            else:
+                prefix_held = False
+        complete = prefix_held and len(rows) <= SYNC_CONVS_MAX
         return SyncResult(convs, msgs, complete, wm)

@@ -124,8 +124,9 @@ class Store(Protocol):
 
     async def messages_after(self, conv: str, after: int, limit: int) -> list[MessageRecord]: ...
 
-    async def changed_conversations(self, uid: str, since_mid: int) -> list[ConvRow]:
-        """The user's conversations whose last message id is above ``since_mid``."""
+    async def changed_conversations(self, uid: str, since_mid: int, limit: int) -> list[ConvRow]:
+        """The user's conversations whose last message id is above ``since_mid``, at most
+        ``limit`` of them, in ascending last message id."""
         ...
 
     async def watermark(self, uid: str) -> int:

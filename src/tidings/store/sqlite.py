@@ -613,13 +613,13 @@ class SqliteStore:
 
         return await self._read(op)
 
-    async def changed_conversations(self, uid: str, since_mid: int) -> list[ConvRow]:
+    async def changed_conversations(self, uid: str, since_mid: int, limit: int) -> list[ConvRow]:
         def op(conn: sqlite3.Connection) -> list[ConvRow]:
             rows = conn.execute(
                 "SELECT c.id, c.last_seq, c.last_mid, c.last_ts FROM members m "
                 "JOIN conversations c ON c.id = m.conv "
-                "WHERE m.uid=? AND c.last_mid > ? ORDER BY c.last_mid",
-                (uid, since_mid),
+                "WHERE m.uid=? AND c.last_mid > ? ORDER BY c.last_mid LIMIT ?",
+                (uid, since_mid, limit),
             ).fetchall()
             return [ConvRow(*r) for r in rows]
 
