@@ -202,6 +202,31 @@ class StoreContract:
         assert (await store.auth_state("j1", "u", "d")).token_revoked
         await store.close()
 
+    async def test_block_list(self, open_store: Opener) -> None:
+        """Blocks are per direction, idempotent, refuse new sends but answer old retries."""
+        store = await open_store()
+        await with_users(store, "a", "b", "c")
+        old = await store.append_message(new_msg("a", "b", "old"))
+        await store.set_block("b", "a", True, 1)
+        await store.set_block("b", "a", True, 2)
+        await store.set_block("b", "c", True, 3)
+        assert await store.blocked_by("b") == ["a", "c"]
+        assert await store.is_blocked("b", "a") and not await store.is_blocked("a", "b")
+        refused = msgspec.structs.replace(new_msg("a", "b", "new"), blocker="b")
+        with pytest.raises(TidingsError) as err:
+            await store.append_message(refused)
+        assert err.value.code == "blocked"
+        retry = msgspec.structs.replace(new_msg("a", "b", "old"), blocker="b")
+        again = await store.append_message(retry)
+        assert again.dup and again.record.seq == old.record.seq
+        reply = msgspec.structs.replace(new_msg("b", "a", "reply"), blocker="a")
+        assert (await store.append_message(reply)).record.seq == 2
+        await store.set_block("b", "a", False, 4)
+        assert await store.blocked_by("b") == ["c"]
+        ok = msgspec.structs.replace(new_msg("a", "b", "new"), blocker="b")
+        assert (await store.append_message(ok)).record.seq == 3
+        await store.close()
+
     async def test_worker_leases_are_unique(self, open_store: Opener) -> None:
         """Two holders never share a worker id; a holder renews its own."""
         store = await open_store()

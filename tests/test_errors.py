@@ -425,12 +425,14 @@ async def test_deep_nesting(harness: Harness, codec: str) -> None:
     body: Any = {"x": 1}
     for _ in range(40):
         body = {"x": body}
-    await raw.send({"t": "send", "id": 1, "cid": "deep", "to": "bob", "type": "custom",
-                    "body": body})
+    await raw.send(
+        {"t": "send", "id": 1, "cid": "deep", "to": "bob", "type": "custom", "body": body}
+    )
     err(await raw.recv(), "invalid", 1)
     if codec == "json":
-        await raw.send_bytes(b'{"t":"send","id":2,"cid":"d2","to":"bob","body":' + b"[" * 3000
-                             + b"]" * 3000 + b"}")
+        await raw.send_bytes(
+            b'{"t":"send","id":2,"cid":"d2","to":"bob","body":' + b"[" * 3000 + b"]" * 3000 + b"}"
+        )
         err(await raw.recv(), "bad_frame")
     assert await message_count(harness) == 0
     await raw.close()
@@ -443,4 +445,15 @@ async def test_out_of_range_integers(harness: Harness) -> None:
     err(await raw.recv(), "invalid", 1)
     await raw.send({"t": "sync", "id": 2, "have": {"d:alice|alice": 2**63}})
     err(await raw.recv(), "invalid", 2)
+    await raw.close()
+
+
+async def test_blocked(harness: Harness) -> None:
+    """A send to a user who blocks the sender is `blocked`; nothing is stored."""
+    raw = await authed(harness)
+    await harness.user("bob")
+    await harness.server.contacts.set_block("bob", "alice", True)
+    await raw.send({"t": "send", "id": 5, "cid": "b", "to": "bob", "body": {"text": "x"}})
+    err(await raw.recv(), "blocked", 5)
+    assert await message_count(harness) == 0
     await raw.close()

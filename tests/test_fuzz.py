@@ -26,8 +26,27 @@ from tests.procserver import ServerProcess
 from tests.rawclient import Raw
 from tidings.protocol import close
 
-TYPES = ["hello", "send", "ack", "ping", "sync", "history", "close", "push", "sent", "x"]
+TYPES = [
+    "typing",
+    "block",
+    "blocks",
+    "hello",
+    "send",
+    "ack",
+    "ping",
+    "sync",
+    "history",
+    "close",
+    "typing",
+    "block",
+    "blocks",
+    "push",
+    "sent",
+    "x",
+]
 FIELDS = [
+    "user",
+    "on",
     "t",
     "id",
     "v",
@@ -98,6 +117,7 @@ def counts(db: str) -> tuple[int, ...]:
                 "users",
                 "devices",
                 "revoked_tokens",
+                "blocks",
             )
         )
     finally:
@@ -154,7 +174,9 @@ def forbidden_target(frame: Any) -> bool:
     def mentions_fuzzer(v: Any) -> bool:
         return isinstance(v, str) and "fuzzer" in unicodedata.normalize("NFKC", v).casefold()
 
-    return isinstance(frame, dict) and any(mentions_fuzzer(frame.get(k)) for k in ("to", "conv"))
+    return isinstance(frame, dict) and any(
+        mentions_fuzzer(frame.get(k)) for k in ("to", "conv", "user")
+    )
 
 
 async def probe(env: Env, raw: Raw, kind: str, frame: Any) -> None:
@@ -177,7 +199,15 @@ async def probe(env: Env, raw: Raw, kind: str, frame: Any) -> None:
             assert raw.close_code in DOCUMENTED_CLOSES, f"undocumented close {raw.close_code}"
             raw.close_code = raw.close_code or 1000
             return
-        assert isinstance(f, dict) and f.get("t") in ("error", "pong", "page", "synced", "ready")
+        assert isinstance(f, dict) and f.get("t") in (
+            "error",
+            "pong",
+            "page",
+            "synced",
+            "ready",
+            "ok",
+            "blocked",
+        )
         if f["t"] == "error":
             assert f["code"] in (
                 "bad_frame",

@@ -308,8 +308,9 @@ async def test_sdk_send_fails_after_final_close(harness: Harness) -> None:
         await asyncio.wait_for(c.send(to="bob", text="too late"), 2)
 
 
-async def test_sdk_reconnects_promptly_after_refused_hello(harness: Harness,
-                                                           monkeypatch: Any) -> None:
+async def test_sdk_reconnects_promptly_after_refused_hello(
+    harness: Harness, monkeypatch: Any
+) -> None:
     """A hello refused as `unavailable` (close 1013) is retried on a new connection at once."""
     import time
 

@@ -252,8 +252,9 @@ async def test_sync_pages_many_conversations(harness: Harness, monkeypatch: Any)
     for i in range(70):
         await harness.user(f"s{i}")
         await harness.server.messaging.submit(
-            harness.server.messaging.build(f"s{i}", "d1", f"d:bob|s{i}", ("bob", f"s{i}"),
-                                           f"c{i}", "text", {"text": f"hi {i}"})
+            harness.server.messaging.build(
+                f"s{i}", "d1", f"d:bob|s{i}", ("bob", f"s{i}"), f"c{i}", "text", {"text": f"hi {i}"}
+            )
         )
     first = await harness.server.messaging.sync("bob", "0", {}, 500)
     assert len(first.convs) == 20 and not first.complete and first.wm > 0

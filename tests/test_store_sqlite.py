@@ -73,7 +73,11 @@ async def test_migrations_recorded(open_store: Opener, tmp_path: Any) -> None:
     store = await open_store()
     await store.close()
     conn = sqlite3.connect(str(tmp_path / "t.db"))
-    assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == [1]
+    from tidings.store.migrations import migration_scripts
+
+    expected = [v for v, _ in migration_scripts()]
+    assert expected[:2] == [1, 2]
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == expected
 
 
 async def test_disk_full_keeps_seqs_gapless_and_writer_alive(open_store: Opener) -> None:

@@ -22,6 +22,7 @@ from tidings.gateway.hub import Hub
 from tidings.gateway.tls import server_context
 from tidings.protocol import close
 from tidings.services.accounts import Accounts
+from tidings.services.contacts import Contacts
 from tidings.services.messaging import Messaging
 from tidings.services.secrets import load_or_create
 from tidings.session.context import ServerContext
@@ -63,6 +64,7 @@ class Server:
             allow_registration=s.allow_registration,
         )
         self.messaging = Messaging(self.store, self.bus, s)
+        self.contacts = Contacts(self.store, self.bus, self.clock)
         self.gate = WriteGate(self.store, s.write_high_water, s.write_low_water)
         self.ctx = ServerContext(
             settings=s,
@@ -71,10 +73,11 @@ class Server:
             accounts=self.accounts,
             messaging=self.messaging,
             gate=self.gate,
+            contacts=self.contacts,
             registry=self.hub,
             server_name=f"tidings/{__version__}",
         )
-        self.api = HttpApi(self.accounts, self.messaging, lambda: self.hub.online)
+        self.api = HttpApi(self.accounts, self.messaging, self.contacts, lambda: self.hub.online)
         self._runner: web.AppRunner | None = None
         self._tcp_server: asyncio.AbstractServer | None = None
         self._lease_task: asyncio.Task[None] | None = None

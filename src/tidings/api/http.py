@@ -16,6 +16,7 @@ from tidings.api import models as m
 from tidings.domain.ids import direct_members, normalize_user_id, validate_client_id
 from tidings.protocol.errors import TidingsError
 from tidings.services.accounts import Accounts, IssuedToken
+from tidings.services.contacts import Contacts
 from tidings.services.messaging import Messaging, to_wire
 from tidings.store.base import UserRecord
 
@@ -79,9 +80,16 @@ def _int_query(request: web.Request, name: str, default: int) -> int:
 
 
 class HttpApi:
-    def __init__(self, accounts: Accounts, messaging: Messaging, online: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        accounts: Accounts,
+        messaging: Messaging,
+        contacts: Contacts,
+        online: Callable[[], int],
+    ) -> None:
         self.accounts = accounts
         self.messaging = messaging
+        self.contacts = contacts
         self.online = online
         self.routes = self._routes()
 
@@ -131,6 +139,30 @@ class HttpApi:
                 "Revoke one token and close its connections",
                 "admin",
                 m.RevokeToken,
+                status=204,
+            ),
+            Route(
+                "GET",
+                "/v1/users/{uid}/blocks",
+                self.get_blocks,
+                "The users this user blocks",
+                "admin",
+                response=m.BlocksOut,
+            ),
+            Route(
+                "PUT",
+                "/v1/users/{uid}/blocks/{other}",
+                self.put_block,
+                "Block a user: their messages to this user are refused (`blocked`)",
+                "admin",
+                status=204,
+            ),
+            Route(
+                "DELETE",
+                "/v1/users/{uid}/blocks/{other}",
+                self.delete_block,
+                "Unblock a user",
+                "admin",
                 status=204,
             ),
             Route(
@@ -251,6 +283,20 @@ class HttpApi:
 
     async def revoke_token(self, request: web.Request, body: m.RevokeToken) -> tuple[int, None]:
         await self.accounts.revoke_token(body.token)
+        return 204, None
+
+    async def get_blocks(self, request: web.Request, _: None) -> tuple[int, m.BlocksOut]:
+        user = await self.accounts.get_user(request.match_info["uid"])
+        return 200, m.BlocksOut(await self.contacts.blocked(user.uid))
+
+    async def put_block(self, request: web.Request, _: None) -> tuple[int, None]:
+        user = await self.accounts.get_user(request.match_info["uid"])
+        await self.contacts.set_block(user.uid, request.match_info["other"], True)
+        return 204, None
+
+    async def delete_block(self, request: web.Request, _: None) -> tuple[int, None]:
+        user = await self.accounts.get_user(request.match_info["uid"])
+        await self.contacts.set_block(user.uid, request.match_info["other"], False)
         return 204, None
 
     async def register(self, request: web.Request, body: m.Register) -> tuple[int, m.TokenOut]:

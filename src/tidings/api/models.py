@@ -92,6 +92,10 @@ class SentOut(msgspec.Struct, frozen=True):
     dup: bool
 
 
+class BlocksOut(msgspec.Struct, frozen=True):
+    users: list[str]
+
+
 class PageOut(msgspec.Struct, frozen=True):
     conv: str
     msgs: list[Message]

@@ -32,7 +32,15 @@ class RevokeEvent(msgspec.Struct, frozen=True, tag="revoke"):
     jti: str | None = None
 
 
-BusEvent = MessageEvent | RevokeEvent
+class TypingNotice(msgspec.Struct, frozen=True, tag="typing"):
+    """``sender`` is typing in ``conv``; for the online devices of ``users``."""
+
+    conv: str
+    sender: str
+    users: tuple[str, ...]
+
+
+BusEvent = MessageEvent | RevokeEvent | TypingNotice
 Handler = Callable[[BusEvent], None]
 
 

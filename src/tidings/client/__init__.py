@@ -7,6 +7,15 @@ from tidings.client.sdk import (
     Event,
     MessageEvent,
     RequestError,
+    TypingNotice,
 )
 
-__all__ = ["Client", "Connected", "Disconnected", "Event", "MessageEvent", "RequestError"]
+__all__ = [
+    "Client",
+    "Connected",
+    "Disconnected",
+    "Event",
+    "MessageEvent",
+    "RequestError",
+    "TypingNotice",
+]

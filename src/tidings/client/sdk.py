@@ -33,11 +33,15 @@ from tidings.client.transport import ClientConn, connect
 from tidings.protocol import PROTOCOL_VERSION, close
 from tidings.protocol.frames import (
     Ack,
+    Block,
+    BlockList,
+    Blocks,
     Error,
     Hello,
     History,
     Limits,
     Message,
+    Ok,
     Page,
     Ping,
     Pong,
@@ -48,6 +52,8 @@ from tidings.protocol.frames import (
     ServerHello,
     Sync,
     Synced,
+    Typing,
+    TypingEvent,
 )
 
 log = logging.getLogger(__name__)
@@ -89,7 +95,13 @@ class Disconnected:
     final: bool  # True when the client will not reconnect (auth failure, revoked, closed)
 
 
-Event = MessageEvent | Connected | Disconnected
+@dataclass(frozen=True)
+class TypingNotice:
+    conv: str
+    user: str  # who is typing
+
+
+Event = MessageEvent | Connected | Disconnected | TypingNotice
 _END = object()
 
 
@@ -287,6 +299,21 @@ class Client:
         assert isinstance(res, Page)
         return res
 
+    def typing(self, conv: str) -> None:
+        """Tell the other member(s) of ``conv`` that this user is typing. Fire and forget;
+        the server relays at most one per conversation per `typing_interval_ms`."""
+        if self.ready.is_set():
+            self._write(Typing(conv))
+
+    async def block(self, user: str, on: bool = True) -> None:
+        """Block ``user`` (their messages to me fail with `blocked`), or unblock."""
+        await self._request(lambda rid: Block(rid, user, on))
+
+    async def blocked(self) -> list[str]:
+        res = await self._request(lambda rid: Blocks(rid))
+        assert isinstance(res, BlockList)
+        return res.users
+
     async def ping(self) -> Pong:
         res = await self._request(lambda rid: Ping(rid))
         assert isinstance(res, Pong)
@@ -442,8 +469,10 @@ class Client:
             if int(frame.wm) > int(self.since):
                 self.request_sync()
             self._resolve(frame.id, frame)
-        elif kind in (Ready, Synced, Page):
+        elif kind in (Ready, Synced, Page, Ok, BlockList):
             self._resolve(frame.id, frame)
+        elif kind is TypingEvent:
+            self._events.put_nowait(TypingNotice(frame.conv, frame.sender))
 
     def _resolve(self, rid: int, value: Any) -> None:
         fut = self._requests.pop(rid, None)

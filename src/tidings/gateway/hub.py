@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from tidings.bus.base import BusEvent, MessageEvent, RevokeEvent
+from tidings.bus.base import BusEvent, MessageEvent, RevokeEvent, TypingNotice
 from tidings.clock import Clock
 from tidings.protocol import close
-from tidings.protocol.frames import Push
+from tidings.protocol.frames import Push, TypingEvent
 from tidings.services.messaging import to_wire
 from tidings.session.session import Session
 
@@ -58,6 +58,20 @@ class Hub:
             self._fan_out(event)
         elif isinstance(event, RevokeEvent):
             self._revoke(event)
+        elif isinstance(event, TypingNotice):
+            self._typing(event)
+
+    def _typing(self, event: TypingNotice) -> None:
+        frame = TypingEvent(event.conv, event.sender)
+        framed: dict[tuple[str, str], bytes] = {}
+        for uid in event.users:
+            for s in self.by_user.get(uid, ()):
+                link = s.link
+                key = (link.codec.name, link.framing)
+                data = framed.get(key)
+                if data is None:
+                    data = framed[key] = link.frame(link.codec.encode(frame))
+                link.write(data)
 
     def _fan_out(self, event: MessageEvent) -> None:
         rec = event.record

@@ -30,6 +30,7 @@ _KINDS = [
     ErrorKind("token_revoked", 401, False, "The token (or its device) was revoked."),
     ErrorKind("forbidden", 403, False, "The caller may not perform this action."),
     ErrorKind("not_found", 404, False, "The user, conversation or resource does not exist."),
+    ErrorKind("blocked", 403, False, "The recipient has blocked the sender."),
     ErrorKind("conflict", 409, False, "The client message id was already used for other content."),
     ErrorKind("rate_limited", 429, True, "Too many requests; wait `retry_after_ms` and retry."),
     ErrorKind("unavailable", 503, True, "The server cannot take the request now; retry later."),

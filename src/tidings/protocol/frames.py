@@ -112,8 +112,30 @@ class Close(msgspec.Struct, frozen=True, tag="close", tag_field="t"):
     reason: str = ""
 
 
-ClientFrame = Hello | Send | Ack | Ping | Sync | History | Close
-CLIENT_TYPES = frozenset({"hello", "send", "ack", "ping", "sync", "history", "close"})
+class Typing(msgspec.Struct, frozen=True, tag="typing", tag_field="t"):
+    """The user is typing in ``conv``: relayed to the other members' online devices."""
+
+    conv: str
+
+
+class Block(msgspec.Struct, frozen=True, tag="block", tag_field="t"):
+    """Block (or, with ``on`` false, unblock) ``user``: their sends to me are refused."""
+
+    id: int
+    user: str
+    on: bool = True
+
+
+class Blocks(msgspec.Struct, frozen=True, tag="blocks", tag_field="t"):
+    """Ask for the list of users I block."""
+
+    id: int
+
+
+ClientFrame = Hello | Send | Ack | Ping | Sync | History | Close | Typing | Block | Blocks
+CLIENT_TYPES = frozenset(
+    {"hello", "send", "ack", "ping", "sync", "history", "close", "typing", "block", "blocks"}
+)
 
 # --------------------------------------------------------------------- server -> client
 
@@ -183,4 +205,35 @@ class Error(msgspec.Struct, frozen=True, tag="error", tag_field="t"):
     retry_after_ms: int | None = None
 
 
-ServerFrame = ServerHello | Ready | Sent | Push | Pong | Synced | Page | Error | Close
+class Ok(msgspec.Struct, frozen=True, tag="ok", tag_field="t"):
+    """Answer to a request that has nothing else to say."""
+
+    id: int
+
+
+class TypingEvent(msgspec.Struct, frozen=True, tag="typing", tag_field="t"):
+    """Someone is typing: show it for a few seconds. Never stored, never retransmitted."""
+
+    conv: str
+    sender: str = msgspec.field(name="from")
+
+
+class BlockList(msgspec.Struct, frozen=True, tag="blocked", tag_field="t"):
+    id: int
+    users: list[str]
+
+
+ServerFrame = (
+    ServerHello
+    | Ready
+    | Sent
+    | Push
+    | Pong
+    | Synced
+    | Page
+    | Error
+    | Close
+    | Ok
+    | TypingEvent
+    | BlockList
+)

@@ -49,6 +49,14 @@ def to_wire(rec: MessageRecord) -> Message:
     )
 
 
+def _peer_of(uid: str, conv: str) -> str | None:
+    """The other member of a 1:1 conversation (None for notes to self or other kinds)."""
+    pair = direct_members(conv)
+    if pair is None or pair[0] == pair[1]:
+        return None
+    return pair[1] if pair[0] == uid else pair[0]
+
+
 def parse_id(value: str, what: str) -> int:
     if not (isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20):
         raise TidingsError("invalid", f"{what} must be a decimal string")
@@ -149,6 +157,7 @@ class Messaging:
             body=body,
             body_bytes=body_bytes,
             members=members,
+            blocker=_peer_of(uid, conv),
             flags=flags,
             mentions=mention_ids,
             reply_to=None if reply_to is None else parse_id(reply_to, "reply_to"),

@@ -9,6 +9,7 @@ from tidings.clock import Clock
 from tidings.config import Settings
 from tidings.protocol.codec import Codec
 from tidings.services.accounts import Accounts
+from tidings.services.contacts import Contacts
 from tidings.services.messaging import Messaging
 from tidings.session.gate import WriteGate
 from tidings.store.base import Store
@@ -62,4 +63,5 @@ class ServerContext:
     messaging: Messaging
     registry: Registry
     gate: WriteGate
+    contacts: Contacts
     server_name: str = "tidings"

@@ -22,11 +22,15 @@ from tidings.protocol.codec import FrameError
 from tidings.protocol.errors import TidingsError
 from tidings.protocol.frames import (
     Ack,
+    Block,
+    BlockList,
+    Blocks,
     Close,
     Error,
     Hello,
     History,
     Limits,
+    Ok,
     Page,
     Ping,
     Pong,
@@ -37,6 +41,7 @@ from tidings.protocol.frames import (
     ServerHello,
     Sync,
     Synced,
+    Typing,
 )
 from tidings.services.messaging import MAX_MENTIONS, to_wire
 from tidings.session.context import Link, ServerContext
@@ -76,6 +81,7 @@ class Session:
         self.rtx_attempts = 0
         self.rtx_due = 0.0
         self.retransmits = 0  # statistics
+        self._typing_at: dict[str, float] = {}
 
     # ------------------------------------------------------------------ start / stop
 
@@ -172,6 +178,12 @@ class Session:
             self._spawn(rid, self._on_sync(frame))  # type: ignore[arg-type]
         elif kind is History:
             self._spawn(rid, self._on_history(frame))  # type: ignore[arg-type]
+        elif kind is Typing:
+            self._on_typing(frame, now)  # type: ignore[arg-type]
+        elif kind is Block:
+            self._spawn(rid, self._on_block(frame))  # type: ignore[arg-type]
+        elif kind is Blocks:
+            self._spawn(rid, self._on_blocks(frame))  # type: ignore[arg-type]
         elif kind is Hello:
             self._error(rid, TidingsError("invalid", "already authenticated"))
 
@@ -338,6 +350,26 @@ class Session:
                     self.link.write(framed)
                     if self.state != "ready":
                         return
+
+    # ------------------------------------------------------------------ contacts
+
+    def _on_typing(self, f: Typing, now: float) -> None:
+        """Relay at most one notice per conversation per typing interval; extra ones are
+        dropped silently (they carry no information the peer lacks)."""
+        last = self._typing_at.get(f.conv)
+        if last is not None and now - last < self._s.typing_interval_ms / 1000:
+            return
+        if len(self._typing_at) > 1000:
+            self._typing_at.clear()
+        self._typing_at[f.conv] = now
+        self._spawn(0, self.ctx.contacts.typing(self.uid, f.conv))
+
+    async def _on_block(self, f: Block) -> None:
+        await self.ctx.contacts.set_block(self.uid, f.user, f.on)
+        self._reply(Ok(f.id))
+
+    async def _on_blocks(self, f: Blocks) -> None:
+        self._reply(BlockList(f.id, await self.ctx.contacts.blocked(self.uid)))
 
     # ------------------------------------------------------------------ reads
 

@@ -40,6 +40,7 @@ class NewMessage(msgspec.Struct, frozen=True):
     body: dict[str, Any]
     body_bytes: bytes
     members: tuple[str, ...]
+    blocker: str | None = None  # refuse with `blocked` if this user blocks the sender
     flags: int = 0
     mentions: tuple[str, ...] = ()
     reply_to: int | None = None
@@ -112,6 +113,17 @@ class Store(Protocol):
     async def revoke_token(self, jti: str, uid: str, device: str, expires_ms: int) -> None: ...
 
     async def auth_state(self, jti: str, uid: str, device: str) -> AuthState: ...
+
+    # -- block list
+    async def set_block(self, uid: str, other: str, on: bool, now_ms: int) -> None:
+        """``uid`` blocks (or unblocks) ``other``. Idempotent."""
+        ...
+
+    async def blocked_by(self, uid: str) -> list[str]:
+        """The users ``uid`` blocks, sorted."""
+        ...
+
+    async def is_blocked(self, blocker: str, sender: str) -> bool: ...
 
     # -- messages
     def append_message(self, msg: NewMessage) -> asyncio.Future[AppendResult]:

@@ -336,6 +336,18 @@ class SqliteStore:
         self, conn: sqlite3.Connection, msg: NewMessage, touched: dict[str, tuple[int, int, int]]
     ) -> AppendResult | TidingsError:
         try:
+            if (
+                msg.blocker is not None
+                and conn.execute(
+                    "SELECT 1 FROM blocks WHERE uid=? AND blocked=?", (msg.blocker, msg.sender)
+                ).fetchone()
+            ):
+                # A retry of a message stored before the block still gets its answer.
+                if conn.execute(
+                    "SELECT 1 FROM messages WHERE sender=? AND cid=?", (msg.sender, msg.cid)
+                ).fetchone():
+                    return self._duplicate(conn, msg)
+                return TidingsError("blocked", "the recipient does not accept your messages")
             seq = self._seq.get(msg.conv)
             if seq is None:
                 row = conn.execute(
@@ -581,6 +593,36 @@ class SqliteStore:
                 "SELECT revoked_before FROM devices WHERE uid=? AND device=?", (uid, device)
             ).fetchone()
             return AuthState(bool(revoked), row[0] if row else 0)
+
+        return await self._read(op)
+
+    # ------------------------------------------------------------------ block list
+
+    async def set_block(self, uid: str, other: str, on: bool, now_ms: int) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            if on:
+                conn.execute(
+                    "INSERT OR IGNORE INTO blocks (uid, blocked, created_ms) VALUES (?,?,?)",
+                    (uid, other, now_ms),
+                )
+            else:
+                conn.execute("DELETE FROM blocks WHERE uid=? AND blocked=?", (uid, other))
+
+        await self._write(op)
+
+    async def blocked_by(self, uid: str) -> list[str]:
+        def op(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute("SELECT blocked FROM blocks WHERE uid=? ORDER BY blocked", (uid,))
+            return [r[0] for r in rows]
+
+        return await self._read(op)
+
+    async def is_blocked(self, blocker: str, sender: str) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT 1 FROM blocks WHERE uid=? AND blocked=?", (blocker, sender)
+            ).fetchone()
+            return row is not None
 
         return await self._read(op)
 

@@ -1,0 +1,41 @@
+"""Relations between users that are not messages: the block list and typing notices."""
+
+from __future__ import annotations
+
+from tidings.bus.base import Bus, TypingNotice
+from tidings.clock import Clock
+from tidings.domain.ids import direct_members, normalize_user_id
+from tidings.protocol.errors import TidingsError
+from tidings.store.base import Store
+
+
+class Contacts:
+    def __init__(self, store: Store, bus: Bus, clock: Clock) -> None:
+        self.store = store
+        self.bus = bus
+        self.clock = clock
+
+    async def set_block(self, uid: str, raw_other: str, on: bool) -> None:
+        """``uid`` blocks (``on``) or unblocks another user; idempotent."""
+        other = normalize_user_id(raw_other)
+        if other == uid:
+            raise TidingsError("invalid", "you cannot block yourself")
+        if on and not await self.store.users_exist([other]):
+            raise TidingsError("not_found", "no such user")
+        await self.store.set_block(uid, other, on, self.clock.now_ms())
+
+    async def blocked(self, uid: str) -> list[str]:
+        return await self.store.blocked_by(uid)
+
+    async def typing(self, uid: str, conv: str) -> None:
+        """Relay a typing notice to the other member of a 1:1 conversation, unless that
+        member blocks ``uid``. Nothing is stored."""
+        pair = direct_members(conv)
+        if pair is None:
+            raise TidingsError("not_found", "no such conversation")
+        if uid not in pair:
+            raise TidingsError("forbidden", "not a member of this conversation")
+        peer = pair[1] if pair[0] == uid else pair[0]
+        if peer == uid or await self.store.is_blocked(peer, uid):
+            return
+        self.bus.publish(TypingNotice(conv, uid, (peer,)))
