@@ -49,7 +49,7 @@ from tidings.store.base import AppendResult
 
 log = logging.getLogger(__name__)
 
-CAPS = ["ack", "sync", "history", "retransmit"]
+CAPS = ["ack", "sync", "history", "retransmit", "typing", "block"]
 ACK_COST = 0.05  # acks are nearly free against the rate limit (pings cost a read: 1)
 MAX_READS_INFLIGHT = 8
 
