@@ -202,6 +202,51 @@ class StoreContract:
         assert (await store.auth_state("j1", "u", "d")).token_revoked
         await store.close()
 
+    async def test_unread_is_derived(self, open_store: Opener) -> None:
+        """Unread = countable entries past the read position; sending advances the sender's
+        position; silent / not-counted entries never count; reads never go backwards."""
+        store = await open_store()
+        await with_users(store, "a", "b", "c")
+        for i in range(3):
+            await store.append_message(new_msg("a", "b", f"m{i}"))
+        quiet = msgspec.structs.replace(new_msg("a", "b", "q"), counted=False)
+        await store.append_message(quiet)
+        convs, badge = await store.conversation_list("b", 10)
+        assert badge == 3 and convs[0].unread == 3 and convs[0].read_seq == 0
+        assert convs[0].last is not None and convs[0].last.cid == "q"
+        mine, my_badge = await store.conversation_list("a", 10)
+        assert my_badge == 0 and mine[0].read_seq == 4 and mine[0].peer_read_seq == 0
+        r = await store.mark_read("b", "d:a|b", 2)
+        assert (r.read_seq, r.unread, r.changed) == (2, 1, True) and r.version > 0
+        back = await store.mark_read("b", "d:a|b", 1)
+        assert (back.read_seq, back.unread, back.changed) == (2, 1, False)
+        far = await store.mark_read("b", "d:a|b", 10**9)
+        assert (far.read_seq, far.unread) == (4, 0)
+        mine, _ = await store.conversation_list("a", 10)
+        assert mine[0].peer_read_seq == 4
+        await store.append_message(new_msg("b", "a", "reply"))
+        convs, badge = await store.conversation_list("b", 10)
+        assert (convs[0].read_seq, convs[0].unread, badge) == (5, 0, 0)
+        with pytest.raises(TidingsError) as err:
+            await store.mark_read("c", "d:a|b", 1)
+        assert err.value.code == "forbidden"
+        await store.close()
+
+    async def test_conversation_list_order(self, open_store: Opener) -> None:
+        """Newest activity first; the badge sums every conversation, not just the page."""
+        store = await open_store()
+        await with_users(store, "a", "b", "c", "d")
+        await store.append_message(new_msg("b", "a", "1"))
+        await asyncio.sleep(0.005)
+        await store.append_message(new_msg("c", "a", "2"))
+        await asyncio.sleep(0.005)
+        await store.append_message(new_msg("d", "a", "3"))
+        await asyncio.sleep(0.005)
+        await store.append_message(new_msg("b", "a", "4"))
+        convs, badge = await store.conversation_list("a", 2)
+        assert [c.conv for c in convs] == ["d:a|b", "d:a|d"] and badge == 4
+        await store.close()
+
     async def test_block_list(self, open_store: Opener) -> None:
         """Blocks are per direction, idempotent, refuse new sends but answer old retries."""
         store = await open_store()

@@ -41,6 +41,7 @@ class NewMessage(msgspec.Struct, frozen=True):
     body_bytes: bytes
     members: tuple[str, ...]
     blocker: str | None = None  # refuse with `blocked` if this user blocks the sender
+    counted: bool = True  # counts toward unread (false for silent/not-counted and events)
     flags: int = 0
     mentions: tuple[str, ...] = ()
     reply_to: int | None = None
@@ -73,6 +74,28 @@ class ConvRow(msgspec.Struct, frozen=True):
     last_seq: int
     last_mid: int
     last_ts: int
+
+
+class ReadState(msgspec.Struct, frozen=True):
+    """A member's read position in a conversation and what is left unread."""
+
+    conv: str
+    uid: str
+    read_seq: int
+    unread: int
+    changed: bool  # False when the position was already at or past the requested seq
+    version: int = 0  # the user's change-log version of this change
+
+
+class ConvSummary(msgspec.Struct, frozen=True):
+    conv: str
+    last_seq: int
+    last_mid: int
+    last_ts: int
+    unread: int
+    read_seq: int
+    peer_read_seq: int
+    last: MessageRecord | None
 
 
 class AuthState(msgspec.Struct, frozen=True):
@@ -113,6 +136,16 @@ class Store(Protocol):
     async def revoke_token(self, jti: str, uid: str, device: str, expires_ms: int) -> None: ...
 
     async def auth_state(self, jti: str, uid: str, device: str) -> AuthState: ...
+
+    # -- read state
+    async def mark_read(self, uid: str, conv: str, seq: int) -> ReadState:
+        """Advance ``uid``'s read position in ``conv`` to ``seq`` (capped at the last seq;
+        never backwards). TidingsError('forbidden') if ``uid`` is not a member."""
+        ...
+
+    async def conversation_list(self, uid: str, limit: int) -> tuple[list[ConvSummary], int]:
+        """The user's conversations, newest activity first, and the badge (total unread)."""
+        ...
 
     # -- block list
     async def set_block(self, uid: str, other: str, on: bool, now_ms: int) -> None:

@@ -34,8 +34,10 @@ from tidings.store.base import (
     AppendResult,
     AuthState,
     ConvRow,
+    ConvSummary,
     MessageRecord,
     NewMessage,
+    ReadState,
     UserRecord,
 )
 from tidings.store.migrations import apply_sqlite
@@ -113,7 +115,7 @@ class SqliteStore:
         self.wal_restart_bytes = wal_restart_bytes
         self._readers_n = readers
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._seq: dict[str, int] = {}
+        self._seq: dict[str, tuple[int, int]] = {}  # conv -> (last seq, counted total)
         self._ids: MessageIdGenerator | None = None
         self._pending = 0
         self._max_mid = 0
@@ -271,7 +273,8 @@ class SqliteStore:
         conn = self._wconn
         assert conn is not None
         results: list[Any] = []
-        touched: dict[str, tuple[int, int, int]] = {}
+        touched: dict[str, tuple[int, int, int, int]] = {}
+        readers: dict[tuple[str, str], tuple[int, int]] = {}
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -280,7 +283,7 @@ class SqliteStore:
             return [err] * len(batch)
         for op in batch:
             if isinstance(op, _MsgOp):
-                results.append(self._append(conn, op.msg, touched))
+                results.append(self._append(conn, op.msg, touched, readers))
             else:
                 results.append(self._call(conn, op.fn))
             if not conn.in_transaction:
@@ -290,8 +293,15 @@ class SqliteStore:
         try:
             if touched:
                 conn.executemany(
-                    "UPDATE conversations SET last_seq=?, last_mid=?, last_ts=? WHERE id=?",
-                    [(s, m, t, c) for c, (s, m, t) in touched.items()],
+                    "UPDATE conversations SET last_seq=?, last_mid=?, last_ts=?, counted=? "
+                    "WHERE id=?",
+                    [(s, m, t, n, c) for c, (s, m, t, n) in touched.items()],
+                )
+            if readers:  # sending advances the sender's read position
+                conn.executemany(
+                    "UPDATE members SET read_seq=?, read_counted=? "
+                    "WHERE conv=? AND uid=? AND read_seq < ?",
+                    [(s, n, c, u, s) for (c, u), (s, n) in readers.items()],
                 )
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -333,7 +343,11 @@ class SqliteStore:
             return TidingsError("unavailable", "storage write failed", retry_after_ms=500)
 
     def _append(
-        self, conn: sqlite3.Connection, msg: NewMessage, touched: dict[str, tuple[int, int, int]]
+        self,
+        conn: sqlite3.Connection,
+        msg: NewMessage,
+        touched: dict[str, tuple[int, int, int, int]],
+        readers: dict[tuple[str, str], tuple[int, int]],
     ) -> AppendResult | TidingsError:
         try:
             if (
@@ -348,24 +362,26 @@ class SqliteStore:
                 ).fetchone():
                     return self._duplicate(conn, msg)
                 return TidingsError("blocked", "the recipient does not accept your messages")
-            seq = self._seq.get(msg.conv)
-            if seq is None:
+            cached = self._seq.get(msg.conv)
+            if cached is None:
                 row = conn.execute(
-                    "SELECT last_seq FROM conversations WHERE id=?", (msg.conv,)
+                    "SELECT last_seq, counted FROM conversations WHERE id=?", (msg.conv,)
                 ).fetchone()
                 if row is None:
                     err = self._create_conversation(conn, msg)
                     if err is not None:
                         return err
-                    seq = 0
+                    cached = (0, 0)
                 else:
-                    seq = row[0]
+                    cached = (row[0], row[1])
+            seq, counted = cached
+            ctotal = counted + 1 if msg.counted else counted
             assert self._ids is not None, "worker id not leased"
             now = self.clock.now_ms()
             mid = self._ids.next(now)
             mentions = _pack(list(msg.mentions)) if msg.mentions else None
             cur = conn.execute(
-                f"INSERT INTO messages ({_MSG_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+                f"INSERT INTO messages ({_MSG_COLS}, ctotal) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT(sender, cid) DO NOTHING",
                 (
                     msg.conv,
@@ -380,6 +396,7 @@ class SqliteStore:
                     msg.flags,
                     mentions,
                     msg.reply_to,
+                    ctotal,
                 ),
             )
             if cur.rowcount == 0:
@@ -388,8 +405,9 @@ class SqliteStore:
             log.error("append failed for %s: %s", msg.conv, exc)
             self._seq.pop(msg.conv, None)
             return TidingsError("internal", "storage error; the message was not stored")
-        self._seq[msg.conv] = seq + 1
-        touched[msg.conv] = (seq + 1, mid, now)
+        self._seq[msg.conv] = (seq + 1, ctotal)
+        touched[msg.conv] = (seq + 1, mid, now, ctotal)
+        readers[(msg.conv, msg.sender)] = (seq + 1, ctotal)
         rec = MessageRecord(
             conv=msg.conv,
             seq=seq + 1,
@@ -593,6 +611,75 @@ class SqliteStore:
                 "SELECT revoked_before FROM devices WHERE uid=? AND device=?", (uid, device)
             ).fetchone()
             return AuthState(bool(revoked), row[0] if row else 0)
+
+        return await self._read(op)
+
+    # ------------------------------------------------------------------ read state
+
+    async def mark_read(self, uid: str, conv: str, seq: int) -> ReadState:
+        def op(conn: sqlite3.Connection) -> ReadState:
+            row = conn.execute(
+                "SELECT m.read_seq, m.read_counted, c.last_seq, c.counted FROM members m "
+                "JOIN conversations c ON c.id = m.conv WHERE m.conv=? AND m.uid=?",
+                (conv, uid),
+            ).fetchone()
+            if row is None:
+                raise TidingsError("forbidden", "not a member of this conversation")
+            read_seq, read_counted, last_seq, counted = row
+            cached = self._seq.get(conv)  # appends of this batch are not in the row yet
+            if cached is not None:
+                last_seq, counted = cached
+            target = min(seq, last_seq)
+            if target <= read_seq:
+                return ReadState(conv, uid, read_seq, counted - read_counted, False)
+            (ctotal,) = conn.execute(
+                "SELECT ctotal FROM messages WHERE conv=? AND seq=?", (conv, target)
+            ).fetchone()
+            conn.execute(
+                "UPDATE members SET read_seq=?, read_counted=? WHERE conv=? AND uid=?",
+                (target, ctotal, conv, uid),
+            )
+            cur = conn.execute(
+                "INSERT INTO user_changes (uid, conv, kind, value, ts) VALUES (?,?,?,?,?)",
+                (uid, conv, "read", target, self.clock.now_ms()),
+            )
+            return ReadState(conv, uid, target, counted - ctotal, True, int(cur.lastrowid or 0))
+
+        return await self._write(op)
+
+    async def conversation_list(self, uid: str, limit: int) -> tuple[list[ConvSummary], int]:
+        def op(conn: sqlite3.Connection) -> tuple[list[ConvSummary], int]:
+            rows = conn.execute(
+                "SELECT c.id, c.last_seq, c.last_mid, c.last_ts, c.counted - m.read_counted, "
+                "m.read_seq, (SELECT max(p.read_seq) FROM members p "
+                "             WHERE p.conv = c.id AND p.uid != m.uid) "
+                "FROM members m JOIN conversations c ON c.id = m.conv "
+                "WHERE m.uid=? AND c.last_seq > 0 ORDER BY c.last_ts DESC, c.id LIMIT ?",
+                (uid, limit),
+            ).fetchall()
+            out = []
+            for conv, last_seq, last_mid, last_ts, unread, read_seq, peer_read in rows:
+                last = conn.execute(
+                    f"SELECT {_MSG_COLS} FROM messages WHERE conv=? AND seq=?", (conv, last_seq)
+                ).fetchone()
+                out.append(
+                    ConvSummary(
+                        conv,
+                        last_seq,
+                        last_mid,
+                        last_ts,
+                        unread,
+                        read_seq,
+                        read_seq if peer_read is None else peer_read,
+                        _record(last) if last else None,
+                    )
+                )
+            (badge,) = conn.execute(
+                "SELECT coalesce(sum(c.counted - m.read_counted), 0) FROM members m "
+                "JOIN conversations c ON c.id = m.conv WHERE m.uid=?",
+                (uid,),
+            ).fetchone()
+            return out, int(badge)
 
         return await self._read(op)
 
