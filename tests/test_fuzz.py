@@ -27,6 +27,8 @@ from tests.rawclient import Raw
 from tidings.protocol import close
 
 TYPES = [
+    "read",
+    "convs",
     "typing",
     "block",
     "blocks",
@@ -118,6 +120,7 @@ def counts(db: str) -> tuple[int, ...]:
                 "devices",
                 "revoked_tokens",
                 "blocks",
+                "user_changes",
             )
         )
     finally:

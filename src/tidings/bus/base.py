@@ -40,7 +40,18 @@ class TypingNotice(msgspec.Struct, frozen=True, tag="typing"):
     users: tuple[str, ...]
 
 
-BusEvent = MessageEvent | RevokeEvent | TypingNotice
+class ReadNotice(msgspec.Struct, frozen=True, tag="read"):
+    """``uid`` read ``conv`` up to ``seq`` on ``device``; ``unread`` is what is left."""
+
+    conv: str
+    uid: str
+    device: str
+    seq: int
+    unread: int
+    users: tuple[str, ...]
+
+
+BusEvent = MessageEvent | RevokeEvent | TypingNotice | ReadNotice
 Handler = Callable[[BusEvent], None]
 
 

@@ -6,6 +6,7 @@ from tidings.client.sdk import (
     Disconnected,
     Event,
     MessageEvent,
+    ReadReceipt,
     RequestError,
     TypingNotice,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "Disconnected",
     "Event",
     "MessageEvent",
+    "ReadReceipt",
     "RequestError",
     "TypingNotice",
 ]

@@ -36,6 +36,9 @@ from tidings.protocol.frames import (
     Block,
     BlockList,
     Blocks,
+    ConvItem,
+    ConvList,
+    Convs,
     Error,
     Hello,
     History,
@@ -46,6 +49,8 @@ from tidings.protocol.frames import (
     Ping,
     Pong,
     Push,
+    Read,
+    ReadEvent,
     Ready,
     Send,
     Sent,
@@ -101,7 +106,18 @@ class TypingNotice:
     user: str  # who is typing
 
 
-Event = MessageEvent | Connected | Disconnected | TypingNotice
+@dataclass(frozen=True)
+class ReadReceipt:
+    """``by`` read ``conv`` up to ``seq``. ``unread`` is set when ``by`` is this user (read
+    on another device): what is left unread in that conversation."""
+
+    conv: str
+    by: str
+    seq: int
+    unread: int | None
+
+
+Event = MessageEvent | Connected | Disconnected | TypingNotice | ReadReceipt
 _END = object()
 
 
@@ -299,6 +315,19 @@ class Client:
         assert isinstance(res, Page)
         return res
 
+    async def mark_read(self, conv: str, seq: int) -> ReadEvent:
+        """Mark ``conv`` read up to ``seq``; the answer has the position and unread left.
+        The user's other devices and the other member are told."""
+        res = await self._request(lambda rid: Read(rid, conv, seq))
+        assert isinstance(res, ReadEvent)
+        return res
+
+    async def conversations(self, limit: int = 50) -> tuple[list[ConvItem], int]:
+        """The conversation list (newest activity first) and the badge (total unread)."""
+        res = await self._request(lambda rid: Convs(rid, limit))
+        assert isinstance(res, ConvList)
+        return res.convs, res.badge
+
     def typing(self, conv: str) -> None:
         """Tell the other member(s) of ``conv`` that this user is typing. Fire and forget;
         the server relays at most one per conversation per `typing_interval_ms`."""
@@ -473,6 +502,13 @@ class Client:
             self._resolve(frame.id, frame)
         elif kind is TypingEvent:
             self._events.put_nowait(TypingNotice(frame.conv, frame.sender))
+        elif kind is ReadEvent:
+            if frame.id:
+                self._resolve(frame.id, frame)
+            else:
+                self._events.put_nowait(ReadReceipt(frame.conv, frame.by, frame.seq, frame.unread))
+        elif kind is ConvList:
+            self._resolve(frame.id, frame)
 
     def _resolve(self, rid: int, value: Any) -> None:
         fut = self._requests.pop(rid, None)

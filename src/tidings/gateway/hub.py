@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from tidings.bus.base import BusEvent, MessageEvent, RevokeEvent, TypingNotice
+from tidings.bus.base import BusEvent, MessageEvent, ReadNotice, RevokeEvent, TypingNotice
 from tidings.clock import Clock
 from tidings.protocol import close
-from tidings.protocol.frames import Push, TypingEvent
+from tidings.protocol.frames import Push, ReadEvent, ServerFrame, TypingEvent
 from tidings.services.messaging import to_wire
 from tidings.session.session import Session
 
@@ -59,19 +59,32 @@ class Hub:
         elif isinstance(event, RevokeEvent):
             self._revoke(event)
         elif isinstance(event, TypingNotice):
-            self._typing(event)
+            self._broadcast(TypingEvent(event.conv, event.sender), event.users)
+        elif isinstance(event, ReadNotice):
+            self._read(event)
 
-    def _typing(self, event: TypingNotice) -> None:
-        frame = TypingEvent(event.conv, event.sender)
-        framed: dict[tuple[str, str], bytes] = {}
-        for uid in event.users:
-            for s in self.by_user.get(uid, ()):
-                link = s.link
-                key = (link.codec.name, link.framing)
-                data = framed.get(key)
-                if data is None:
-                    data = framed[key] = link.frame(link.codec.encode(frame))
-                link.write(data)
+    def _read(self, event: ReadNotice) -> None:
+        """The reader's other devices learn the new position and unread count; the other
+        member's devices get a read receipt (without the reader's unread count)."""
+        own = [s for s in self.by_user.get(event.uid, ()) if s.device != event.device]
+        self._write_all(ReadEvent(event.conv, event.uid, event.seq, 0, event.unread), own)
+        others = [u for u in event.users if u != event.uid]
+        self._broadcast(ReadEvent(event.conv, event.uid, event.seq), others)
+
+    def _broadcast(self, frame: ServerFrame, users: tuple[str, ...] | list[str]) -> None:
+        """An ephemeral frame (no retransmit window) to every session of ``users``."""
+        self._write_all(frame, [s for u in users for s in self.by_user.get(u, ())])
+
+    @staticmethod
+    def _write_all(frame: ServerFrame, sessions: list[Session]) -> None:
+        framed: dict[tuple[str, str], bytes] = {}  # one encoding per (codec, framing)
+        for s in sessions:
+            link = s.link
+            key = (link.codec.name, link.framing)
+            data = framed.get(key)
+            if data is None:
+                data = framed[key] = link.frame(link.codec.encode(frame))
+            link.write(data)
 
     def _fan_out(self, event: MessageEvent) -> None:
         rec = event.record

@@ -126,15 +126,45 @@ class Block(msgspec.Struct, frozen=True, tag="block", tag_field="t"):
     on: bool = True
 
 
+class Read(msgspec.Struct, frozen=True, tag="read", tag_field="t"):
+    """Mark ``conv`` read up to ``seq`` (cumulative, never backwards)."""
+
+    id: int
+    conv: str
+    seq: int
+
+
+class Convs(msgspec.Struct, frozen=True, tag="convs", tag_field="t"):
+    """Ask for the conversation list, newest activity first."""
+
+    id: int
+    limit: int = 50
+
+
 class Blocks(msgspec.Struct, frozen=True, tag="blocks", tag_field="t"):
     """Ask for the list of users I block."""
 
     id: int
 
 
-ClientFrame = Hello | Send | Ack | Ping | Sync | History | Close | Typing | Block | Blocks
+ClientFrame = (
+    Hello | Send | Ack | Ping | Sync | History | Close | Typing | Block | Blocks | Read | Convs
+)
 CLIENT_TYPES = frozenset(
-    {"hello", "send", "ack", "ping", "sync", "history", "close", "typing", "block", "blocks"}
+    {
+        "hello",
+        "send",
+        "ack",
+        "ping",
+        "sync",
+        "history",
+        "close",
+        "typing",
+        "block",
+        "blocks",
+        "read",
+        "convs",
+    }
 )
 
 # --------------------------------------------------------------------- server -> client
@@ -218,6 +248,35 @@ class TypingEvent(msgspec.Struct, frozen=True, tag="typing", tag_field="t"):
     sender: str = msgspec.field(name="from")
 
 
+class ReadEvent(msgspec.Struct, frozen=True, tag="read", tag_field="t", omit_defaults=True):
+    """``by`` has read ``conv`` up to ``seq``. The answer to a ``read`` request (with its
+    id), and an event (id 0) to the reader's other devices (with ``unread``, the reader's
+    unread count there) and to the other member's devices (a read receipt, no ``unread``)."""
+
+    conv: str
+    by: str
+    seq: int
+    id: int = 0
+    unread: int | None = None
+
+
+class ConvItem(msgspec.Struct, frozen=True, omit_defaults=True):
+    conv: str
+    last_seq: int
+    last_ts: int
+    unread: int
+    read_seq: int
+    peer_read_seq: int  # the other member's read position (1:1): "read up to N"
+    peer: str | None = None
+    last: Message | None = None
+
+
+class ConvList(msgspec.Struct, frozen=True, tag="convs", tag_field="t"):
+    id: int
+    convs: list[ConvItem]
+    badge: int  # total unread over all the user's conversations
+
+
 class BlockList(msgspec.Struct, frozen=True, tag="blocked", tag_field="t"):
     id: int
     users: list[str]
@@ -236,4 +295,6 @@ ServerFrame = (
     | Ok
     | TypingEvent
     | BlockList
+    | ReadEvent
+    | ConvList
 )

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from tidings.bus.base import Bus, MessageEvent
+from tidings.bus.base import Bus, MessageEvent, ReadNotice
 from tidings.config import Settings
 from tidings.domain.ids import (
     direct_conversation_id,
@@ -19,7 +19,14 @@ from tidings.domain.permissions import can_read
 from tidings.protocol.codec import check_json_model
 from tidings.protocol.errors import TidingsError
 from tidings.protocol.frames import ConvState, Message, Send
-from tidings.store.base import AppendResult, MessageRecord, NewMessage, Store
+from tidings.store.base import (
+    AppendResult,
+    ConvSummary,
+    MessageRecord,
+    NewMessage,
+    ReadState,
+    Store,
+)
 
 CLIENT_TYPES = frozenset({"text", "image", "file", "voice", "video", "location", "custom"})
 FLAG_SILENT = 1
@@ -28,6 +35,7 @@ MAX_FLAGS = 0xFFFF
 MAX_MENTIONS = 100
 MAX_ID = 2**63
 SYNC_CONVS_MAX = 1000  # conversations listed in one sync answer
+CONV_LIST_MAX = 200  # conversations in one conversation-list answer
 REPLY_BUDGET_BYTES = 1 << 20  # sync and history answers stay near this size (bodies)
 _pack = msgspec.msgpack.Encoder().encode
 
@@ -49,7 +57,7 @@ def to_wire(rec: MessageRecord) -> Message:
     )
 
 
-def _peer_of(uid: str, conv: str) -> str | None:
+def peer_of(uid: str, conv: str) -> str | None:
     """The other member of a 1:1 conversation (None for notes to self or other kinds)."""
     pair = direct_members(conv)
     if pair is None or pair[0] == pair[1]:
@@ -157,7 +165,8 @@ class Messaging:
             body=body,
             body_bytes=body_bytes,
             members=members,
-            blocker=_peer_of(uid, conv),
+            blocker=peer_of(uid, conv),
+            counted=not flags & (FLAG_SILENT | FLAG_NOT_COUNTED),
             flags=flags,
             mentions=mention_ids,
             reply_to=None if reply_to is None else parse_id(reply_to, "reply_to"),
@@ -207,6 +216,28 @@ class Messaging:
 
     async def send(self, uid: str, device: str, f: Send) -> AppendResult:
         return await self.submit(self.prepare(uid, device, f))
+
+    # ------------------------------------------------------------------ read state
+
+    async def mark_read(self, uid: str, device: str, conv: str, seq: int) -> ReadState:
+        """Advance the read position; tell the user's other devices and the other member."""
+        if not 1 <= seq < MAX_ID:
+            raise TidingsError("invalid", "seq must be 1..2^63-1")
+        pair = direct_members(conv)
+        if pair is None:
+            raise TidingsError("not_found", "no such conversation")
+        if uid not in pair:
+            raise TidingsError("forbidden", "not a member of this conversation")
+        state = await self.store.mark_read(uid, conv, seq)
+        if state.changed:
+            users = (pair[0],) if pair[0] == pair[1] else pair
+            self.bus.publish(ReadNotice(conv, uid, device, state.read_seq, state.unread, users))
+        return state
+
+    async def conversation_list(self, uid: str, limit: int) -> tuple[list[ConvSummary], int]:
+        if not 1 <= limit < MAX_ID:
+            raise TidingsError("invalid", "limit must be >= 1")
+        return await self.store.conversation_list(uid, min(limit, CONV_LIST_MAX))
 
     # ------------------------------------------------------------------ reads
 

@@ -26,6 +26,9 @@ from tidings.protocol.frames import (
     BlockList,
     Blocks,
     Close,
+    ConvItem,
+    ConvList,
+    Convs,
     Error,
     Hello,
     History,
@@ -34,6 +37,8 @@ from tidings.protocol.frames import (
     Page,
     Ping,
     Pong,
+    Read,
+    ReadEvent,
     Ready,
     Send,
     Sent,
@@ -43,7 +48,7 @@ from tidings.protocol.frames import (
     Synced,
     Typing,
 )
-from tidings.services.messaging import MAX_MENTIONS, to_wire
+from tidings.services.messaging import MAX_MENTIONS, peer_of, to_wire
 from tidings.session.context import Link, ServerContext
 from tidings.store.base import AppendResult
 
@@ -184,6 +189,10 @@ class Session:
             self._spawn(rid, self._on_block(frame))  # type: ignore[arg-type]
         elif kind is Blocks:
             self._spawn(rid, self._on_blocks(frame))  # type: ignore[arg-type]
+        elif kind is Read:
+            self._spawn(rid, self._on_read(frame))  # type: ignore[arg-type]
+        elif kind is Convs:
+            self._spawn(rid, self._on_convs(frame))  # type: ignore[arg-type]
         elif kind is Hello:
             self._error(rid, TidingsError("invalid", "already authenticated"))
 
@@ -370,6 +379,29 @@ class Session:
 
     async def _on_blocks(self, f: Blocks) -> None:
         self._reply(BlockList(f.id, await self.ctx.contacts.blocked(self.uid)))
+
+    # ------------------------------------------------------------------ read state
+
+    async def _on_read(self, f: Read) -> None:
+        state = await self.ctx.messaging.mark_read(self.uid, self.device, f.conv, f.seq)
+        self._reply(ReadEvent(f.conv, self.uid, state.read_seq, f.id, state.unread))
+
+    async def _on_convs(self, f: Convs) -> None:
+        rows, badge = await self.ctx.messaging.conversation_list(self.uid, f.limit)
+        items = [
+            ConvItem(
+                conv=r.conv,
+                last_seq=r.last_seq,
+                last_ts=r.last_ts,
+                unread=r.unread,
+                read_seq=r.read_seq,
+                peer_read_seq=r.peer_read_seq,
+                peer=peer_of(self.uid, r.conv),
+                last=None if r.last is None else to_wire(r.last),
+            )
+            for r in rows
+        ]
+        self._reply(ConvList(f.id, items, badge))
 
     # ------------------------------------------------------------------ reads
 

@@ -1,0 +1,99 @@
+"""Unread counts, read receipts and the conversation list over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.conftest import Harness, next_message
+from tests.rawclient import Raw
+from tidings.client import ReadReceipt, RequestError
+
+
+async def next_receipt(client: Any, timeout: float = 3.0) -> ReadReceipt:
+    async def get() -> ReadReceipt:
+        async for ev in client.events():
+            if isinstance(ev, ReadReceipt):
+                return ev
+        raise AssertionError("stream ended")
+
+    return await asyncio.wait_for(get(), timeout)
+
+
+async def test_unread_read_receipts_and_other_devices(harness: Harness) -> None:
+    """Bob's unread counts what he has not read; reading on one device updates his other
+    device (with the unread left) and shows Alice "read up to N" (without it)."""
+    a = await harness.client("alice")
+    b1 = await harness.client("bob", "b1")
+    b2 = await harness.client("bob", "b2", transport="tcp")
+    for i in range(3):
+        await a.send(to="bob", text=f"m{i}")
+    convs, badge = await b1.conversations()
+    assert badge == 3
+    (item,) = convs
+    assert (item.conv, item.unread, item.read_seq, item.peer) == ("d:alice|bob", 3, 0, "alice")
+    assert item.last is not None and item.last.body == {"text": "m2"}
+    answer = await b1.mark_read("d:alice|bob", 2)
+    assert (answer.seq, answer.unread) == (2, 1)
+    own = await next_receipt(b2)
+    assert own == ReadReceipt("d:alice|bob", "bob", 2, 1)
+    receipt = await next_receipt(a)
+    assert receipt == ReadReceipt("d:alice|bob", "bob", 2, None)
+    alice_view, alice_badge = await a.conversations()
+    assert alice_view[0].peer_read_seq == 2 and alice_view[0].unread == 0 and alice_badge == 0
+    assert (await b1.mark_read("d:alice|bob", 1)).seq == 2  # never backwards
+    with pytest.raises(TimeoutError):
+        await next_receipt(a, timeout=0.3)  # no change, no receipt
+
+
+async def test_sending_reads_and_silent_messages_do_not_count(harness: Harness) -> None:
+    """A reply marks the conversation read for its sender; silent messages never count."""
+    a = await harness.client("alice")
+    b = await harness.client("bob")
+    await a.send(to="bob", text="loud")
+    await a.send(to="bob", text="quiet", flags=1)
+    await a.send(to="bob", text="uncounted", flags=2)
+    convs, badge = await b.conversations()
+    assert convs[0].unread == 1 and badge == 1
+    for _ in range(3):
+        await next_message(b)
+    await b.send(to="alice", text="reply")
+    convs, badge = await b.conversations()
+    assert (convs[0].unread, convs[0].read_seq, badge) == (0, 4, 0)
+    convs, _ = await a.conversations()
+    assert convs[0].peer_read_seq == 4 and convs[0].unread == 1
+
+
+async def test_conversation_list_newest_first(harness: Harness) -> None:
+    """The list is ordered by last activity and the badge covers every conversation."""
+    me = await harness.client("me")
+    for peer in ("p1", "p2", "p3"):
+        c = await harness.client(peer)
+        await c.send(to="me", text=f"from {peer}")
+        await asyncio.sleep(0.005)
+    p1 = harness.clients[1]
+    await p1.send(to="me", text="again")
+    convs, badge = await me.conversations(limit=2)
+    assert [c.peer for c in convs] == ["p1", "p3"] and badge == 4
+
+
+async def test_read_errors(harness: Harness) -> None:
+    """Reading someone else's conversation is `forbidden`; seq 0 is `invalid`."""
+    raw = await Raw.ws(harness.ws_url)
+    assert (await raw.login(await harness.token("mallory")))["t"] == "ready"
+    await raw.send({"t": "read", "id": 1, "conv": "d:alice|bob", "seq": 3})
+    frame = await raw.recv()
+    assert (frame["t"], frame["code"], frame["id"]) == ("error", "forbidden", 1)
+    await raw.send({"t": "read", "id": 2, "conv": "d:mallory|x", "seq": 0})
+    frame = await raw.recv()
+    assert (frame["code"], frame["id"]) == ("invalid", 2)
+    await raw.send({"t": "read", "id": 3, "conv": "g:1", "seq": 1})
+    frame = await raw.recv()
+    assert (frame["code"], frame["id"]) == ("not_found", 3)
+    a = await harness.client("alice")
+    with pytest.raises(RequestError) as err:
+        await a.conversations(limit=0)
+    assert err.value.code == "invalid"
+    await raw.close()
