@@ -247,6 +247,33 @@ class StoreContract:
         assert [c.conv for c in convs] == ["d:a|b", "d:a|d"] and badge == 4
         await store.close()
 
+    async def test_settings(self, open_store: Opener) -> None:
+        """Pinned first; muted left out of the badge; hidden until the next message; drafts."""
+        store = await open_store()
+        await with_users(store, "a", "b", "c")
+        await store.append_message(new_msg("b", "a", "1"))
+        await asyncio.sleep(0.005)
+        await store.append_message(new_msg("c", "a", "2"))
+        convs, badge = await store.conversation_list("a", 10)
+        assert [c.conv for c in convs] == ["d:a|c", "d:a|b"] and badge == 2
+        s = await store.update_settings("a", "d:a|b", None, True, None, "half-written")
+        assert s.pinned and not s.muted and s.draft == "half-written"
+        await store.update_settings("a", "d:a|c", True, None, None, None)
+        convs, badge = await store.conversation_list("a", 10)
+        assert [c.conv for c in convs] == ["d:a|b", "d:a|c"] and badge == 1
+        assert convs[0].settings.draft == "half-written" and convs[1].settings.muted
+        hidden = await store.update_settings("a", "d:a|b", None, None, True, None)
+        assert hidden.hidden and hidden.pinned
+        convs, _ = await store.conversation_list("a", 10)
+        assert [c.conv for c in convs] == ["d:a|c"]
+        await store.append_message(new_msg("b", "a", "3"))  # a new message unhides
+        convs, _ = await store.conversation_list("a", 10)
+        assert [c.conv for c in convs] == ["d:a|b", "d:a|c"]
+        with pytest.raises(TidingsError) as err:
+            await store.update_settings("c", "d:a|b", True, None, None, None)
+        assert err.value.code == "forbidden"
+        await store.close()
+
     async def test_block_list(self, open_store: Opener) -> None:
         """Blocks are per direction, idempotent, refuse new sends but answer old retries."""
         store = await open_store()

@@ -87,6 +87,15 @@ class ReadState(msgspec.Struct, frozen=True):
     version: int = 0  # the user's change-log version of this change
 
 
+class ConvSettings(msgspec.Struct, frozen=True):
+    """A user's own settings for one conversation."""
+
+    muted: bool = False
+    pinned: bool = False
+    hidden: bool = False  # hidden until the next message
+    draft: str = ""
+
+
 class ConvSummary(msgspec.Struct, frozen=True):
     conv: str
     last_seq: int
@@ -96,6 +105,7 @@ class ConvSummary(msgspec.Struct, frozen=True):
     read_seq: int
     peer_read_seq: int
     last: MessageRecord | None
+    settings: ConvSettings = ConvSettings()
 
 
 class AuthState(msgspec.Struct, frozen=True):
@@ -144,7 +154,21 @@ class Store(Protocol):
         ...
 
     async def conversation_list(self, uid: str, limit: int) -> tuple[list[ConvSummary], int]:
-        """The user's conversations, newest activity first, and the badge (total unread)."""
+        """The user's visible conversations, pinned first then newest activity first, and
+        the badge (total unread of conversations that are not muted)."""
+        ...
+
+    async def update_settings(
+        self,
+        uid: str,
+        conv: str,
+        muted: bool | None,
+        pinned: bool | None,
+        hidden: bool | None,
+        draft: str | None,
+    ) -> ConvSettings:
+        """Change the given settings (None: unchanged); TidingsError('forbidden') if not a
+        member. Hiding hides the conversation until its next entry."""
         ...
 
     # -- block list

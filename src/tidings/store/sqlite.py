@@ -34,6 +34,7 @@ from tidings.store.base import (
     AppendResult,
     AuthState,
     ConvRow,
+    ConvSettings,
     ConvSummary,
     MessageRecord,
     NewMessage,
@@ -652,16 +653,31 @@ class SqliteStore:
             rows = conn.execute(
                 "SELECT c.id, c.last_seq, c.last_mid, c.last_ts, c.counted - m.read_counted, "
                 "m.read_seq, (SELECT max(p.read_seq) FROM members p "
-                "             WHERE p.conv = c.id AND p.uid != m.uid) "
+                "             WHERE p.conv = c.id AND p.uid != m.uid), "
+                "m.muted, m.pinned, m.hidden_seq, m.draft "
                 "FROM members m JOIN conversations c ON c.id = m.conv "
-                "WHERE m.uid=? AND c.last_seq > 0 ORDER BY c.last_ts DESC, c.id LIMIT ?",
+                "WHERE m.uid=? AND c.last_seq > 0 AND c.last_seq > m.hidden_seq "
+                "ORDER BY m.pinned DESC, c.last_ts DESC, c.id LIMIT ?",
                 (uid, limit),
             ).fetchall()
             out = []
-            for conv, last_seq, last_mid, last_ts, unread, read_seq, peer_read in rows:
+            for (
+                conv,
+                last_seq,
+                last_mid,
+                last_ts,
+                unread,
+                read_seq,
+                peer_read,
+                muted,
+                pinned,
+                hidden_seq,
+                draft,
+            ) in rows:
                 last = conn.execute(
                     f"SELECT {_MSG_COLS} FROM messages WHERE conv=? AND seq=?", (conv, last_seq)
                 ).fetchone()
+                settings = ConvSettings(bool(muted), bool(pinned), hidden_seq >= last_seq, draft)
                 out.append(
                     ConvSummary(
                         conv,
@@ -672,16 +688,59 @@ class SqliteStore:
                         read_seq,
                         read_seq if peer_read is None else peer_read,
                         _record(last) if last else None,
+                        settings,
                     )
                 )
             (badge,) = conn.execute(
                 "SELECT coalesce(sum(c.counted - m.read_counted), 0) FROM members m "
-                "JOIN conversations c ON c.id = m.conv WHERE m.uid=?",
+                "JOIN conversations c ON c.id = m.conv WHERE m.uid=? AND m.muted = 0",
                 (uid,),
             ).fetchone()
             return out, int(badge)
 
         return await self._read(op)
+
+    async def update_settings(
+        self,
+        uid: str,
+        conv: str,
+        muted: bool | None,
+        pinned: bool | None,
+        hidden: bool | None,
+        draft: str | None,
+    ) -> ConvSettings:
+        def op(conn: sqlite3.Connection) -> ConvSettings:
+            row = conn.execute(
+                "SELECT m.muted, m.pinned, m.hidden_seq, m.draft, c.last_seq FROM members m "
+                "JOIN conversations c ON c.id = m.conv WHERE m.conv=? AND m.uid=?",
+                (conv, uid),
+            ).fetchone()
+            if row is None:
+                raise TidingsError("forbidden", "not a member of this conversation")
+            old_muted, old_pinned, hidden_seq, old_draft, last_seq = row
+            cached = self._seq.get(conv)
+            if cached is not None:
+                last_seq = cached[0]
+            if hidden is not None:
+                hidden_seq = last_seq if hidden else 0
+            new = (
+                int(old_muted if muted is None else muted),
+                int(old_pinned if pinned is None else pinned),
+                hidden_seq,
+                old_draft if draft is None else draft,
+            )
+            conn.execute(
+                "UPDATE members SET muted=?, pinned=?, hidden_seq=?, draft=? "
+                "WHERE conv=? AND uid=?",
+                (*new, conv, uid),
+            )
+            conn.execute(
+                "INSERT INTO user_changes (uid, conv, kind, value, ts) VALUES (?,?,?,?,?)",
+                (uid, conv, "settings", 0, self.clock.now_ms()),
+            )
+            return ConvSettings(bool(new[0]), bool(new[1]), new[2] >= last_seq > 0, new[3])
+
+        return await self._write(op)
 
     # ------------------------------------------------------------------ block list
 
