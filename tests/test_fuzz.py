@@ -27,6 +27,7 @@ from tests.rawclient import Raw
 from tidings.protocol import close
 
 TYPES = [
+    "settings",
     "read",
     "convs",
     "typing",
@@ -47,6 +48,10 @@ TYPES = [
     "x",
 ]
 FIELDS = [
+    "muted",
+    "pinned",
+    "hidden",
+    "draft",
     "user",
     "on",
     "t",

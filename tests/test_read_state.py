@@ -97,3 +97,44 @@ async def test_read_errors(harness: Harness) -> None:
         await a.conversations(limit=0)
     assert err.value.code == "invalid"
     await raw.close()
+
+
+async def test_settings_reach_other_devices_and_shape_the_list(harness: Harness) -> None:
+    """Mute, pin, hide and draft: the other device is told; the list orders pinned first,
+    leaves muted conversations out of the badge, and hides until the next message."""
+    from tidings.client import SettingsChanged
+
+    me1 = await harness.client("me", "phone")
+    me2 = await harness.client("me", "desktop", transport="tcp")
+    p1 = await harness.client("p1")
+    p2 = await harness.client("p2")
+    await p1.send(to="me", text="one")
+    await asyncio.sleep(0.005)
+    await p2.send(to="me", text="two")
+    st = await me1.settings("d:me|p1", pinned=True, draft="typing a rep")
+    assert st.pinned and st.draft == "typing a rep" and not st.muted
+
+    async def next_settings() -> SettingsChanged:
+        async for ev in me2.events():
+            if isinstance(ev, SettingsChanged):
+                return ev
+        raise AssertionError
+
+    ev = await asyncio.wait_for(next_settings(), 3)
+    assert ev == SettingsChanged("d:me|p1", False, True, False, "typing a rep")
+    await me2.settings("d:me|p2", muted=True)
+    convs, badge = await me1.conversations()
+    assert [c.peer for c in convs] == ["p1", "p2"] and badge == 1
+    assert convs[0].pinned and convs[0].draft == "typing a rep" and convs[1].muted
+    await me1.settings("d:me|p2", hidden=True)
+    convs, _ = await me2.conversations()
+    assert [c.peer for c in convs] == ["p1"]
+    await p2.send(to="me", text="ping again")
+    convs, _ = await me2.conversations()
+    assert [c.peer for c in convs] == ["p1", "p2"]
+    with pytest.raises(RequestError) as err:
+        await me1.settings("d:p1|p2", muted=True)
+    assert err.value.code == "forbidden"
+    with pytest.raises(RequestError) as err:
+        await me1.settings("d:me|p1", draft="x" * 5000)
+    assert err.value.code == "too_large"

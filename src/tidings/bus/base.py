@@ -12,7 +12,7 @@ from typing import Protocol
 
 import msgspec
 
-from tidings.store.base import MessageRecord
+from tidings.store.base import ConvSettings, MessageRecord
 
 
 class MessageEvent(msgspec.Struct, frozen=True, tag="msg"):
@@ -51,7 +51,16 @@ class ReadNotice(msgspec.Struct, frozen=True, tag="read"):
     users: tuple[str, ...]
 
 
-BusEvent = MessageEvent | RevokeEvent | TypingNotice | ReadNotice
+class SettingsNotice(msgspec.Struct, frozen=True, tag="settings"):
+    """``uid`` changed its settings of ``conv`` on ``device``."""
+
+    conv: str
+    uid: str
+    device: str
+    settings: ConvSettings
+
+
+BusEvent = MessageEvent | RevokeEvent | TypingNotice | ReadNotice | SettingsNotice
 Handler = Callable[[BusEvent], None]
 
 

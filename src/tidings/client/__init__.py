@@ -8,6 +8,7 @@ from tidings.client.sdk import (
     MessageEvent,
     ReadReceipt,
     RequestError,
+    SettingsChanged,
     TypingNotice,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "MessageEvent",
     "ReadReceipt",
     "RequestError",
+    "SettingsChanged",
     "TypingNotice",
 ]

@@ -55,11 +55,13 @@ from tidings.protocol.frames import (
     Send,
     Sent,
     ServerHello,
+    SettingsEvent,
     Sync,
     Synced,
     Typing,
     TypingEvent,
 )
+from tidings.protocol.frames import Settings as SettingsFrame
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +119,18 @@ class ReadReceipt:
     unread: int | None
 
 
-Event = MessageEvent | Connected | Disconnected | TypingNotice | ReadReceipt
+@dataclass(frozen=True)
+class SettingsChanged:
+    """This user changed a conversation's settings on another device."""
+
+    conv: str
+    muted: bool
+    pinned: bool
+    hidden: bool
+    draft: str
+
+
+Event = MessageEvent | Connected | Disconnected | TypingNotice | ReadReceipt | SettingsChanged
 _END = object()
 
 
@@ -322,6 +335,23 @@ class Client:
         assert isinstance(res, ReadEvent)
         return res
 
+    async def settings(
+        self,
+        conv: str,
+        *,
+        muted: bool | None = None,
+        pinned: bool | None = None,
+        hidden: bool | None = None,
+        draft: str | None = None,
+    ) -> SettingsEvent:
+        """Change this user's settings of ``conv`` (None: unchanged); returns them all.
+        The user's other devices get a SettingsChanged event."""
+        res = await self._request(
+            lambda rid: SettingsFrame(rid, conv, muted, pinned, hidden, draft)
+        )
+        assert isinstance(res, SettingsEvent)
+        return res
+
     async def conversations(self, limit: int = 50) -> tuple[list[ConvItem], int]:
         """The conversation list (newest activity first) and the badge (total unread)."""
         res = await self._request(lambda rid: Convs(rid, limit))
@@ -509,6 +539,15 @@ class Client:
                 self._events.put_nowait(ReadReceipt(frame.conv, frame.by, frame.seq, frame.unread))
         elif kind is ConvList:
             self._resolve(frame.id, frame)
+        elif kind is SettingsEvent:
+            if frame.id:
+                self._resolve(frame.id, frame)
+            else:
+                self._events.put_nowait(
+                    SettingsChanged(
+                        frame.conv, frame.muted, frame.pinned, frame.hidden, frame.draft
+                    )
+                )
 
     def _resolve(self, rid: int, value: Any) -> None:
         fut = self._requests.pop(rid, None)

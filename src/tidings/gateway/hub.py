@@ -5,10 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from tidings.bus.base import BusEvent, MessageEvent, ReadNotice, RevokeEvent, TypingNotice
+from tidings.bus.base import (
+    BusEvent,
+    MessageEvent,
+    ReadNotice,
+    RevokeEvent,
+    SettingsNotice,
+    TypingNotice,
+)
 from tidings.clock import Clock
 from tidings.protocol import close
-from tidings.protocol.frames import Push, ReadEvent, ServerFrame, TypingEvent
+from tidings.protocol.frames import Push, ReadEvent, ServerFrame, SettingsEvent, TypingEvent
 from tidings.services.messaging import to_wire
 from tidings.session.session import Session
 
@@ -62,6 +69,11 @@ class Hub:
             self._broadcast(TypingEvent(event.conv, event.sender), event.users)
         elif isinstance(event, ReadNotice):
             self._read(event)
+        elif isinstance(event, SettingsNotice):
+            st = event.settings
+            frame = SettingsEvent(event.conv, st.muted, st.pinned, st.hidden, st.draft)
+            own = [s for s in self.by_user.get(event.uid, ()) if s.device != event.device]
+            self._write_all(frame, own)
 
     def _read(self, event: ReadNotice) -> None:
         """The reader's other devices learn the new position and unread count; the other

@@ -141,6 +141,17 @@ class Convs(msgspec.Struct, frozen=True, tag="convs", tag_field="t"):
     limit: int = 50
 
 
+class Settings(msgspec.Struct, frozen=True, tag="settings", tag_field="t"):
+    """Change this user's settings for ``conv``; absent fields stay as they are."""
+
+    id: int
+    conv: str
+    muted: bool | None = None
+    pinned: bool | None = None
+    hidden: bool | None = None
+    draft: str | None = None
+
+
 class Blocks(msgspec.Struct, frozen=True, tag="blocks", tag_field="t"):
     """Ask for the list of users I block."""
 
@@ -148,7 +159,19 @@ class Blocks(msgspec.Struct, frozen=True, tag="blocks", tag_field="t"):
 
 
 ClientFrame = (
-    Hello | Send | Ack | Ping | Sync | History | Close | Typing | Block | Blocks | Read | Convs
+    Hello
+    | Send
+    | Ack
+    | Ping
+    | Sync
+    | History
+    | Close
+    | Typing
+    | Block
+    | Blocks
+    | Read
+    | Convs
+    | Settings
 )
 CLIENT_TYPES = frozenset(
     {
@@ -164,6 +187,7 @@ CLIENT_TYPES = frozenset(
         "blocks",
         "read",
         "convs",
+        "settings",
     }
 )
 
@@ -269,6 +293,21 @@ class ConvItem(msgspec.Struct, frozen=True, omit_defaults=True):
     peer_read_seq: int  # the other member's read position (1:1): "read up to N"
     peer: str | None = None
     last: Message | None = None
+    muted: bool = False
+    pinned: bool = False
+    draft: str = ""
+
+
+class SettingsEvent(msgspec.Struct, frozen=True, tag="settings", tag_field="t"):
+    """This user's settings for ``conv`` now: the answer to ``settings`` (with its id) and
+    an event (id 0) to the user's other devices."""
+
+    conv: str
+    muted: bool
+    pinned: bool
+    hidden: bool
+    draft: str
+    id: int = 0
 
 
 class ConvList(msgspec.Struct, frozen=True, tag="convs", tag_field="t"):
@@ -297,4 +336,5 @@ ServerFrame = (
     | BlockList
     | ReadEvent
     | ConvList
+    | SettingsEvent
 )

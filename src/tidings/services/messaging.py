@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from tidings.bus.base import Bus, MessageEvent, ReadNotice
+from tidings.bus.base import Bus, MessageEvent, ReadNotice, SettingsNotice
 from tidings.config import Settings
 from tidings.domain.ids import (
     direct_conversation_id,
@@ -21,6 +21,7 @@ from tidings.protocol.errors import TidingsError
 from tidings.protocol.frames import ConvState, Message, Send
 from tidings.store.base import (
     AppendResult,
+    ConvSettings,
     ConvSummary,
     MessageRecord,
     NewMessage,
@@ -36,6 +37,7 @@ MAX_MENTIONS = 100
 MAX_ID = 2**63
 SYNC_CONVS_MAX = 1000  # conversations listed in one sync answer
 CONV_LIST_MAX = 200  # conversations in one conversation-list answer
+MAX_DRAFT_BYTES = 4096
 REPLY_BUDGET_BYTES = 1 << 20  # sync and history answers stay near this size (bodies)
 _pack = msgspec.msgpack.Encoder().encode
 
@@ -233,6 +235,29 @@ class Messaging:
             users = (pair[0],) if pair[0] == pair[1] else pair
             self.bus.publish(ReadNotice(conv, uid, device, state.read_seq, state.unread, users))
         return state
+
+    async def update_settings(
+        self,
+        uid: str,
+        device: str,
+        conv: str,
+        muted: bool | None = None,
+        pinned: bool | None = None,
+        hidden: bool | None = None,
+        draft: str | None = None,
+    ) -> ConvSettings:
+        """Change the user's own settings of a conversation; the user's other devices are
+        told at once, and every device sees them in the conversation list."""
+        pair = direct_members(conv)
+        if pair is None:
+            raise TidingsError("not_found", "no such conversation")
+        if uid not in pair:
+            raise TidingsError("forbidden", "not a member of this conversation")
+        if draft is not None and len(draft.encode()) > MAX_DRAFT_BYTES:
+            raise TidingsError("too_large", f"draft over {MAX_DRAFT_BYTES} bytes")
+        settings = await self.store.update_settings(uid, conv, muted, pinned, hidden, draft)
+        self.bus.publish(SettingsNotice(conv, uid, device, settings))
+        return settings
 
     async def conversation_list(self, uid: str, limit: int) -> tuple[list[ConvSummary], int]:
         if not 1 <= limit < MAX_ID:

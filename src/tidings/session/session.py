@@ -44,17 +44,19 @@ from tidings.protocol.frames import (
     Sent,
     ServerFrame,
     ServerHello,
+    SettingsEvent,
     Sync,
     Synced,
     Typing,
 )
+from tidings.protocol.frames import Settings as SettingsFrame
 from tidings.services.messaging import MAX_MENTIONS, peer_of, to_wire
 from tidings.session.context import Link, ServerContext
 from tidings.store.base import AppendResult
 
 log = logging.getLogger(__name__)
 
-CAPS = ["ack", "sync", "history", "retransmit", "typing", "block"]
+CAPS = ["ack", "sync", "history", "retransmit", "typing", "block", "read", "convs", "settings"]
 ACK_COST = 0.05  # acks are nearly free against the rate limit (pings cost a read: 1)
 MAX_READS_INFLIGHT = 8
 
@@ -193,6 +195,8 @@ class Session:
             self._spawn(rid, self._on_read(frame))  # type: ignore[arg-type]
         elif kind is Convs:
             self._spawn(rid, self._on_convs(frame))  # type: ignore[arg-type]
+        elif kind is SettingsFrame:
+            self._spawn(rid, self._on_settings(frame))  # type: ignore[arg-type]
         elif kind is Hello:
             self._error(rid, TidingsError("invalid", "already authenticated"))
 
@@ -386,6 +390,12 @@ class Session:
         state = await self.ctx.messaging.mark_read(self.uid, self.device, f.conv, f.seq)
         self._reply(ReadEvent(f.conv, self.uid, state.read_seq, f.id, state.unread))
 
+    async def _on_settings(self, f: SettingsFrame) -> None:
+        st = await self.ctx.messaging.update_settings(
+            self.uid, self.device, f.conv, f.muted, f.pinned, f.hidden, f.draft
+        )
+        self._reply(SettingsEvent(f.conv, st.muted, st.pinned, st.hidden, st.draft, f.id))
+
     async def _on_convs(self, f: Convs) -> None:
         rows, badge = await self.ctx.messaging.conversation_list(self.uid, f.limit)
         items = [
@@ -398,6 +408,9 @@ class Session:
                 peer_read_seq=r.peer_read_seq,
                 peer=peer_of(self.uid, r.conv),
                 last=None if r.last is None else to_wire(r.last),
+                muted=r.settings.muted,
+                pinned=r.settings.pinned,
+                draft=r.settings.draft,
             )
             for r in rows
         ]
