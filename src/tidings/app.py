@@ -52,7 +52,7 @@ class Server:
             max_pending=s.max_pending_writes,
         )
         self.bus = MemoryBus()
-        self.hub = Hub(self.clock)
+        self.hub = Hub(self.clock, login_policy=s.login_policy, publish=self.bus.publish)
         self.bus.set_handler(self.hub.handle)
         self.accounts = Accounts(
             self.store,

@@ -8,6 +8,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+LOGIN_POLICIES = frozenset({"unlimited", "one_per_platform", "one_total"})
+
 
 @dataclass
 class Settings:
@@ -22,6 +24,9 @@ class Settings:
     token_ttl_s: int = 30 * 24 * 3600
     allow_registration: bool = True  # self-registration with a password (standalone use)
     allowed_origins: list[str] = field(default_factory=list)  # WebSocket Origin allow-list
+    # Who may be online at once: "unlimited", "one_per_platform" (a new session kicks the
+    # user's other devices of the same platform) or "one_total" (kicks all other devices).
+    login_policy: str = "unlimited"
     backlog: int = 4096
     log_level: str = "INFO"
     # protocol
@@ -50,6 +55,10 @@ class Settings:
     write_high_water: int = 2_000  # stop reading from senders above this write backlog
     write_low_water: int = 500  # ... and resume below this
     drain_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.login_policy not in LOGIN_POLICIES:
+            raise ValueError(f"login_policy must be one of {sorted(LOGIN_POLICIES)}")
 
     @property
     def tls(self) -> bool:

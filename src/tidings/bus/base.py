@@ -60,7 +60,17 @@ class SettingsNotice(msgspec.Struct, frozen=True, tag="settings"):
     settings: ConvSettings
 
 
-BusEvent = MessageEvent | RevokeEvent | TypingNotice | ReadNotice | SettingsNotice
+class SessionStarted(msgspec.Struct, frozen=True, tag="session"):
+    """A device of ``uid`` authenticated: under a login policy, older sessions it
+    supersedes (on any node) are kicked."""
+
+    uid: str
+    device: str
+    platform: str
+    session: str
+
+
+BusEvent = MessageEvent | RevokeEvent | TypingNotice | ReadNotice | SettingsNotice | SessionStarted
 Handler = Callable[[BusEvent], None]
 
 

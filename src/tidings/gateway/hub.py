@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from tidings.bus.base import (
     BusEvent,
     MessageEvent,
     ReadNotice,
     RevokeEvent,
+    SessionStarted,
     SettingsNotice,
     TypingNotice,
 )
 from tidings.clock import Clock
 from tidings.protocol import close
-from tidings.protocol.frames import Push, ReadEvent, ServerFrame, SettingsEvent, TypingEvent
+from tidings.protocol.frames import (
+    Kicked,
+    Push,
+    ReadEvent,
+    ServerFrame,
+    SettingsEvent,
+    TypingEvent,
+)
 from tidings.services.messaging import to_wire
 from tidings.session.session import Session
 
@@ -23,9 +32,17 @@ log = logging.getLogger(__name__)
 
 
 class Hub:
-    def __init__(self, clock: Clock, sweep_interval_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        sweep_interval_s: float = 0.25,
+        login_policy: str = "unlimited",
+        publish: Callable[[BusEvent], None] | None = None,
+    ) -> None:
         self.clock = clock
         self.sweep_interval_s = sweep_interval_s
+        self.login_policy = login_policy
+        self.publish = publish  # the bus, for events other nodes must see
         self.by_user: dict[str, set[Session]] = {}
         self.pending: set[Session] = set()  # not yet authenticated
         self._sweeper: asyncio.Task[None] | None = None
@@ -39,6 +56,10 @@ class Hub:
     def register(self, session: Session) -> None:
         self.pending.discard(session)
         self.by_user.setdefault(session.uid, set()).add(session)
+        if self.login_policy != "unlimited" and self.publish is not None:
+            self.publish(
+                SessionStarted(session.uid, session.device, session.platform, session.session_id)
+            )
 
     def unregister(self, session: Session) -> None:
         self.pending.discard(session)
@@ -69,11 +90,31 @@ class Hub:
             self._broadcast(TypingEvent(event.conv, event.sender), event.users)
         elif isinstance(event, ReadNotice):
             self._read(event)
+        elif isinstance(event, SessionStarted):
+            self._kick_superseded(event)
         elif isinstance(event, SettingsNotice):
             st = event.settings
             frame = SettingsEvent(event.conv, st.muted, st.pinned, st.hidden, st.draft)
             own = [s for s in self.by_user.get(event.uid, ()) if s.device != event.device]
             self._write_all(frame, own)
+
+    def _kick_superseded(self, event: SessionStarted) -> None:
+        """Apply the login policy: the newest session wins over the user's other devices
+        (of the same platform, or all of them)."""
+        frame = Kicked(
+            event.device,
+            event.platform,
+            f"signed in on another {event.platform} device"
+            if self.login_policy == "one_per_platform"
+            else "signed in elsewhere",
+        )
+        for s in list(self.by_user.get(event.uid, ())):
+            if s.device == event.device or s.session_id == event.session:
+                continue
+            if self.login_policy == "one_per_platform" and s.platform != event.platform:
+                continue
+            self._write_all(frame, [s])
+            s.close(close.KICKED, "kicked")
 
     def _read(self, event: ReadNotice) -> None:
         """The reader's other devices learn the new position and unread count; the other

@@ -316,6 +316,15 @@ class ConvList(msgspec.Struct, frozen=True, tag="convs", tag_field="t"):
     badge: int  # total unread over all the user's conversations
 
 
+class Kicked(msgspec.Struct, frozen=True, tag="kicked", tag_field="t"):
+    """This session was replaced by a newer one under the server's login policy; the
+    connection closes with 4004 next. Do not reconnect automatically."""
+
+    device: str  # the device that took over
+    platform: str
+    reason: str
+
+
 class BlockList(msgspec.Struct, frozen=True, tag="blocked", tag_field="t"):
     id: int
     users: list[str]
@@ -337,4 +346,5 @@ ServerFrame = (
     | ReadEvent
     | ConvList
     | SettingsEvent
+    | Kicked
 )
