@@ -13,9 +13,7 @@ TRY_AGAIN_LATER = 1013  # server overloaded: reconnect with backoff
 AUTH_TIMEOUT = 4001  # no successful hello within the auth timeout
 AUTH_FAILED = 4002  # the hello's token was refused (see the preceding error frame)
 TOKEN_REVOKED = 4003  # the session's token or device was revoked while connected
-KICKED = (
-    4004  # reserved for the login policy: another session replaced this one under the login policy
-)
+KICKED = 4004  # a newer session replaced this one under the login policy
 ACK_TIMEOUT = 4005  # pushes stayed unacknowledged after every retransmit: sync on reconnect
 IDLE_TIMEOUT = 4006  # nothing received within the idle timeout
 FLOOD = 4008  # the client kept sending far beyond its rate limit
