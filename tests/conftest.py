@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -20,6 +21,22 @@ HERE = os.path.dirname(__file__)
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Callable[[], Any]]:
     return {"uvloop": uvloop.new_event_loop}
+
+
+class ManualClock:
+    """Wall-clock time the test moves by hand (timers still use the real monotonic)."""
+
+    def __init__(self) -> None:
+        self.offset_ms = 0
+
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000 + self.offset_ms
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def advance(self, seconds: float) -> None:
+        self.offset_ms += int(seconds * 1000)
 
 
 def test_settings(data_dir: str, **overrides: Any) -> Settings:
@@ -98,9 +115,9 @@ class Harness:
 async def make_server(tmp_path: Any) -> AsyncIterator[Callable[..., Any]]:
     started: list[Harness] = []
 
-    async def make(**overrides: Any) -> Harness:
+    async def make(clock: Any = None, **overrides: Any) -> Harness:
         data_dir = str(tmp_path / f"data{len(started)}")
-        server = Server(test_settings(data_dir, **overrides))
+        server = Server(test_settings(data_dir, **overrides), clock=clock)
         await server.start()
         h = Harness(server)
         started.append(h)

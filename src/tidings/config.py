@@ -39,6 +39,7 @@ class Settings:
     rate_per_s: float = 50.0
     rate_burst: int = 100
     max_inflight: int = 256
+    recall_window_ms: int = 120_000  # how long after sending a message may be recalled
     typing_interval_ms: int = 1_000  # at most one typing notice per conversation this often
     history_page_max: int = 100
     sync_page_max: int = 500

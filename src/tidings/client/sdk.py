@@ -319,6 +319,19 @@ class Client:
         self._pump()
         return await asyncio.shield(fut)
 
+    async def recall(self, conv: str, seq: int) -> Sent:
+        """Recall this user's message ``seq`` (within the server's recall window). Every
+        device gets a `recall` entry; the message then shows as recalled."""
+        return await self.send(conv=conv, type="recall", body={"seq": seq})
+
+    async def edit(
+        self, conv: str, seq: int, text: str | None = None, body: dict[str, Any] | None = None
+    ) -> Sent:
+        """Replace the content of this user's message ``seq``; every device gets an `edit`
+        entry and history shows the new content with its edit version."""
+        new = body if body is not None else {"text": text or ""}
+        return await self.send(conv=conv, type="edit", body={"seq": seq, "body": new})
+
     @property
     def unacked_sends(self) -> int:
         return len(self._outbox)

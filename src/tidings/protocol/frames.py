@@ -43,6 +43,9 @@ class Message(msgspec.Struct, frozen=True, omit_defaults=True):
     flags: int = 0
     mentions: list[str] = []
     reply_to: str | None = None
+    edit_version: int = 0  # how many times the sender edited it
+    recalled: bool = False  # the sender recalled it; body is empty
+    deleted: bool = False  # this user deleted it for themself; body is empty
 
 
 class ConvState(msgspec.Struct, frozen=True):

@@ -20,6 +20,7 @@ from tidings.protocol.codec import check_json_model
 from tidings.protocol.errors import TidingsError
 from tidings.protocol.frames import ConvState, Message, Send
 from tidings.store.base import (
+    Amend,
     AppendResult,
     ConvSettings,
     ConvSummary,
@@ -30,6 +31,7 @@ from tidings.store.base import (
 )
 
 CLIENT_TYPES = frozenset({"text", "image", "file", "voice", "video", "location", "custom"})
+EVENT_TYPES = frozenset({"recall", "edit"})  # entries that change an earlier one
 FLAG_SILENT = 1
 FLAG_NOT_COUNTED = 2
 MAX_FLAGS = 0xFFFF
@@ -56,6 +58,8 @@ def to_wire(rec: MessageRecord) -> Message:
         flags=rec.flags,
         mentions=list(rec.mentions),
         reply_to=None if rec.reply_to is None else str(rec.reply_to),
+        edit_version=rec.edit_version,
+        recalled=rec.recalled,
     )
 
 
@@ -106,6 +110,8 @@ class Messaging:
     def prepare(self, uid: str, device: str, f: Send) -> NewMessage:
         """Validate a send from (uid, device); raise TidingsError with the reason."""
         validate_client_id(f.cid)
+        if f.type in EVENT_TYPES:
+            return self._amendment(uid, device, f)
         if f.type not in CLIENT_TYPES:
             if f.type == "system":
                 raise TidingsError("forbidden", "system messages come from the server API")
@@ -173,6 +179,34 @@ class Messaging:
             mentions=mention_ids,
             reply_to=None if reply_to is None else parse_id(reply_to, "reply_to"),
         )
+
+    def _amendment(self, uid: str, device: str, f: Send) -> NewMessage:
+        """A recall (body ``{"seq": N}``) or edit (``{"seq": N, "body": {...}}``) of the
+        sender's own entry N: an event entry, not counted toward unread."""
+        target = f.body.get("seq")
+        if not isinstance(target, int) or isinstance(target, bool) or not 1 <= target < MAX_ID:
+            raise TidingsError("invalid", f"a {f.type} needs body.seq, the entry to change")
+        conv, members = self.target(uid, f.to, f.conv)
+        if f.type == "recall":
+            amend = Amend(target, "recall", window_ms=self.settings.recall_window_ms)
+            body: dict[str, Any] = {"seq": target}
+        else:
+            new_body = f.body.get("body")
+            if not isinstance(new_body, dict):
+                raise TidingsError("invalid", "an edit needs body.body, the new content")
+            checked = self.build(
+                uid,
+                device,
+                conv,
+                members,
+                f.cid,
+                "text" if "text" in new_body else "custom",
+                new_body,
+            )
+            amend = Amend(target, "edit", new_body=new_body, new_body_bytes=checked.body_bytes)
+            body = {"seq": target, "body": new_body}
+        msg = self.build(uid, device, conv, members, f.cid, "custom", body, f.flags)
+        return msgspec.structs.replace(msg, type=f.type, counted=False, amend=amend)
 
     def target(self, uid: str, to: str | None, conv: str | None) -> tuple[str, tuple[str, ...]]:
         if (to is None) == (conv is None):

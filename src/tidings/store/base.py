@@ -28,6 +28,18 @@ class UserRecord(msgspec.Struct, frozen=True):
     created_ms: int
 
 
+class Amend(msgspec.Struct, frozen=True):
+    """What a recall or edit event does to its target entry, applied in the same
+    transaction as the event: the target must be the sender's own message, not recalled,
+    and (recall) no older than ``window_ms``."""
+
+    target_seq: int
+    action: str  # "recall" or "edit"
+    window_ms: int = 0  # recall only
+    new_body: dict[str, Any] | None = None  # edit only
+    new_body_bytes: bytes = b""
+
+
 class NewMessage(msgspec.Struct, frozen=True):
     """A message to append. ``members`` are the conversation's members when it is created
     by this append (the direct pair); each must be an existing user."""
@@ -42,6 +54,7 @@ class NewMessage(msgspec.Struct, frozen=True):
     members: tuple[str, ...]
     blocker: str | None = None  # refuse with `blocked` if this user blocks the sender
     counted: bool = True  # counts toward unread (false for silent/not-counted and events)
+    amend: Amend | None = None  # for recall/edit events: the change to the target entry
     flags: int = 0
     mentions: tuple[str, ...] = ()
     reply_to: int | None = None
@@ -62,6 +75,8 @@ class MessageRecord(msgspec.Struct, frozen=True):
     mentions: tuple[str, ...] = ()
     reply_to: int | None = None
     size: int = 0  # bytes of the stored body (to bound reply sizes)
+    edit_version: int = 0
+    recalled: bool = False
 
 
 class AppendResult(msgspec.Struct, frozen=True):

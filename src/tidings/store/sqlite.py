@@ -31,6 +31,7 @@ from tidings.clock import Clock
 from tidings.domain.ids import MAX_WORKER, MessageIdGenerator
 from tidings.protocol.errors import TidingsError
 from tidings.store.base import (
+    Amend,
     AppendResult,
     AuthState,
     ConvRow,
@@ -50,7 +51,10 @@ _STOP = object()
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder().decode
 _MSG_COLS = "conv, seq, mid, sender, dev, cid, type, body, ts, flags, mentions, reply_to"
+_READ_COLS = _MSG_COLS + ", edit_version, recalled"
 KIND_DIRECT = 1
+EVENT_TYPES = frozenset({"recall", "edit"})
+_EMPTY_BODY = _pack({})
 
 
 def _record(row: tuple[Any, ...]) -> MessageRecord:
@@ -68,6 +72,8 @@ def _record(row: tuple[Any, ...]) -> MessageRecord:
         mentions=tuple(_unpack(row[10])) if row[10] else (),
         reply_to=row[11],
         size=len(row[7]),
+        edit_version=row[12],
+        recalled=bool(row[13]),
     )
 
 
@@ -381,6 +387,8 @@ class SqliteStore:
             now = self.clock.now_ms()
             mid = self._ids.next(now)
             mentions = _pack(list(msg.mentions)) if msg.mentions else None
+            if msg.amend is not None:
+                conn.execute("SAVEPOINT amend")
             cur = conn.execute(
                 f"INSERT INTO messages ({_MSG_COLS}, ctotal) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT(sender, cid) DO NOTHING",
@@ -400,6 +408,13 @@ class SqliteStore:
                     ctotal,
                 ),
             )
+            if msg.amend is not None:
+                err = None if cur.rowcount == 0 else self._amend(conn, msg, msg.amend, now)
+                if err is not None:
+                    conn.execute("ROLLBACK TO amend")
+                conn.execute("RELEASE amend")
+                if err is not None:
+                    return err
             if cur.rowcount == 0:
                 return self._duplicate(conn, msg)
         except sqlite3.Error as exc:
@@ -426,6 +441,39 @@ class SqliteStore:
         )
         return AppendResult(rec, False)
 
+    def _amend(
+        self, conn: sqlite3.Connection, msg: NewMessage, amend: Amend, now: int
+    ) -> TidingsError | None:
+        """Apply a recall or edit to its target entry (inside the event's savepoint)."""
+        row = conn.execute(
+            "SELECT sender, ts, recalled, type FROM messages WHERE conv=? AND seq=?",
+            (msg.conv, amend.target_seq),
+        ).fetchone()
+        if row is None:
+            return TidingsError("not_found", f"no entry {amend.target_seq} in this conversation")
+        sender, ts, recalled, mtype = row
+        if sender != msg.sender:
+            return TidingsError("forbidden", f"only the sender can {amend.action} a message")
+        if mtype in EVENT_TYPES:
+            return TidingsError("invalid", f"an event entry cannot be {amend.action}ed")
+        if recalled:
+            return TidingsError("conflict", "the message was recalled")
+        if amend.action == "recall":
+            if now - ts > amend.window_ms:
+                return TidingsError(
+                    "forbidden", f"messages can be recalled within {amend.window_ms // 1000} s"
+                )
+            conn.execute(
+                "UPDATE messages SET recalled=1, body=? WHERE conv=? AND seq=?",
+                (_EMPTY_BODY, msg.conv, amend.target_seq),
+            )
+        else:
+            conn.execute(
+                "UPDATE messages SET body=?, edit_version=edit_version+1 WHERE conv=? AND seq=?",
+                (amend.new_body_bytes, msg.conv, amend.target_seq),
+            )
+        return None
+
     def _create_conversation(
         self, conn: sqlite3.Connection, msg: NewMessage
     ) -> TidingsError | None:
@@ -450,7 +498,7 @@ class SqliteStore:
 
     def _duplicate(self, conn: sqlite3.Connection, msg: NewMessage) -> AppendResult | TidingsError:
         row = conn.execute(
-            f"SELECT {_MSG_COLS} FROM messages WHERE sender=? AND cid=?", (msg.sender, msg.cid)
+            f"SELECT {_READ_COLS} FROM messages WHERE sender=? AND cid=?", (msg.sender, msg.cid)
         ).fetchone()
         if row is None:  # pragma: no cover - the conflict came from elsewhere
             return TidingsError("internal", "client id conflict without a row")
@@ -675,7 +723,7 @@ class SqliteStore:
                 draft,
             ) in rows:
                 last = conn.execute(
-                    f"SELECT {_MSG_COLS} FROM messages WHERE conv=? AND seq=?", (conv, last_seq)
+                    f"SELECT {_READ_COLS} FROM messages WHERE conv=? AND seq=?", (conv, last_seq)
                 ).fetchone()
                 settings = ConvSettings(bool(muted), bool(pinned), hidden_seq >= last_seq, draft)
                 out.append(
@@ -778,13 +826,13 @@ class SqliteStore:
         def op(conn: sqlite3.Connection) -> list[MessageRecord]:
             if before > 0:
                 rows = conn.execute(
-                    f"SELECT {_MSG_COLS} FROM messages WHERE conv=? AND seq<? "
+                    f"SELECT {_READ_COLS} FROM messages WHERE conv=? AND seq<? "
                     "ORDER BY seq DESC LIMIT ?",
                     (conv, before, limit),
                 ).fetchall()
             else:
                 rows = conn.execute(
-                    f"SELECT {_MSG_COLS} FROM messages WHERE conv=? ORDER BY seq DESC LIMIT ?",
+                    f"SELECT {_READ_COLS} FROM messages WHERE conv=? ORDER BY seq DESC LIMIT ?",
                     (conv, limit),
                 ).fetchall()
             return [_record(r) for r in reversed(rows)]
@@ -794,7 +842,7 @@ class SqliteStore:
     async def messages_after(self, conv: str, after: int, limit: int) -> list[MessageRecord]:
         def op(conn: sqlite3.Connection) -> list[MessageRecord]:
             rows = conn.execute(
-                f"SELECT {_MSG_COLS} FROM messages WHERE conv=? AND seq>? ORDER BY seq LIMIT ?",
+                f"SELECT {_READ_COLS} FROM messages WHERE conv=? AND seq>? ORDER BY seq LIMIT ?",
                 (conv, after, limit),
             ).fetchall()
             return [_record(r) for r in rows]

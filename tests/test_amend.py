@@ -1,0 +1,78 @@
+"""Recall and edit: events in the conversation's sequence, so every device converges."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.conftest import Harness, ManualClock, next_message
+from tidings.client import RequestError
+
+
+async def test_recall_within_window(make_server: Any) -> None:
+    """A recall is an entry every device gets; history shows the original as recalled;
+    it does not raise unread; after the window it is `forbidden`."""
+    clock = ManualClock()
+    h: Harness = await make_server(clock=clock, recall_window_ms=120_000)
+    a = await h.client("alice")
+    b = await h.client("bob")
+    first = await a.send(to="bob", text="oops")
+    second = await a.send(to="bob", text="fine")
+    recall = await a.recall(first.conv, first.seq)
+    assert recall.seq == 3
+    got = [(await next_message(b)).message for _ in range(3)]
+    assert [m.type for m in got] == ["text", "text", "recall"]
+    assert got[2].body == {"seq": 1}
+    page = await b.history(first.conv)
+    assert page.msgs[0].recalled and page.msgs[0].body == {}
+    assert not page.msgs[1].recalled
+    convs, badge = await b.conversations()
+    assert convs[0].unread == 2 and badge == 2  # the recall entry itself is not counted
+    clock.advance(121)
+    with pytest.raises(RequestError) as err:
+        await a.recall(second.conv, second.seq)
+    assert err.value.code == "forbidden"
+    with pytest.raises(RequestError) as err:
+        await a.recall(first.conv, first.seq)  # already recalled (window aside)
+    assert err.value.code in ("conflict", "forbidden")
+
+
+async def test_only_the_sender_recalls_or_edits(harness: Harness) -> None:
+    """Bob cannot recall or edit Alice's message; unknown seqs are `not_found`."""
+    a = await harness.client("alice")
+    b = await harness.client("bob")
+    sent = await a.send(to="bob", text="mine")
+    for op in (b.recall(sent.conv, sent.seq), b.edit(sent.conv, sent.seq, "yours")):
+        with pytest.raises(RequestError) as err:
+            await op
+        assert err.value.code == "forbidden"
+    with pytest.raises(RequestError) as err:
+        await a.recall(sent.conv, 99)
+    assert err.value.code == "not_found"
+    with pytest.raises(RequestError) as err:
+        await a.send(conv=sent.conv, type="recall", body={"seq": "one"})
+    assert err.value.code == "invalid"
+    page = await a.history(sent.conv)
+    assert [m.seq for m in page.msgs] == [1]  # the refused events burned no seq
+
+
+async def test_edit_versions(harness: Harness) -> None:
+    """Each edit is an entry; history shows the latest content and its edit version."""
+    a = await harness.client("alice")
+    b = await harness.client("bob")
+    sent = await a.send(to="bob", text="helo")
+    await a.edit(sent.conv, sent.seq, "hello")
+    await a.edit(sent.conv, sent.seq, "hello!")
+    got = [(await next_message(b)).message for _ in range(3)]
+    assert [m.type for m in got] == ["text", "edit", "edit"]
+    assert got[2].body == {"seq": 1, "body": {"text": "hello!"}}
+    page = await b.history(sent.conv)
+    assert page.msgs[0].body == {"text": "hello!"} and page.msgs[0].edit_version == 2
+    await a.recall(sent.conv, sent.seq)
+    with pytest.raises(RequestError) as err:
+        await a.edit(sent.conv, sent.seq, "too late")
+    assert err.value.code == "conflict"
+    with pytest.raises(RequestError) as err:
+        await a.edit(sent.conv, 2, "edit an edit")
+    assert err.value.code == "invalid"
