@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
