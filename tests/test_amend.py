@@ -76,3 +76,46 @@ async def test_edit_versions(harness: Harness) -> None:
     with pytest.raises(RequestError) as err:
         await a.edit(sent.conv, 2, "edit an edit")
     assert err.value.code == "invalid"
+
+
+async def test_delete_for_me(harness: Harness) -> None:
+    """Deleting for me hides entries on my devices only: my other device is told, my
+    history and sync show empty `deleted` entries (seqs intact), the peer keeps them."""
+    import asyncio
+
+    from tidings.client import DeletedForMe
+
+    a1 = await harness.client("alice", "a1")
+    a2 = await harness.client("alice", "a2")
+    b = await harness.client("bob")
+    for i in range(3):
+        await b.send(to="alice", text=f"m{i}")
+    await a1.delete_for_me("d:alice|bob", [2, 2, 3])
+
+    async def next_deleted() -> DeletedForMe:
+        async for ev in a2.events():
+            if isinstance(ev, DeletedForMe):
+                return ev
+        raise AssertionError
+
+    assert await asyncio.wait_for(next_deleted(), 3) == DeletedForMe("d:alice|bob", [2, 3])
+    mine = await a1.history("d:alice|bob")
+    assert [(m.seq, m.deleted, m.body) for m in mine.msgs] == [
+        (1, False, {"text": "m0"}),
+        (2, True, {}),
+        (3, True, {}),
+    ]
+    theirs = await b.history("d:alice|bob")
+    assert [m.body["text"] for m in theirs.msgs] == ["m0", "m1", "m2"]
+    fresh = await harness.client("alice", "a3")
+    got = [(await next_message(fresh)).message for _ in range(3)]
+    assert [m.deleted for m in got] == [False, True, True]
+    with pytest.raises(RequestError) as err:
+        await a1.delete_for_me("d:alice|bob", [9])
+    assert err.value.code == "not_found"
+    with pytest.raises(RequestError) as err:
+        await a1.delete_for_me("d:bob|carol", [1])
+    assert err.value.code == "forbidden"
+    with pytest.raises(RequestError) as err:
+        await a1.delete_for_me("d:alice|bob", [])
+    assert err.value.code == "invalid"

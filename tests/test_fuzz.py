@@ -27,6 +27,7 @@ from tests.rawclient import Raw
 from tidings.protocol import close
 
 TYPES = [
+    "delete",
     "settings",
     "read",
     "convs",
@@ -48,6 +49,7 @@ TYPES = [
     "x",
 ]
 FIELDS = [
+    "seqs",
     "muted",
     "pinned",
     "hidden",
@@ -126,6 +128,7 @@ def counts(db: str) -> tuple[int, ...]:
                 "revoked_tokens",
                 "blocks",
                 "user_changes",
+                "deleted_for",
             )
         )
     finally:

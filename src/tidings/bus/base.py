@@ -60,6 +60,15 @@ class SettingsNotice(msgspec.Struct, frozen=True, tag="settings"):
     settings: ConvSettings
 
 
+class DeletedNotice(msgspec.Struct, frozen=True, tag="deleted"):
+    """``uid`` deleted ``seqs`` of ``conv`` for themself on ``device``."""
+
+    conv: str
+    uid: str
+    device: str
+    seqs: tuple[int, ...]
+
+
 class SessionStarted(msgspec.Struct, frozen=True, tag="session"):
     """A device of ``uid`` authenticated: under a login policy, older sessions it
     supersedes (on any node) are kicked."""
@@ -70,7 +79,15 @@ class SessionStarted(msgspec.Struct, frozen=True, tag="session"):
     session: str
 
 
-BusEvent = MessageEvent | RevokeEvent | TypingNotice | ReadNotice | SettingsNotice | SessionStarted
+BusEvent = (
+    MessageEvent
+    | RevokeEvent
+    | TypingNotice
+    | ReadNotice
+    | SettingsNotice
+    | SessionStarted
+    | DeletedNotice
+)
 Handler = Callable[[BusEvent], None]
 
 

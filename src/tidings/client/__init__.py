@@ -3,6 +3,7 @@
 from tidings.client.sdk import (
     Client,
     Connected,
+    DeletedForMe,
     Disconnected,
     Event,
     MessageEvent,
@@ -15,6 +16,7 @@ from tidings.client.sdk import (
 __all__ = [
     "Client",
     "Connected",
+    "DeletedForMe",
     "Disconnected",
     "Event",
     "MessageEvent",

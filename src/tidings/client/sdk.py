@@ -39,6 +39,8 @@ from tidings.protocol.frames import (
     ConvItem,
     ConvList,
     Convs,
+    Delete,
+    Deleted,
     Error,
     Hello,
     History,
@@ -130,7 +132,23 @@ class SettingsChanged:
     draft: str
 
 
-Event = MessageEvent | Connected | Disconnected | TypingNotice | ReadReceipt | SettingsChanged
+@dataclass(frozen=True)
+class DeletedForMe:
+    """This user deleted these entries for themself on another device."""
+
+    conv: str
+    seqs: list[int]
+
+
+Event = (
+    MessageEvent
+    | Connected
+    | Disconnected
+    | TypingNotice
+    | ReadReceipt
+    | SettingsChanged
+    | DeletedForMe
+)
 _END = object()
 
 
@@ -365,6 +383,11 @@ class Client:
         assert isinstance(res, SettingsEvent)
         return res
 
+    async def delete_for_me(self, conv: str, seqs: list[int]) -> None:
+        """Delete entries for this user's devices only (the other member keeps them);
+        history and sync then show them as empty `deleted` entries."""
+        await self._request(lambda rid: Delete(rid, conv, seqs))
+
     async def conversations(self, limit: int = 50) -> tuple[list[ConvItem], int]:
         """The conversation list (newest activity first) and the badge (total unread)."""
         res = await self._request(lambda rid: Convs(rid, limit))
@@ -552,6 +575,8 @@ class Client:
                 self._events.put_nowait(ReadReceipt(frame.conv, frame.by, frame.seq, frame.unread))
         elif kind is ConvList:
             self._resolve(frame.id, frame)
+        elif kind is Deleted:
+            self._events.put_nowait(DeletedForMe(frame.conv, frame.seqs))
         elif kind is SettingsEvent:
             if frame.id:
                 self._resolve(frame.id, frame)

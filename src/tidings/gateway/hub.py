@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from tidings.bus.base import (
     BusEvent,
+    DeletedNotice,
     MessageEvent,
     ReadNotice,
     RevokeEvent,
@@ -18,6 +19,7 @@ from tidings.bus.base import (
 from tidings.clock import Clock
 from tidings.protocol import close
 from tidings.protocol.frames import (
+    Deleted,
     Kicked,
     Push,
     ReadEvent,
@@ -90,6 +92,9 @@ class Hub:
             self._broadcast(TypingEvent(event.conv, event.sender), event.users)
         elif isinstance(event, ReadNotice):
             self._read(event)
+        elif isinstance(event, DeletedNotice):
+            own = [s for s in self.by_user.get(event.uid, ()) if s.device != event.device]
+            self._write_all(Deleted(event.conv, list(event.seqs)), own)
         elif isinstance(event, SessionStarted):
             self._kick_superseded(event)
         elif isinstance(event, SettingsNotice):

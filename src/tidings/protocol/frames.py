@@ -155,6 +155,14 @@ class Settings(msgspec.Struct, frozen=True, tag="settings", tag_field="t"):
     draft: str | None = None
 
 
+class Delete(msgspec.Struct, frozen=True, tag="delete", tag_field="t"):
+    """Delete entries of ``conv`` for this user's devices only."""
+
+    id: int
+    conv: str
+    seqs: list[int]
+
+
 class Blocks(msgspec.Struct, frozen=True, tag="blocks", tag_field="t"):
     """Ask for the list of users I block."""
 
@@ -175,6 +183,7 @@ ClientFrame = (
     | Read
     | Convs
     | Settings
+    | Delete
 )
 CLIENT_TYPES = frozenset(
     {
@@ -191,6 +200,7 @@ CLIENT_TYPES = frozenset(
         "read",
         "convs",
         "settings",
+        "delete",
     }
 )
 
@@ -319,6 +329,13 @@ class ConvList(msgspec.Struct, frozen=True, tag="convs", tag_field="t"):
     badge: int  # total unread over all the user's conversations
 
 
+class Deleted(msgspec.Struct, frozen=True, tag="deleted", tag_field="t"):
+    """This user deleted these entries for themself on another device: hide them."""
+
+    conv: str
+    seqs: list[int]
+
+
 class Kicked(msgspec.Struct, frozen=True, tag="kicked", tag_field="t"):
     """This session was replaced by a newer one under the server's login policy; the
     connection closes with 4004 next. Do not reconnect automatically."""
@@ -350,4 +367,5 @@ ServerFrame = (
     | ConvList
     | SettingsEvent
     | Kicked
+    | Deleted
 )

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from tidings.bus.base import Bus, MessageEvent, ReadNotice, SettingsNotice
+from tidings.bus.base import Bus, DeletedNotice, MessageEvent, ReadNotice, SettingsNotice
 from tidings.config import Settings
 from tidings.domain.ids import (
     direct_conversation_id,
@@ -40,6 +40,7 @@ MAX_ID = 2**63
 SYNC_CONVS_MAX = 1000  # conversations listed in one sync answer
 CONV_LIST_MAX = 200  # conversations in one conversation-list answer
 MAX_DRAFT_BYTES = 4096
+MAX_DELETE = 100  # seqs in one delete-for-me
 REPLY_BUDGET_BYTES = 1 << 20  # sync and history answers stay near this size (bodies)
 _pack = msgspec.msgpack.Encoder().encode
 
@@ -60,6 +61,7 @@ def to_wire(rec: MessageRecord) -> Message:
         reply_to=None if rec.reply_to is None else str(rec.reply_to),
         edit_version=rec.edit_version,
         recalled=rec.recalled,
+        deleted=rec.deleted,
     )
 
 
@@ -293,6 +295,37 @@ class Messaging:
         self.bus.publish(SettingsNotice(conv, uid, device, settings))
         return settings
 
+    async def delete_for_me(self, uid: str, device: str, conv: str, seqs: list[int]) -> list[int]:
+        """Hide entries for this user's devices only; the other devices are told."""
+        if not 1 <= len(seqs) <= MAX_DELETE:
+            raise TidingsError("invalid", f"give 1 to {MAX_DELETE} seqs")
+        if any(not 1 <= s < MAX_ID for s in seqs):
+            raise TidingsError("invalid", "seqs must be 1..2^63-1")
+        pair = direct_members(conv)
+        if pair is None:
+            raise TidingsError("not_found", "no such conversation")
+        if uid not in pair:
+            raise TidingsError("forbidden", "not a member of this conversation")
+        done = await self.store.delete_for(uid, conv, seqs)
+        if done:
+            self.bus.publish(DeletedNotice(conv, uid, device, tuple(done)))
+        return done
+
+    async def _mark_deleted(self, uid: str, rows: list[MessageRecord]) -> list[MessageRecord]:
+        """Show the reader's own deletions as empty `deleted` entries (seqs stay intact)."""
+        if not rows:
+            return rows
+        out: list[MessageRecord] = []
+        by_conv: dict[str, set[int]] = {}
+        for conv in {r.conv for r in rows}:
+            seqs = [r.seq for r in rows if r.conv == conv]
+            by_conv[conv] = await self.store.deleted_seqs(uid, conv, min(seqs), max(seqs))
+        for r in rows:
+            if r.seq in by_conv[r.conv]:
+                r = msgspec.structs.replace(r, body={}, deleted=True)
+            out.append(r)
+        return out
+
     async def conversation_list(self, uid: str, limit: int) -> tuple[list[ConvSummary], int]:
         if not 1 <= limit < MAX_ID:
             raise TidingsError("invalid", "limit must be >= 1")
@@ -325,7 +358,7 @@ class Messaging:
                 break
         rows = rows[len(rows) - keep :]
         more = bool(rows) and rows[0].seq > 1
-        return rows, more
+        return await self._mark_deleted(uid, rows), more
 
     async def sync(self, uid: str, since_raw: str, have: dict[str, int], limit: int) -> SyncResult:
         """What changed since the device's sync point, given the seqs it states it holds."""
@@ -364,4 +397,4 @@ class Messaging:
             else:
                 prefix_held = False
         complete = prefix_held and len(rows) <= SYNC_CONVS_MAX
-        return SyncResult(convs, msgs, complete, wm)
+        return SyncResult(convs, await self._mark_deleted(uid, msgs), complete, wm)

@@ -29,6 +29,7 @@ from tidings.protocol.frames import (
     ConvItem,
     ConvList,
     Convs,
+    Delete,
     Error,
     Hello,
     History,
@@ -195,6 +196,8 @@ class Session:
             self._spawn(rid, self._on_read(frame))  # type: ignore[arg-type]
         elif kind is Convs:
             self._spawn(rid, self._on_convs(frame))  # type: ignore[arg-type]
+        elif kind is Delete:
+            self._spawn(rid, self._on_delete(frame))  # type: ignore[arg-type]
         elif kind is SettingsFrame:
             self._spawn(rid, self._on_settings(frame))  # type: ignore[arg-type]
         elif kind is Hello:
@@ -389,6 +392,10 @@ class Session:
     async def _on_read(self, f: Read) -> None:
         state = await self.ctx.messaging.mark_read(self.uid, self.device, f.conv, f.seq)
         self._reply(ReadEvent(f.conv, self.uid, state.read_seq, f.id, state.unread))
+
+    async def _on_delete(self, f: Delete) -> None:
+        await self.ctx.messaging.delete_for_me(self.uid, self.device, f.conv, f.seqs)
+        self._reply(Ok(f.id))
 
     async def _on_settings(self, f: SettingsFrame) -> None:
         st = await self.ctx.messaging.update_settings(

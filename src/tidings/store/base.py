@@ -77,6 +77,7 @@ class MessageRecord(msgspec.Struct, frozen=True):
     size: int = 0  # bytes of the stored body (to bound reply sizes)
     edit_version: int = 0
     recalled: bool = False
+    deleted: bool = False  # deleted for the reading user (set per reader, never stored here)
 
 
 class AppendResult(msgspec.Struct, frozen=True):
@@ -184,6 +185,15 @@ class Store(Protocol):
     ) -> ConvSettings:
         """Change the given settings (None: unchanged); TidingsError('forbidden') if not a
         member. Hiding hides the conversation until its next entry."""
+        ...
+
+    async def delete_for(self, uid: str, conv: str, seqs: list[int]) -> list[int]:
+        """Hide entries of ``conv`` for ``uid`` only; returns the seqs newly hidden.
+        TidingsError('forbidden') if not a member."""
+        ...
+
+    async def deleted_seqs(self, uid: str, conv: str, lo: int, hi: int) -> set[int]:
+        """The seqs in [lo, hi] that ``uid`` deleted for themself."""
         ...
 
     # -- block list

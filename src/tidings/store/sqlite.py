@@ -790,6 +790,46 @@ class SqliteStore:
 
         return await self._write(op)
 
+    async def delete_for(self, uid: str, conv: str, seqs: list[int]) -> list[int]:
+        def op(conn: sqlite3.Connection) -> list[int]:
+            row = conn.execute(
+                "SELECT c.last_seq FROM members m JOIN conversations c ON c.id = m.conv "
+                "WHERE m.conv=? AND m.uid=?",
+                (conv, uid),
+            ).fetchone()
+            if row is None:
+                raise TidingsError("forbidden", "not a member of this conversation")
+            cached = self._seq.get(conv)
+            last_seq = cached[0] if cached is not None else row[0]
+            done = []
+            for seq in sorted(set(seqs)):
+                if not 1 <= seq <= last_seq:
+                    raise TidingsError("not_found", f"no entry {seq} in this conversation")
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO deleted_for (uid, conv, seq) VALUES (?,?,?)",
+                    (uid, conv, seq),
+                )
+                if cur.rowcount:
+                    done.append(seq)
+            if done:
+                conn.execute(
+                    "INSERT INTO user_changes (uid, conv, kind, value, ts) VALUES (?,?,?,?,?)",
+                    (uid, conv, "deleted", len(done), self.clock.now_ms()),
+                )
+            return done
+
+        return await self._write(op)
+
+    async def deleted_seqs(self, uid: str, conv: str, lo: int, hi: int) -> set[int]:
+        def op(conn: sqlite3.Connection) -> set[int]:
+            rows = conn.execute(
+                "SELECT seq FROM deleted_for WHERE uid=? AND conv=? AND seq BETWEEN ? AND ?",
+                (uid, conv, lo, hi),
+            )
+            return {r[0] for r in rows}
+
+        return await self._read(op)
+
     # ------------------------------------------------------------------ block list
 
     async def set_block(self, uid: str, other: str, on: bool, now_ms: int) -> None:
