@@ -50,6 +50,7 @@ class Server:
             max_batch=s.group_commit_max_batch,
             linger_ms=s.group_commit_linger_ms,
             max_pending=s.max_pending_writes,
+            wal_restart_bytes=s.wal_restart_bytes,
         )
         self.bus = MemoryBus()
         self.hub = Hub(self.clock, login_policy=s.login_policy, publish=self.bus.publish)

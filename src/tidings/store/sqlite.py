@@ -123,6 +123,7 @@ class SqliteStore:
         self._readers_n = readers
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._seq: dict[str, tuple[int, int]] = {}  # conv -> (last seq, counted total)
+        self._blocks: set[tuple[str, str]] | None = None
         self._ids: MessageIdGenerator | None = None
         self._pending = 0
         self._max_mid = 0
@@ -320,6 +321,13 @@ class SqliteStore:
             self._seq.clear()
         return results
 
+    def _block_set(self, conn: sqlite3.Connection) -> set[tuple[str, str]]:
+        """All (blocker, blocked) pairs, kept by the writer (the only one that changes
+        them) so a send costs no extra query; reloaded after a failed batch."""
+        if self._blocks is None:
+            self._blocks = {(r[0], r[1]) for r in conn.execute("SELECT uid, blocked FROM blocks")}
+        return self._blocks
+
     def _fail_batch(self, conn: sqlite3.Connection, n: int, why: str) -> list[Any]:
         """Roll back whatever is left of the transaction and fail every op of the batch.
         The seq counters may hold values of rolled-back rows: drop them."""
@@ -328,6 +336,7 @@ class SqliteStore:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
         self._seq.clear()
+        self._blocks = None
         return [TidingsError("unavailable", why, retry_after_ms=500)] * n
 
     def _call(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -357,12 +366,7 @@ class SqliteStore:
         readers: dict[tuple[str, str], tuple[int, int]],
     ) -> AppendResult | TidingsError:
         try:
-            if (
-                msg.blocker is not None
-                and conn.execute(
-                    "SELECT 1 FROM blocks WHERE uid=? AND blocked=?", (msg.blocker, msg.sender)
-                ).fetchone()
-            ):
+            if msg.blocker is not None and (msg.blocker, msg.sender) in self._block_set(conn):
                 # A retry of a message stored before the block still gets its answer.
                 if conn.execute(
                     "SELECT 1 FROM messages WHERE sender=? AND cid=?", (msg.sender, msg.cid)
@@ -834,13 +838,16 @@ class SqliteStore:
 
     async def set_block(self, uid: str, other: str, on: bool, now_ms: int) -> None:
         def op(conn: sqlite3.Connection) -> None:
+            blocks = self._block_set(conn)
             if on:
                 conn.execute(
                     "INSERT OR IGNORE INTO blocks (uid, blocked, created_ms) VALUES (?,?,?)",
                     (uid, other, now_ms),
                 )
+                blocks.add((uid, other))
             else:
                 conn.execute("DELETE FROM blocks WHERE uid=? AND blocked=?", (uid, other))
+                blocks.discard((uid, other))
 
         await self._write(op)
 
