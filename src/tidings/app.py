@@ -51,6 +51,7 @@ class Server:
             linger_ms=s.group_commit_linger_ms,
             max_pending=s.max_pending_writes,
             wal_restart_bytes=s.wal_restart_bytes,
+            checkpoint_interval_s=s.checkpoint_interval_ms / 1000,
         )
         self.bus = MemoryBus()
         self.hub = Hub(self.clock, login_policy=s.login_policy, publish=self.bus.publish)

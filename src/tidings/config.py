@@ -54,6 +54,7 @@ class Settings:
     group_commit_linger_ms: float = 0.0
     max_pending_writes: int = 50_000
     wal_restart_bytes: int = 8 << 20  # past this the checkpointer makes the WAL start over
+    checkpoint_interval_ms: int = 100  # how often the checkpointer backfills the WAL
     write_high_water: int = 2_000  # stop reading from senders above this write backlog
     write_low_water: int = 500  # ... and resume below this
     drain_timeout_s: float = 10.0
