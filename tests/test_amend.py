@@ -119,3 +119,97 @@ async def test_delete_for_me(harness: Harness) -> None:
     with pytest.raises(RequestError) as err:
         await a1.delete_for_me("d:alice|bob", [])
     assert err.value.code == "invalid"
+
+
+async def test_recall_clears_earlier_edits(harness: Harness) -> None:
+    """After edit then recall, no entry of the conversation still carries the content."""
+    a = await harness.client("alice")
+    b = await harness.client("bob")
+    sent = await a.send(to="bob", text="public")
+    await a.edit(sent.conv, sent.seq, "SECRET")
+    await a.recall(sent.conv, sent.seq)
+    page = await b.history(sent.conv)
+    assert "SECRET" not in repr([m.body for m in page.msgs])
+    assert page.msgs[1].type == "edit" and page.msgs[1].body == {"seq": 1}
+
+
+async def test_amend_rules(harness: Harness) -> None:
+    """System messages cannot be edited; a text edit needs text; edits do not mark the
+    chat read; a refused recall into a new conversation leaves nothing behind."""
+    a = await harness.client("alice")
+    b = await harness.client("bob")
+    msg = harness.server.messaging.build(
+        "alice", "server", "d:alice|bob", ("alice", "bob"), "sys-1", "system", {"text": "Paid $5"}
+    )
+    await harness.server.messaging.submit(msg, from_device=False)
+    with pytest.raises(RequestError) as err:
+        await a.edit("d:alice|bob", 1, "Paid $5000")
+    assert err.value.code == "forbidden"
+    mine = await a.send(to="bob", text="hello")
+    with pytest.raises(RequestError) as err:
+        await a.edit(mine.conv, mine.seq, body={"x": 1})
+    assert err.value.code == "invalid"
+    for i in range(3):
+        await b.send(to="alice", text=f"b{i}")
+    await a.edit(mine.conv, mine.seq, "hello!")
+    convs, _ = await a.conversations()
+    assert convs[0].unread == 3  # an edit is not a reply
+    with pytest.raises(RequestError) as err:
+        await a.recall("d:alice|carol", 1)
+    assert err.value.code in ("not_found", "forbidden")
+    assert await harness.server.store.conversation("d:alice|carol") is None
+    last = (await a.history(mine.conv)).msgs[-1].seq
+    with pytest.raises(RequestError) as err:
+        await a.recall(mine.conv, last + 1)
+    assert err.value.code == "not_found"
+
+
+async def test_failed_amend_rolls_back(harness: Harness, monkeypatch: Any) -> None:
+    """A storage error in the middle of an edit undoes it; the conversation goes on."""
+    import sqlite3
+
+    a = await harness.client("alice")
+    await harness.user("bob")
+    sent = await a.send(to="bob", text="one")
+
+    def broken(*_: Any) -> Any:
+        raise sqlite3.OperationalError("simulated")
+
+    from tests.rawclient import Raw
+
+    raw = await Raw.ws(harness.ws_url)
+    assert (await raw.login(await harness.token("alice", "raw")))["t"] == "ready"
+    monkeypatch.setattr(harness.server.store, "_amend", broken)
+    await raw.send(
+        {
+            "t": "send",
+            "id": 5,
+            "cid": "e1",
+            "conv": sent.conv,
+            "type": "edit",
+            "body": {"seq": 1, "body": {"text": "x"}},
+        }
+    )
+    frame = await raw.until("error")
+    assert frame["code"] == "internal" and frame["id"] == 5
+    monkeypatch.undo()
+    await raw.close()
+    nxt = await a.send(to="bob", text="two")
+    assert nxt.seq == 2
+    page = await a.history(sent.conv)
+    assert [m.seq for m in page.msgs] == [1, 2] and page.msgs[0].body == {"text": "one"}
+
+
+async def test_deletions_in_the_list_and_not_in_the_server_api(harness: Harness) -> None:
+    """The conversation list's last entry honours delete-for-me; the server API's
+    history shows every entry as stored."""
+    from tests.test_http_api import call
+
+    a = await harness.client("alice")
+    b = await harness.client("bob")
+    await b.send(to="alice", text="delete me")
+    await a.delete_for_me("d:alice|bob", [1])
+    convs, _ = await a.conversations()
+    assert convs[0].last is not None and convs[0].last.deleted and convs[0].last.body == {}
+    status, page = await call(harness, "GET", "/v1/conversations/d:alice|bob/messages")
+    assert status == 200 and page["msgs"][0]["body"] == {"text": "delete me"}

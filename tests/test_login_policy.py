@@ -32,7 +32,7 @@ async def test_one_per_platform(make_server: Any) -> None:
     h: Harness = await make_server(login_policy="one_per_platform")
     desk1 = await login(h, "alice", "desk-1", "desktop")
     phone = await login(h, "alice", "phone-1", "ios")
-    await login(h, "alice", "desk-2", "desktop")
+    desk2 = await login(h, "alice", "desk-2", "desktop")
     frame = await desk1.recv()
     assert frame == {
         "t": "kicked",
@@ -41,7 +41,7 @@ async def test_one_per_platform(make_server: Any) -> None:
         "reason": "signed in on another desktop device",
     }
     assert await desk1.closed() == close.KICKED
-    assert await still_open(phone)
+    assert await still_open(phone) and await still_open(desk2)
 
 
 async def test_one_total(make_server: Any) -> None:
@@ -59,8 +59,8 @@ async def test_one_total(make_server: Any) -> None:
 async def test_unlimited_by_default(harness: Harness) -> None:
     """The default policy lets every device stay online."""
     a = await login(harness, "alice", "d1", "desktop")
-    await login(harness, "alice", "d2", "desktop")
-    assert await still_open(a)
+    b = await login(harness, "alice", "d2", "desktop")
+    assert await still_open(a) and await still_open(b)
 
 
 async def test_sdk_does_not_fight_back(make_server: Any) -> None:

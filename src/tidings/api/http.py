@@ -327,7 +327,9 @@ class HttpApi:
         msg = self.messaging.build(
             sender, SERVER_DEVICE, conv, members, body.cid, mtype, body.body, body.flags
         )
-        res = await self.messaging.submit(msg, from_device=False)
+        res = await self.messaging.submit(
+            msgspec.structs.replace(msg, reads=False), from_device=False
+        )
         r = res.record
         return 200, m.SentOut(r.conv, r.seq, str(r.mid), r.ts, r.cid, res.dup)
 
@@ -338,5 +340,5 @@ class HttpApi:
             raise TidingsError("not_found", "no such conversation")
         before = _int_query(request, "before", 0)
         limit = _int_query(request, "limit", 50)
-        rows, more = await self.messaging.history(pair[0], conv, before, limit)
+        rows, more = await self.messaging.history(pair[0], conv, before, limit, as_reader=False)
         return 200, m.PageOut(conv, [to_wire(r) for r in rows], more)

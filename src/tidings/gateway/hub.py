@@ -58,6 +58,9 @@ class Hub:
     def register(self, session: Session) -> None:
         self.pending.discard(session)
         self.by_user.setdefault(session.uid, set()).add(session)
+
+    def announce(self, session: Session) -> None:
+        """The session is fully admitted: apply the login policy to the user's others."""
         if self.login_policy != "unlimited" and self.publish is not None:
             self.publish(
                 SessionStarted(session.uid, session.device, session.platform, session.session_id)

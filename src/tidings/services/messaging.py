@@ -208,7 +208,7 @@ class Messaging:
             amend = Amend(target, "edit", new_body=new_body, new_body_bytes=checked.body_bytes)
             body = {"seq": target, "body": new_body}
         msg = self.build(uid, device, conv, members, f.cid, "custom", body, f.flags)
-        return msgspec.structs.replace(msg, type=f.type, counted=False, amend=amend)
+        return msgspec.structs.replace(msg, type=f.type, counted=False, amend=amend, reads=False)
 
     def target(self, uid: str, to: str | None, conv: str | None) -> tuple[str, tuple[str, ...]]:
         if (to is None) == (conv is None):
@@ -342,8 +342,10 @@ class Messaging:
             raise TidingsError("forbidden", "not a member of this conversation")
 
     async def history(
-        self, uid: str, conv: str, before: int, limit: int
+        self, uid: str, conv: str, before: int, limit: int, as_reader: bool = True
     ) -> tuple[list[MessageRecord], bool]:
+        """A page of ``conv`` for ``uid``; with ``as_reader`` the user's own deletions show
+        as deleted entries (the server API reads without them)."""
         if not 0 <= before < MAX_ID or not 1 <= limit < MAX_ID:
             raise TidingsError("invalid", "before must be 0..2^63-1 and limit >= 1")
         await self.check_read(uid, conv)
@@ -358,7 +360,7 @@ class Messaging:
                 break
         rows = rows[len(rows) - keep :]
         more = bool(rows) and rows[0].seq > 1
-        return await self._mark_deleted(uid, rows), more
+        return (await self._mark_deleted(uid, rows) if as_reader else rows), more
 
     async def sync(self, uid: str, since_raw: str, have: dict[str, int], limit: int) -> SyncResult:
         """What changed since the device's sync point, given the seqs it states it holds."""

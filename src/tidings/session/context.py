@@ -49,6 +49,10 @@ class Registry(Protocol):
 
     def unregister(self, session: Session) -> None: ...
 
+    def announce(self, session: Session) -> None:
+        """Called once the session passed every check (login policy kicks happen here)."""
+        ...
+
     def track(self, session: Session) -> None:
         """Watch an unauthenticated session for the auth timeout."""
         ...

@@ -259,6 +259,8 @@ class Session:
         state = await self.ctx.store.auth_state(claims.jti, claims.uid, claims.device)
         if state.token_revoked or claims.issued_ms < state.device_revoked_before_ms:
             self.close(close.TOKEN_REVOKED, "token revoked")
+        elif self.state == "ready":
+            self.ctx.registry.announce(self)
 
     def _auth_failed(self, rid: int, err: TidingsError) -> None:
         self._error(rid, err)

@@ -55,6 +55,7 @@ class NewMessage(msgspec.Struct, frozen=True):
     blocker: str | None = None  # refuse with `blocked` if this user blocks the sender
     counted: bool = True  # counts toward unread (false for silent/not-counted and events)
     amend: Amend | None = None  # for recall/edit events: the change to the target entry
+    reads: bool = True  # a device's own message: moves the sender's read position to it
     flags: int = 0
     mentions: tuple[str, ...] = ()
     reply_to: int | None = None

@@ -365,6 +365,7 @@ class SqliteStore:
         touched: dict[str, tuple[int, int, int, int]],
         readers: dict[tuple[str, str], tuple[int, int]],
     ) -> AppendResult | TidingsError:
+        savepoint = False
         try:
             if msg.blocker is not None and (msg.blocker, msg.sender) in self._block_set(conn):
                 # A retry of a message stored before the block still gets its answer.
@@ -373,6 +374,11 @@ class SqliteStore:
                 ).fetchone():
                     return self._duplicate(conn, msg)
                 return TidingsError("blocked", "the recipient does not accept your messages")
+            if msg.amend is not None:
+                # Everything an event does (conversation creation included) is undone
+                # together if any part of it is refused or fails.
+                conn.execute("SAVEPOINT amend")
+                savepoint = True
             cached = self._seq.get(msg.conv)
             if cached is None:
                 row = conn.execute(
@@ -381,7 +387,7 @@ class SqliteStore:
                 if row is None:
                     err = self._create_conversation(conn, msg)
                     if err is not None:
-                        return err
+                        return self._undo(conn, savepoint, err)
                     cached = (0, 0)
                 else:
                     cached = (row[0], row[1])
@@ -389,13 +395,20 @@ class SqliteStore:
             ctotal = counted + 1 if msg.counted else counted
             assert self._ids is not None, "worker id not leased"
             now = self.clock.now_ms()
+            if msg.amend is not None:
+                if conn.execute(
+                    "SELECT 1 FROM messages WHERE sender=? AND cid=?", (msg.sender, msg.cid)
+                ).fetchone():
+                    self._undo(conn, savepoint, None)
+                    return self._duplicate(conn, msg)
+                err = self._amend(conn, msg, msg.amend, now, seq)
+                if err is not None:
+                    return self._undo(conn, savepoint, err)
             mid = self._ids.next(now)
             mentions = _pack(list(msg.mentions)) if msg.mentions else None
-            if msg.amend is not None:
-                conn.execute("SAVEPOINT amend")
             cur = conn.execute(
-                f"INSERT INTO messages ({_MSG_COLS}, ctotal) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT(sender, cid) DO NOTHING",
+                f"INSERT INTO messages ({_MSG_COLS}, ctotal, target) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(sender, cid) DO NOTHING",
                 (
                     msg.conv,
                     seq + 1,
@@ -410,24 +423,23 @@ class SqliteStore:
                     mentions,
                     msg.reply_to,
                     ctotal,
+                    None if msg.amend is None else msg.amend.target_seq,
                 ),
             )
-            if msg.amend is not None:
-                err = None if cur.rowcount == 0 else self._amend(conn, msg, msg.amend, now)
-                if err is not None:
-                    conn.execute("ROLLBACK TO amend")
+            if savepoint:
                 conn.execute("RELEASE amend")
-                if err is not None:
-                    return err
+                savepoint = False
             if cur.rowcount == 0:
                 return self._duplicate(conn, msg)
         except sqlite3.Error as exc:
             log.error("append failed for %s: %s", msg.conv, exc)
             self._seq.pop(msg.conv, None)
-            return TidingsError("internal", "storage error; the message was not stored")
+            err = TidingsError("internal", "storage error; the message was not stored")
+            return self._undo(conn, savepoint, err)
         self._seq[msg.conv] = (seq + 1, ctotal)
         touched[msg.conv] = (seq + 1, mid, now, ctotal)
-        readers[(msg.conv, msg.sender)] = (seq + 1, ctotal)
+        if msg.reads:
+            readers[(msg.conv, msg.sender)] = (seq + 1, ctotal)
         rec = MessageRecord(
             conv=msg.conv,
             seq=seq + 1,
@@ -445,18 +457,29 @@ class SqliteStore:
         )
         return AppendResult(rec, False)
 
+    @staticmethod
+    def _undo(conn: sqlite3.Connection, savepoint: bool, err: TidingsError | None) -> TidingsError:
+        """Roll an event's savepoint back (if the transaction still stands) and answer."""
+        if savepoint and conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK TO amend")
+                conn.execute("RELEASE amend")
+        return err if err is not None else TidingsError("internal", "undone")
+
     def _amend(
-        self, conn: sqlite3.Connection, msg: NewMessage, amend: Amend, now: int
+        self, conn: sqlite3.Connection, msg: NewMessage, amend: Amend, now: int, last_seq: int
     ) -> TidingsError | None:
         """Apply a recall or edit to its target entry (inside the event's savepoint)."""
-        row = conn.execute(
-            "SELECT sender, ts, recalled, type FROM messages WHERE conv=? AND seq=?",
-            (msg.conv, amend.target_seq),
-        ).fetchone()
+        row = None
+        if amend.target_seq <= last_seq:
+            row = conn.execute(
+                "SELECT sender, ts, recalled, type, dev FROM messages WHERE conv=? AND seq=?",
+                (msg.conv, amend.target_seq),
+            ).fetchone()
         if row is None:
             return TidingsError("not_found", f"no entry {amend.target_seq} in this conversation")
-        sender, ts, recalled, mtype = row
-        if sender != msg.sender:
+        sender, ts, recalled, mtype, dev = row
+        if sender != msg.sender or mtype == "system" or dev == "server":
             return TidingsError("forbidden", f"only the sender can {amend.action} a message")
         if mtype in EVENT_TYPES:
             return TidingsError("invalid", f"an event entry cannot be {amend.action}ed")
@@ -471,11 +494,19 @@ class SqliteStore:
                 "UPDATE messages SET recalled=1, body=? WHERE conv=? AND seq=?",
                 (_EMPTY_BODY, msg.conv, amend.target_seq),
             )
-        else:
+            # Earlier edit entries carry content too: a recall removes it from them.
             conn.execute(
-                "UPDATE messages SET body=?, edit_version=edit_version+1 WHERE conv=? AND seq=?",
-                (amend.new_body_bytes, msg.conv, amend.target_seq),
+                "UPDATE messages SET body=? WHERE conv=? AND target=? AND type='edit'",
+                (_pack({"seq": amend.target_seq}), msg.conv, amend.target_seq),
             )
+            return None
+        new_body = amend.new_body or {}
+        if mtype == "text" and not (isinstance(new_body.get("text"), str) and new_body["text"]):
+            return TidingsError("invalid", "an edit of a text message needs a non-empty text")
+        conn.execute(
+            "UPDATE messages SET body=?, edit_version=edit_version+1 WHERE conv=? AND seq=?",
+            (amend.new_body_bytes, msg.conv, amend.target_seq),
+        )
         return None
 
     def _create_conversation(
@@ -706,29 +737,24 @@ class SqliteStore:
                 "SELECT c.id, c.last_seq, c.last_mid, c.last_ts, c.counted - m.read_counted, "
                 "m.read_seq, (SELECT max(p.read_seq) FROM members p "
                 "             WHERE p.conv = c.id AND p.uid != m.uid), "
-                "m.muted, m.pinned, m.hidden_seq, m.draft "
+                "m.muted, m.pinned, m.hidden_seq, m.draft, "
+                "EXISTS (SELECT 1 FROM deleted_for d "
+                "        WHERE d.uid = m.uid AND d.conv = c.id AND d.seq = c.last_seq) "
                 "FROM members m JOIN conversations c ON c.id = m.conv "
                 "WHERE m.uid=? AND c.last_seq > 0 AND c.last_seq > m.hidden_seq "
                 "ORDER BY m.pinned DESC, c.last_ts DESC, c.id LIMIT ?",
                 (uid, limit),
             ).fetchall()
             out = []
-            for (
-                conv,
-                last_seq,
-                last_mid,
-                last_ts,
-                unread,
-                read_seq,
-                peer_read,
-                muted,
-                pinned,
-                hidden_seq,
-                draft,
-            ) in rows:
-                last = conn.execute(
+            for row in rows:
+                conv, last_seq, last_mid, last_ts, unread, read_seq, peer_read = row[:7]
+                muted, pinned, hidden_seq, draft, last_deleted = row[7:]
+                found = conn.execute(
                     f"SELECT {_READ_COLS} FROM messages WHERE conv=? AND seq=?", (conv, last_seq)
                 ).fetchone()
+                last = _record(found) if found else None
+                if last is not None and last_deleted:
+                    last = msgspec.structs.replace(last, body={}, deleted=True)
                 settings = ConvSettings(bool(muted), bool(pinned), hidden_seq >= last_seq, draft)
                 out.append(
                     ConvSummary(
@@ -739,7 +765,7 @@ class SqliteStore:
                         unread,
                         read_seq,
                         read_seq if peer_read is None else peer_read,
-                        _record(last) if last else None,
+                        last,
                         settings,
                     )
                 )

@@ -7,6 +7,10 @@ ALTER TABLE members ADD COLUMN read_seq INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE members ADD COLUMN read_counted INTEGER NOT NULL DEFAULT 0;
 UPDATE messages SET ctotal = seq;
 UPDATE conversations SET counted = last_seq;
+-- What was stored before this migration counts as read: no surprise unread on upgrade.
+UPDATE members SET
+    read_seq = (SELECT last_seq FROM conversations WHERE id = members.conv),
+    read_counted = (SELECT counted FROM conversations WHERE id = members.conv);
 
 -- User-scoped changes (read positions now; settings later), for other devices and sync.
 CREATE TABLE user_changes (

@@ -2,6 +2,7 @@
 -- sequence); delete-for-me is per user and never touches the entry itself.
 ALTER TABLE messages ADD COLUMN edit_version INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE messages ADD COLUMN recalled INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN target INTEGER;  -- for recall/edit entries: the seq they change
 CREATE TABLE deleted_for (
     uid  TEXT NOT NULL,
     conv TEXT NOT NULL,
