@@ -180,28 +180,14 @@ class Session:
             return
         if kind is Send:
             self._on_send(frame)  # type: ignore[arg-type]
-        elif kind is Ping:
-            self._spawn(rid, self._on_ping(frame))  # type: ignore[arg-type]
-        elif kind is Sync:
-            self._spawn(rid, self._on_sync(frame))  # type: ignore[arg-type]
-        elif kind is History:
-            self._spawn(rid, self._on_history(frame))  # type: ignore[arg-type]
         elif kind is Typing:
             self._on_typing(frame, now)  # type: ignore[arg-type]
-        elif kind is Block:
-            self._spawn(rid, self._on_block(frame))  # type: ignore[arg-type]
-        elif kind is Blocks:
-            self._spawn(rid, self._on_blocks(frame))  # type: ignore[arg-type]
-        elif kind is Read:
-            self._spawn(rid, self._on_read(frame))  # type: ignore[arg-type]
-        elif kind is Convs:
-            self._spawn(rid, self._on_convs(frame))  # type: ignore[arg-type]
-        elif kind is Delete:
-            self._spawn(rid, self._on_delete(frame))  # type: ignore[arg-type]
-        elif kind is SettingsFrame:
-            self._spawn(rid, self._on_settings(frame))  # type: ignore[arg-type]
         elif kind is Hello:
             self._error(rid, TidingsError("invalid", "already authenticated"))
+        else:
+            handler = _REQUESTS.get(kind)
+            if handler is not None:  # requests answered after a store read or write
+                self._spawn(rid, handler(self, frame))
 
     def _take(self, now: float, cost: float, rid: int) -> bool:
         """Token-bucket rate limit; a client that keeps flooding is disconnected."""
@@ -488,3 +474,17 @@ class Session:
 
     def _error(self, rid: int, err: TidingsError) -> None:
         self._reply(Error(err.code, err.message, err.retryable, rid, err.retry_after_ms))
+
+
+# Requests answered asynchronously (a store read or write), by frame type.
+_REQUESTS: dict[type, Callable[[Session, Any], Awaitable[None]]] = {
+    Ping: Session._on_ping,
+    Sync: Session._on_sync,
+    History: Session._on_history,
+    Block: Session._on_block,
+    Blocks: Session._on_blocks,
+    Read: Session._on_read,
+    Convs: Session._on_convs,
+    Delete: Session._on_delete,
+    SettingsFrame: Session._on_settings,
+}
