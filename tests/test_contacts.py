@@ -116,3 +116,17 @@ async def test_block_list_over_http(harness: Harness) -> None:
     assert (await a.send(to="bob", text="x")).seq == 1
     status, body = await call(harness, "PUT", "/v1/users/ghost/blocks/alice")
     assert status == 404
+
+
+async def test_no_read_receipts_to_a_blocker(harness: Harness) -> None:
+    """A user who blocks someone no longer gets that someone's read receipts."""
+    from tests.test_read_state import next_receipt
+
+    a = await harness.client("alice")
+    b = await harness.client("bob")
+    for i in range(2):
+        await a.send(to="bob", text=f"{i}")
+    await a.block("bob")
+    await b.mark_read("d:alice|bob", 2)
+    with pytest.raises(TimeoutError):
+        await next_receipt(a, timeout=0.4)

@@ -268,7 +268,12 @@ class Messaging:
             raise TidingsError("forbidden", "not a member of this conversation")
         state = await self.store.mark_read(uid, conv, seq)
         if state.changed:
-            users = (pair[0],) if pair[0] == pair[1] else pair
+            peer = peer_of(uid, conv)
+            # A user who blocks the reader gets no read receipts from them.
+            if peer is None or await self.store.is_blocked(peer, uid):
+                users: tuple[str, ...] = (uid,)
+            else:
+                users = (uid, peer)
             self.bus.publish(ReadNotice(conv, uid, device, state.read_seq, state.unread, users))
         return state
 
