@@ -27,6 +27,8 @@ from tests.rawclient import Raw
 from tidings.protocol import close
 
 TYPES = [
+    "presence",
+    "privacy",
     "delete",
     "settings",
     "read",
@@ -49,6 +51,8 @@ TYPES = [
     "x",
 ]
 FIELDS = [
+    "users",
+    "presence",
     "seqs",
     "muted",
     "pinned",

@@ -24,6 +24,7 @@ from tidings.protocol import close
 from tidings.services.accounts import Accounts
 from tidings.services.contacts import Contacts
 from tidings.services.messaging import Messaging
+from tidings.services.presence import Presence
 from tidings.services.secrets import load_or_create
 from tidings.session.context import ServerContext
 from tidings.session.gate import WriteGate
@@ -67,6 +68,9 @@ class Server:
         )
         self.messaging = Messaging(self.store, self.bus, s)
         self.contacts = Contacts(self.store, self.bus, self.clock)
+        self.presence = Presence(self.store, self.clock, self.hub.is_online)
+        self.hub.presence = self.presence
+        self.hub.presence_batch_s = s.presence_batch_ms / 1000
         self.gate = WriteGate(self.store, s.write_high_water, s.write_low_water)
         self.ctx = ServerContext(
             settings=s,
@@ -76,6 +80,7 @@ class Server:
             messaging=self.messaging,
             gate=self.gate,
             contacts=self.contacts,
+            presence=self.presence,
             registry=self.hub,
             server_name=f"tidings/{__version__}",
         )

@@ -41,6 +41,7 @@ class Settings:
     max_inflight: int = 256
     recall_window_ms: int = 120_000  # how long after sending a message may be recalled
     typing_interval_ms: int = 1_000  # at most one typing notice per conversation this often
+    presence_batch_ms: int = 1_000  # presence changes are pushed to contacts this often
     history_page_max: int = 100
     sync_page_max: int = 500
     # delivery

@@ -50,6 +50,10 @@ from tidings.protocol.frames import (
     Page,
     Ping,
     Pong,
+    PresenceEvent,
+    PresenceItem,
+    PresenceQuery,
+    Privacy,
     Push,
     Read,
     ReadEvent,
@@ -140,8 +144,16 @@ class DeletedForMe:
     seqs: list[int]
 
 
+@dataclass(frozen=True)
+class PresenceChanged:
+    """Contacts went online or offline (a batch)."""
+
+    users: list[PresenceItem]
+
+
 Event = (
-    MessageEvent
+    PresenceChanged
+    | MessageEvent
     | Connected
     | Disconnected
     | TypingNotice
@@ -388,6 +400,17 @@ class Client:
         history and sync then show them as empty `deleted` entries."""
         await self._request(lambda rid: Delete(rid, conv, seqs))
 
+    async def presence(self, users: list[str]) -> list[PresenceItem]:
+        """Online state and last seen of up to 100 users this user has 1:1 chats with
+        (others are left out of the answer)."""
+        res = await self._request(lambda rid: PresenceQuery(rid, users))
+        assert isinstance(res, PresenceEvent)
+        return res.users
+
+    async def show_presence(self, visible: bool) -> None:
+        """The privacy switch: hidden users appear offline, with no last seen."""
+        await self._request(lambda rid: Privacy(rid, visible))
+
     async def conversations(self, limit: int = 50) -> tuple[list[ConvItem], int]:
         """The conversation list (newest activity first) and the badge (total unread)."""
         res = await self._request(lambda rid: Convs(rid, limit))
@@ -575,6 +598,11 @@ class Client:
                 self._events.put_nowait(ReadReceipt(frame.conv, frame.by, frame.seq, frame.unread))
         elif kind is ConvList:
             self._resolve(frame.id, frame)
+        elif kind is PresenceEvent:
+            if frame.id:
+                self._resolve(frame.id, frame)
+            else:
+                self._events.put_nowait(PresenceChanged(frame.users))
         elif kind is Deleted:
             self._events.put_nowait(DeletedForMe(frame.conv, frame.seqs))
         elif kind is SettingsEvent:

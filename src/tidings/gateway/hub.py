@@ -21,6 +21,7 @@ from tidings.protocol import close
 from tidings.protocol.frames import (
     Deleted,
     Kicked,
+    PresenceEvent,
     Push,
     ReadEvent,
     ServerFrame,
@@ -28,6 +29,7 @@ from tidings.protocol.frames import (
     TypingEvent,
 )
 from tidings.services.messaging import to_wire
+from tidings.services.presence import Presence
 from tidings.session.session import Session
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,10 @@ class Hub:
         self.sweep_interval_s = sweep_interval_s
         self.login_policy = login_policy
         self.publish = publish  # the bus, for events other nodes must see
+        self.presence: Presence | None = None
+        self.presence_batch_s = 1.0
+        self._presence_changed: dict[str, bool] = {}
+        self._presence_task: asyncio.Task[None] | None = None
         self.by_user: dict[str, set[Session]] = {}
         self.pending: set[Session] = set()  # not yet authenticated
         self._sweeper: asyncio.Task[None] | None = None
@@ -57,7 +63,10 @@ class Hub:
 
     def register(self, session: Session) -> None:
         self.pending.discard(session)
-        self.by_user.setdefault(session.uid, set()).add(session)
+        group = self.by_user.setdefault(session.uid, set())
+        if not group:
+            self._presence_changed[session.uid] = True
+        group.add(session)
 
     def announce(self, session: Session) -> None:
         """The session is fully admitted: apply the login policy to the user's others."""
@@ -69,10 +78,11 @@ class Hub:
     def unregister(self, session: Session) -> None:
         self.pending.discard(session)
         group = self.by_user.get(session.uid)
-        if group is not None:
+        if group is not None and session in group:
             group.discard(session)
             if not group:
                 del self.by_user[session.uid]
+                self._presence_changed[session.uid] = False
 
     def sessions(self) -> list[Session]:
         out = list(self.pending)
@@ -182,6 +192,30 @@ class Hub:
 
     def start(self) -> None:
         self._sweeper = asyncio.ensure_future(self._sweep_forever())
+        if self.presence is not None:
+            self._presence_task = asyncio.ensure_future(self._presence_forever())
+
+    def is_online(self, uid: str) -> bool:
+        return uid in self.by_user
+
+    async def _presence_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.presence_batch_s)
+            try:
+                await self.flush_presence()
+            except Exception:
+                log.exception("presence flush failed")
+
+    async def flush_presence(self) -> None:
+        """Push the batch of online/offline changes to the contacts online here."""
+        if not self._presence_changed or self.presence is None:
+            return
+        changed, self._presence_changed = self._presence_changed, {}
+        for uid, online in changed.items():
+            if not online:
+                await self.presence.went_offline(uid)
+        for contact, items in (await self.presence.fan_out(changed)).items():
+            self._write_all(PresenceEvent(items), list(self.by_user.get(contact, ())))
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -198,6 +232,8 @@ class Hub:
                 s.close(close.INTERNAL, "internal error")
 
     async def stop(self) -> None:
+        if self._presence_task is not None:
+            self._presence_task.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
             try:

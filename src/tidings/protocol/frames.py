@@ -163,6 +163,20 @@ class Delete(msgspec.Struct, frozen=True, tag="delete", tag_field="t"):
     seqs: list[int]
 
 
+class PresenceQuery(msgspec.Struct, frozen=True, tag="presence", tag_field="t"):
+    """Ask for the presence of up to 100 users (only 1:1 contacts are answered)."""
+
+    id: int
+    users: list[str]
+
+
+class Privacy(msgspec.Struct, frozen=True, tag="privacy", tag_field="t"):
+    """Show (``presence`` true) or hide this user's online state and last seen."""
+
+    id: int
+    presence: bool
+
+
 class Blocks(msgspec.Struct, frozen=True, tag="blocks", tag_field="t"):
     """Ask for the list of users I block."""
 
@@ -184,6 +198,8 @@ ClientFrame = (
     | Convs
     | Settings
     | Delete
+    | PresenceQuery
+    | Privacy
 )
 CLIENT_TYPES = frozenset(
     {
@@ -201,6 +217,8 @@ CLIENT_TYPES = frozenset(
         "convs",
         "settings",
         "delete",
+        "presence",
+        "privacy",
     }
 )
 
@@ -336,6 +354,19 @@ class Deleted(msgspec.Struct, frozen=True, tag="deleted", tag_field="t"):
     seqs: list[int]
 
 
+class PresenceItem(msgspec.Struct, frozen=True, omit_defaults=True):
+    user: str
+    online: bool
+    last_seen: int = 0  # UTC ms when last online (0: unknown or hidden)
+
+
+class PresenceEvent(msgspec.Struct, frozen=True, tag="presence", tag_field="t"):
+    """Presence of contacts: a batch of changes (id 0) or the answer to a query."""
+
+    users: list[PresenceItem]
+    id: int = 0
+
+
 class Kicked(msgspec.Struct, frozen=True, tag="kicked", tag_field="t"):
     """This session was replaced by a newer one under the server's login policy; the
     connection closes with 4004 next. Do not reconnect automatically."""
@@ -368,4 +399,5 @@ ServerFrame = (
     | SettingsEvent
     | Kicked
     | Deleted
+    | PresenceEvent
 )

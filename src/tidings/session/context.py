@@ -11,6 +11,7 @@ from tidings.protocol.codec import Codec
 from tidings.services.accounts import Accounts
 from tidings.services.contacts import Contacts
 from tidings.services.messaging import Messaging
+from tidings.services.presence import Presence
 from tidings.session.gate import WriteGate
 from tidings.store.base import Store
 
@@ -68,4 +69,5 @@ class ServerContext:
     registry: Registry
     gate: WriteGate
     contacts: Contacts
+    presence: Presence
     server_name: str = "tidings"

@@ -38,6 +38,9 @@ from tidings.protocol.frames import (
     Page,
     Ping,
     Pong,
+    PresenceEvent,
+    PresenceQuery,
+    Privacy,
     Read,
     ReadEvent,
     Ready,
@@ -57,7 +60,18 @@ from tidings.store.base import AppendResult
 
 log = logging.getLogger(__name__)
 
-CAPS = ["ack", "sync", "history", "retransmit", "typing", "block", "read", "convs", "settings"]
+CAPS = [
+    "ack",
+    "sync",
+    "history",
+    "retransmit",
+    "typing",
+    "block",
+    "read",
+    "convs",
+    "settings",
+    "presence",
+]
 ACK_COST = 0.05  # acks are nearly free against the rate limit (pings cost a read: 1)
 MAX_READS_INFLIGHT = 8
 
@@ -381,6 +395,13 @@ class Session:
         state = await self.ctx.messaging.mark_read(self.uid, self.device, f.conv, f.seq)
         self._reply(ReadEvent(f.conv, self.uid, state.read_seq, f.id, state.unread))
 
+    async def _on_presence(self, f: PresenceQuery) -> None:
+        self._reply(PresenceEvent(await self.ctx.presence.query(self.uid, f.users), f.id))
+
+    async def _on_privacy(self, f: Privacy) -> None:
+        await self.ctx.presence.set_hidden(self.uid, not f.presence)
+        self._reply(Ok(f.id))
+
     async def _on_delete(self, f: Delete) -> None:
         await self.ctx.messaging.delete_for_me(self.uid, self.device, f.conv, f.seqs)
         self._reply(Ok(f.id))
@@ -487,4 +508,6 @@ _REQUESTS: dict[type, Callable[[Session, Any], Awaitable[None]]] = {
     Convs: Session._on_convs,
     Delete: Session._on_delete,
     SettingsFrame: Session._on_settings,
+    PresenceQuery: Session._on_presence,
+    Privacy: Session._on_privacy,
 }

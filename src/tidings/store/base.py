@@ -197,6 +197,19 @@ class Store(Protocol):
         """The seqs in [lo, hi] that ``uid`` deleted for themself."""
         ...
 
+    # -- presence
+    async def contacts(self, uid: str) -> list[str]:
+        """The users ``uid`` has a 1:1 conversation with."""
+        ...
+
+    async def set_presence_hidden(self, uid: str, hidden: bool) -> None: ...
+
+    async def presence_info(self, uids: list[str]) -> dict[str, tuple[bool, int]]:
+        """For each existing user: (presence hidden, last seen ms)."""
+        ...
+
+    async def set_last_seen(self, uid: str, ms: int) -> None: ...
+
     # -- block list
     async def set_block(self, uid: str, other: str, on: bool, now_ms: int) -> None:
         """``uid`` blocks (or unblocks) ``other``. Idempotent."""

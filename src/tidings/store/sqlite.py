@@ -860,6 +860,44 @@ class SqliteStore:
 
         return await self._read(op)
 
+    # ------------------------------------------------------------------ presence
+
+    async def contacts(self, uid: str) -> list[str]:
+        def op(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT p.uid FROM members m JOIN members p ON p.conv = m.conv "
+                "WHERE m.uid=? AND p.uid != m.uid AND m.conv LIKE 'd:%'",
+                (uid,),
+            )
+            return sorted({r[0] for r in rows})
+
+        return await self._read(op)
+
+    async def set_presence_hidden(self, uid: str, hidden: bool) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE users SET presence_hidden=? WHERE uid=?", (int(hidden), uid))
+
+        await self._write(op)
+
+    async def presence_info(self, uids: list[str]) -> dict[str, tuple[bool, int]]:
+        def op(conn: sqlite3.Connection) -> dict[str, tuple[bool, int]]:
+            marks = ",".join("?" * len(uids))
+            rows = conn.execute(
+                f"SELECT uid, presence_hidden, last_seen_ms FROM users WHERE uid IN ({marks})",
+                uids,
+            )
+            return {r[0]: (bool(r[1]), int(r[2])) for r in rows}
+
+        return await self._read(op) if uids else {}
+
+    async def set_last_seen(self, uid: str, ms: int) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE users SET last_seen_ms=max(last_seen_ms, ?) WHERE uid=?", (ms, uid)
+            )
+
+        await self._write(op)
+
     # ------------------------------------------------------------------ block list
 
     async def set_block(self, uid: str, other: str, on: bool, now_ms: int) -> None:
