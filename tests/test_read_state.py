@@ -138,3 +138,37 @@ async def test_settings_reach_other_devices_and_shape_the_list(harness: Harness)
     with pytest.raises(RequestError) as err:
         await me1.settings("d:me|p1", draft="x" * 5000)
     assert err.value.code == "too_large"
+
+
+async def test_offline_device_syncs_user_state(harness: Harness) -> None:
+    """A device that was away learns, from sync, its user's reads and settings made on
+    other devices and the other member's reads, then nothing more on the next sync."""
+    from tidings.client import StatesSynced
+
+    a = await harness.client("alice")
+    b1 = await harness.client("bob", "b1")
+    await b1.send(to="alice", text="for alice")
+    for i in range(3):
+        await a.send(to="bob", text=f"m{i}")
+    b2 = await harness.client("bob", "b2")
+    await b2.sync_now()
+    await b2.close()
+    await b1.mark_read("d:alice|bob", 3)  # bob read alice's first two on his phone
+    await b1.settings("d:alice|bob", muted=True)
+    await b1.send(to="alice", text="more")  # seq 5: moves bob's read position to 5
+    await a.mark_read("d:alice|bob", 5)  # alice reads it: "read up to 5" for bob
+    b2 = await harness.client("bob", "b2")
+
+    async def states() -> StatesSynced:
+        async for ev in b2.events():
+            if isinstance(ev, StatesSynced):
+                return ev
+        raise AssertionError
+
+    ev = await asyncio.wait_for(states(), 3)
+    (item,) = ev.convs
+    assert (item.read_seq, item.unread, item.muted, item.peer_read_seq) == (5, 0, True, 5)
+    before = b2.cv
+    assert before > 0
+    await b2.sync_now()
+    assert b2.cv == before

@@ -11,6 +11,7 @@ from tidings.client.sdk import (
     ReadReceipt,
     RequestError,
     SettingsChanged,
+    StatesSynced,
     TypingNotice,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "ReadReceipt",
     "RequestError",
     "SettingsChanged",
+    "StatesSynced",
     "TypingNotice",
 ]

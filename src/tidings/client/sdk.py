@@ -145,6 +145,14 @@ class DeletedForMe:
 
 
 @dataclass(frozen=True)
+class StatesSynced:
+    """Sync found conversations whose state for this user changed while this device was
+    away (read positions, the other member's reads, settings): their current state."""
+
+    convs: list[ConvItem]
+
+
+@dataclass(frozen=True)
 class PresenceChanged:
     """Contacts went online or offline (a batch)."""
 
@@ -152,7 +160,8 @@ class PresenceChanged:
 
 
 Event = (
-    PresenceChanged
+    StatesSynced
+    | PresenceChanged
     | MessageEvent
     | Connected
     | Disconnected
@@ -235,6 +244,7 @@ class Client:
         self.device = ""
         self.limits: Limits | None = None
         self.since = "0"
+        self.cv = 0  # the user change-log version applied (read positions, settings, ...)
         self.held: dict[str, int] = {}
         self.connects = 0
         self.ready = asyncio.Event()
@@ -584,7 +594,7 @@ class Client:
         elif kind is Error:
             self._on_error(frame)
         elif kind is Pong:
-            if int(frame.wm) > int(self.since):
+            if int(frame.wm) > int(self.since) or frame.cv > self.cv:
                 self.request_sync()
             self._resolve(frame.id, frame)
         elif kind in (Ready, Synced, Page, Ok, BlockList):
@@ -755,7 +765,7 @@ class Client:
         self._requests.clear()
 
     def _sync_frame(self, since: str, have: dict[str, int], rid: int) -> Sync:
-        return Sync(rid, since, have, self.sync_limit)
+        return Sync(rid, since, have, self.sync_limit, self.cv)
 
     async def _sync_loop(self) -> None:
         try:
@@ -767,6 +777,9 @@ class Client:
                     assert isinstance(res, Synced)
                     for m in sorted(res.msgs, key=lambda m: (m.conv, m.seq)):
                         self._on_message(m, echo=m.sender == self.user and m.dev == self.device)
+                    if res.states:
+                        self._events.put_nowait(StatesSynced(res.states))
+                    self.cv = max(self.cv, res.cv)
                     # wm covers what this answer completed (all of it when complete).
                     advanced = int(res.wm) > int(since)
                     if advanced:

@@ -97,6 +97,7 @@ class Sync(msgspec.Struct, frozen=True, tag="sync", tag_field="t"):
     since: str = "0"
     have: dict[str, int] = {}
     limit: int = 200
+    cv: int = 0  # the user change-log version the device has applied
 
 
 class History(msgspec.Struct, frozen=True, tag="history", tag_field="t"):
@@ -265,6 +266,7 @@ class Pong(msgspec.Struct, frozen=True, tag="pong", tag_field="t"):
     id: int
     wm: str
     ts: int
+    cv: int = 0  # the user's newest change-log version: sync if above the device's
 
 
 class Synced(msgspec.Struct, frozen=True, tag="synced", tag_field="t"):
@@ -273,6 +275,8 @@ class Synced(msgspec.Struct, frozen=True, tag="synced", tag_field="t"):
     msgs: list[Message]
     complete: bool
     wm: str
+    states: list[ConvItem] = []  # conversations whose user-scoped state changed since cv
+    cv: int = 0  # the change-log version to send next time
 
 
 class Page(msgspec.Struct, frozen=True, tag="page", tag_field="t"):

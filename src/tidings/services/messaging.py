@@ -99,6 +99,8 @@ class SyncResult(msgspec.Struct, frozen=True):
     msgs: list[MessageRecord]
     complete: bool
     wm: int
+    states: list[ConvSummary] = []  # this user's state of conversations it changed
+    cv: int = 0  # the user change-log version these states cover
 
 
 class Messaging:
@@ -367,7 +369,9 @@ class Messaging:
         more = bool(rows) and rows[0].seq > 1
         return (await self._mark_deleted(uid, rows) if as_reader else rows), more
 
-    async def sync(self, uid: str, since_raw: str, have: dict[str, int], limit: int) -> SyncResult:
+    async def sync(
+        self, uid: str, since_raw: str, have: dict[str, int], limit: int, cv: int = 0
+    ) -> SyncResult:
         """What changed since the device's sync point, given the seqs it states it holds."""
         since = parse_id(since_raw, "since")
         if not 1 <= limit < MAX_ID:
@@ -404,4 +408,13 @@ class Messaging:
             else:
                 prefix_held = False
         complete = prefix_held and len(rows) <= SYNC_CONVS_MAX
-        return SyncResult(convs, await self._mark_deleted(uid, msgs), complete, wm)
+        # User-scoped changes since the device's change version (read positions on other
+        # devices, the other member's reads, settings, deletions): the current state of
+        # each such conversation.
+        if not 0 <= cv < MAX_ID:
+            raise TidingsError("invalid", "cv must be 0..2^63-1")
+        changed, new_cv = await self.store.user_changes_since(uid, cv, SYNC_CONVS_MAX)
+        if len(changed) >= SYNC_CONVS_MAX:
+            complete = False
+        states = await self.store.conversation_states(uid, changed)
+        return SyncResult(convs, await self._mark_deleted(uid, msgs), complete, wm, states, new_cv)

@@ -56,7 +56,7 @@ from tidings.protocol.frames import (
 from tidings.protocol.frames import Settings as SettingsFrame
 from tidings.services.messaging import MAX_MENTIONS, peer_of, to_wire
 from tidings.session.context import Link, ServerContext
-from tidings.store.base import AppendResult
+from tidings.store.base import AppendResult, ConvSummary
 
 log = logging.getLogger(__name__)
 
@@ -414,35 +414,35 @@ class Session:
 
     async def _on_convs(self, f: Convs) -> None:
         rows, badge = await self.ctx.messaging.conversation_list(self.uid, f.limit)
-        items = [
-            ConvItem(
-                conv=r.conv,
-                last_seq=r.last_seq,
-                last_ts=r.last_ts,
-                unread=r.unread,
-                read_seq=r.read_seq,
-                peer_read_seq=r.peer_read_seq,
-                peer=peer_of(self.uid, r.conv),
-                last=None if r.last is None else to_wire(r.last),
-                muted=r.settings.muted,
-                pinned=r.settings.pinned,
-                draft=r.settings.draft,
-            )
-            for r in rows
-        ]
-        self._reply(ConvList(f.id, items, badge))
+        self._reply(ConvList(f.id, [self._conv_item(r) for r in rows], badge))
+
+    def _conv_item(self, r: ConvSummary) -> ConvItem:
+        return ConvItem(
+            conv=r.conv,
+            last_seq=r.last_seq,
+            last_ts=r.last_ts,
+            unread=r.unread,
+            read_seq=r.read_seq,
+            peer_read_seq=r.peer_read_seq,
+            peer=peer_of(self.uid, r.conv),
+            last=None if r.last is None else to_wire(r.last),
+            muted=r.settings.muted,
+            pinned=r.settings.pinned,
+            draft=r.settings.draft,
+        )
 
     # ------------------------------------------------------------------ reads
 
     async def _on_ping(self, f: Ping) -> None:
         wm = await self.ctx.store.watermark(self.uid)
-        self._reply(Pong(f.id, str(wm), self.ctx.clock.now_ms()))
+        cv = await self.ctx.store.user_version(self.uid)
+        self._reply(Pong(f.id, str(wm), self.ctx.clock.now_ms(), cv))
 
     async def _on_sync(self, f: Sync) -> None:
-        res = await self.ctx.messaging.sync(self.uid, f.since, f.have, f.limit)
-        self._reply(
-            Synced(f.id, res.convs, [to_wire(m) for m in res.msgs], res.complete, str(res.wm))
-        )
+        res = await self.ctx.messaging.sync(self.uid, f.since, f.have, f.limit, f.cv)
+        msgs = [to_wire(m) for m in res.msgs]
+        states = [self._conv_item(r) for r in res.states]
+        self._reply(Synced(f.id, res.convs, msgs, res.complete, str(res.wm), states, res.cv))
 
     async def _on_history(self, f: History) -> None:
         rows, more = await self.ctx.messaging.history(self.uid, f.conv, f.before, f.limit)

@@ -175,6 +175,19 @@ class Store(Protocol):
         the badge (total unread of conversations that are not muted)."""
         ...
 
+    async def conversation_states(self, uid: str, convs: list[str]) -> list[ConvSummary]:
+        """The user's state of the given conversations (hidden ones included)."""
+        ...
+
+    async def user_changes_since(self, uid: str, version: int, limit: int) -> tuple[list[str], int]:
+        """Conversations with user-scoped changes (read position, settings, deletions)
+        after ``version``, oldest change first, and the newest version among them."""
+        ...
+
+    async def user_version(self, uid: str) -> int:
+        """The newest version of the user's change log (0 if none)."""
+        ...
+
     async def update_settings(
         self,
         uid: str,

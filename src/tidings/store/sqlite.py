@@ -723,58 +723,96 @@ class SqliteStore:
                 "UPDATE members SET read_seq=?, read_counted=? WHERE conv=? AND uid=?",
                 (target, ctotal, conv, uid),
             )
+            now = self.clock.now_ms()
+            # The other members' state changes too ("read up to N"): log it for them.
+            conn.execute(
+                "INSERT INTO user_changes (uid, conv, kind, value, ts) "
+                "SELECT uid, conv, 'peer_read', ?, ? FROM members WHERE conv=? AND uid != ?",
+                (target, now, conv, uid),
+            )
             cur = conn.execute(
                 "INSERT INTO user_changes (uid, conv, kind, value, ts) VALUES (?,?,?,?,?)",
-                (uid, conv, "read", target, self.clock.now_ms()),
+                (uid, conv, "read", target, now),
             )
             return ReadState(conv, uid, target, counted - ctotal, True, int(cur.lastrowid or 0))
 
         return await self._write(op)
 
+    def _summaries(
+        self, conn: sqlite3.Connection, uid: str, where: str, params: tuple[Any, ...], limit: int
+    ) -> list[ConvSummary]:
+        rows = conn.execute(
+            "SELECT c.id, c.last_seq, c.last_mid, c.last_ts, c.counted - m.read_counted, "
+            "m.read_seq, (SELECT max(p.read_seq) FROM members p "
+            "             WHERE p.conv = c.id AND p.uid != m.uid), "
+            "m.muted, m.pinned, m.hidden_seq, m.draft, "
+            "EXISTS (SELECT 1 FROM deleted_for d "
+            "        WHERE d.uid = m.uid AND d.conv = c.id AND d.seq = c.last_seq) "
+            "FROM members m JOIN conversations c ON c.id = m.conv "
+            f"WHERE m.uid=? AND c.last_seq > 0 {where} "
+            "ORDER BY m.pinned DESC, c.last_ts DESC, c.id LIMIT ?",
+            (uid, *params, limit),
+        ).fetchall()
+        out = []
+        for row in rows:
+            conv, last_seq, last_mid, last_ts, unread, read_seq, peer_read = row[:7]
+            muted, pinned, hidden_seq, draft, last_deleted = row[7:]
+            found = conn.execute(
+                f"SELECT {_READ_COLS} FROM messages WHERE conv=? AND seq=?", (conv, last_seq)
+            ).fetchone()
+            last = _record(found) if found else None
+            if last is not None and last_deleted:
+                last = msgspec.structs.replace(last, body={}, deleted=True)
+            settings = ConvSettings(bool(muted), bool(pinned), hidden_seq >= last_seq, draft)
+            out.append(
+                ConvSummary(
+                    conv,
+                    last_seq,
+                    last_mid,
+                    last_ts,
+                    unread,
+                    read_seq,
+                    read_seq if peer_read is None else peer_read,
+                    last,
+                    settings,
+                )
+            )
+        return out
+
     async def conversation_list(self, uid: str, limit: int) -> tuple[list[ConvSummary], int]:
         def op(conn: sqlite3.Connection) -> tuple[list[ConvSummary], int]:
-            rows = conn.execute(
-                "SELECT c.id, c.last_seq, c.last_mid, c.last_ts, c.counted - m.read_counted, "
-                "m.read_seq, (SELECT max(p.read_seq) FROM members p "
-                "             WHERE p.conv = c.id AND p.uid != m.uid), "
-                "m.muted, m.pinned, m.hidden_seq, m.draft, "
-                "EXISTS (SELECT 1 FROM deleted_for d "
-                "        WHERE d.uid = m.uid AND d.conv = c.id AND d.seq = c.last_seq) "
-                "FROM members m JOIN conversations c ON c.id = m.conv "
-                "WHERE m.uid=? AND c.last_seq > 0 AND c.last_seq > m.hidden_seq "
-                "ORDER BY m.pinned DESC, c.last_ts DESC, c.id LIMIT ?",
-                (uid, limit),
-            ).fetchall()
-            out = []
-            for row in rows:
-                conv, last_seq, last_mid, last_ts, unread, read_seq, peer_read = row[:7]
-                muted, pinned, hidden_seq, draft, last_deleted = row[7:]
-                found = conn.execute(
-                    f"SELECT {_READ_COLS} FROM messages WHERE conv=? AND seq=?", (conv, last_seq)
-                ).fetchone()
-                last = _record(found) if found else None
-                if last is not None and last_deleted:
-                    last = msgspec.structs.replace(last, body={}, deleted=True)
-                settings = ConvSettings(bool(muted), bool(pinned), hidden_seq >= last_seq, draft)
-                out.append(
-                    ConvSummary(
-                        conv,
-                        last_seq,
-                        last_mid,
-                        last_ts,
-                        unread,
-                        read_seq,
-                        read_seq if peer_read is None else peer_read,
-                        last,
-                        settings,
-                    )
-                )
+            out = self._summaries(conn, uid, "AND c.last_seq > m.hidden_seq", (), limit)
             (badge,) = conn.execute(
                 "SELECT coalesce(sum(c.counted - m.read_counted), 0) FROM members m "
                 "JOIN conversations c ON c.id = m.conv WHERE m.uid=? AND m.muted = 0",
                 (uid,),
             ).fetchone()
             return out, int(badge)
+
+        return await self._read(op)
+
+    async def conversation_states(self, uid: str, convs: list[str]) -> list[ConvSummary]:
+        def op(conn: sqlite3.Connection) -> list[ConvSummary]:
+            marks = ",".join("?" * len(convs))
+            return self._summaries(conn, uid, f"AND c.id IN ({marks})", tuple(convs), len(convs))
+
+        return await self._read(op) if convs else []
+
+    async def user_changes_since(self, uid: str, version: int, limit: int) -> tuple[list[str], int]:
+        def op(conn: sqlite3.Connection) -> tuple[list[str], int]:
+            rows = conn.execute(
+                "SELECT conv, max(version) FROM user_changes WHERE uid=? AND version > ? "
+                "GROUP BY conv ORDER BY max(version) LIMIT ?",
+                (uid, version, limit),
+            ).fetchall()
+            return [r[0] for r in rows], max((r[1] for r in rows), default=version)
+
+        return await self._read(op)
+
+    async def user_version(self, uid: str) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT max(version) FROM user_changes WHERE uid=?", (uid,))
+            return int(row.fetchone()[0] or 0)
 
         return await self._read(op)
 
