@@ -106,15 +106,13 @@ class Hub:
         elif isinstance(event, ReadNotice):
             self._read(event)
         elif isinstance(event, DeletedNotice):
-            own = [s for s in self.by_user.get(event.uid, ()) if s.device != event.device]
-            self._write_all(Deleted(event.conv, list(event.seqs)), own)
+            self._write_all(Deleted(event.conv, list(event.seqs)), self._other_devices(event))
         elif isinstance(event, SessionStarted):
             self._kick_superseded(event)
         elif isinstance(event, SettingsNotice):
             st = event.settings
             frame = SettingsEvent(event.conv, st.muted, st.pinned, st.hidden, st.draft)
-            own = [s for s in self.by_user.get(event.uid, ()) if s.device != event.device]
-            self._write_all(frame, own)
+            self._write_all(frame, self._other_devices(event))
 
     def _kick_superseded(self, event: SessionStarted) -> None:
         """Apply the login policy: the newest session wins over the user's other devices
@@ -137,7 +135,7 @@ class Hub:
     def _read(self, event: ReadNotice) -> None:
         """The reader's other devices learn the new position and unread count; the other
         member's devices get a read receipt (without the reader's unread count)."""
-        own = [s for s in self.by_user.get(event.uid, ()) if s.device != event.device]
+        own = self._other_devices(event)
         self._write_all(ReadEvent(event.conv, event.uid, event.seq, 0, event.unread), own)
         others = [u for u in event.users if u != event.uid]
         self._broadcast(ReadEvent(event.conv, event.uid, event.seq), others)
@@ -146,16 +144,26 @@ class Hub:
         """An ephemeral frame (no retransmit window) to every session of ``users``."""
         self._write_all(frame, [s for u in users for s in self.by_user.get(u, ())])
 
+    def _other_devices(self, event: ReadNotice | SettingsNotice | DeletedNotice) -> list[Session]:
+        """The acting user's sessions other than the device that acted."""
+        return [s for s in self.by_user.get(event.uid, ()) if s.device != event.device]
+
     @staticmethod
-    def _write_all(frame: ServerFrame, sessions: list[Session]) -> None:
-        framed: dict[tuple[str, str], bytes] = {}  # one encoding per (codec, framing)
+    def _encoded(
+        frame: ServerFrame, session: Session, cache: dict[tuple[str, str], bytes]
+    ) -> bytes:
+        """``frame`` framed for the session's link, encoded once per (codec, framing)."""
+        link = session.link
+        key = (link.codec.name, link.framing)
+        data = cache.get(key)
+        if data is None:
+            data = cache[key] = link.frame(link.codec.encode(frame))
+        return data
+
+    def _write_all(self, frame: ServerFrame, sessions: list[Session]) -> None:
+        cache: dict[tuple[str, str], bytes] = {}
         for s in sessions:
-            link = s.link
-            key = (link.codec.name, link.framing)
-            data = framed.get(key)
-            if data is None:
-                data = framed[key] = link.frame(link.codec.encode(frame))
-            link.write(data)
+            s.link.write(self._encoded(frame, s, cache))
 
     def _fan_out(self, event: MessageEvent) -> None:
         rec = event.record
@@ -171,14 +179,9 @@ class Hub:
         if not targets:
             return
         push = Push(to_wire(rec))
-        framed: dict[tuple[str, str], bytes] = {}  # one encoding per (codec, framing)
+        cache: dict[tuple[str, str], bytes] = {}
         for s in targets:
-            link = s.link
-            key = (link.codec.name, link.framing)
-            data = framed.get(key)
-            if data is None:
-                data = framed[key] = link.frame(link.codec.encode(push))
-            s.push(rec.conv, rec.seq, data)
+            s.push(rec.conv, rec.seq, self._encoded(push, s, cache))
         self.pushes += len(targets)
 
     def _revoke(self, event: RevokeEvent) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from tidings.bus.base import Bus, TypingNotice
 from tidings.clock import Clock
-from tidings.domain.ids import direct_members, normalize_user_id
+from tidings.domain.ids import normalize_user_id
+from tidings.domain.permissions import member_pair
 from tidings.protocol.errors import TidingsError
 from tidings.store.base import Store
 
@@ -30,11 +31,7 @@ class Contacts:
     async def typing(self, uid: str, conv: str) -> None:
         """Relay a typing notice to the other member of a 1:1 conversation, unless that
         member blocks ``uid``. Nothing is stored."""
-        pair = direct_members(conv)
-        if pair is None:
-            raise TidingsError("not_found", "no such conversation")
-        if uid not in pair:
-            raise TidingsError("forbidden", "not a member of this conversation")
+        pair = member_pair(uid, conv)
         peer = pair[1] if pair[0] == uid else pair[0]
         if peer == uid or await self.store.is_blocked(peer, uid):
             return

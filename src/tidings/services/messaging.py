@@ -15,7 +15,7 @@ from tidings.domain.ids import (
     normalize_user_id,
     validate_client_id,
 )
-from tidings.domain.permissions import can_read
+from tidings.domain.permissions import can_read, member_pair
 from tidings.protocol.codec import check_json_model
 from tidings.protocol.errors import TidingsError
 from tidings.protocol.frames import ConvState, Message, Send
@@ -263,11 +263,7 @@ class Messaging:
         """Advance the read position; tell the user's other devices and the other member."""
         if not 1 <= seq < MAX_ID:
             raise TidingsError("invalid", "seq must be 1..2^63-1")
-        pair = direct_members(conv)
-        if pair is None:
-            raise TidingsError("not_found", "no such conversation")
-        if uid not in pair:
-            raise TidingsError("forbidden", "not a member of this conversation")
+        member_pair(uid, conv)
         state = await self.store.mark_read(uid, conv, seq)
         if state.changed:
             peer = peer_of(uid, conv)
@@ -291,11 +287,7 @@ class Messaging:
     ) -> ConvSettings:
         """Change the user's own settings of a conversation; the user's other devices are
         told at once, and every device sees them in the conversation list."""
-        pair = direct_members(conv)
-        if pair is None:
-            raise TidingsError("not_found", "no such conversation")
-        if uid not in pair:
-            raise TidingsError("forbidden", "not a member of this conversation")
+        member_pair(uid, conv)
         if draft is not None and len(draft.encode()) > MAX_DRAFT_BYTES:
             raise TidingsError("too_large", f"draft over {MAX_DRAFT_BYTES} bytes")
         settings = await self.store.update_settings(uid, conv, muted, pinned, hidden, draft)
@@ -308,11 +300,7 @@ class Messaging:
             raise TidingsError("invalid", f"give 1 to {MAX_DELETE} seqs")
         if any(not 1 <= s < MAX_ID for s in seqs):
             raise TidingsError("invalid", "seqs must be 1..2^63-1")
-        pair = direct_members(conv)
-        if pair is None:
-            raise TidingsError("not_found", "no such conversation")
-        if uid not in pair:
-            raise TidingsError("forbidden", "not a member of this conversation")
+        member_pair(uid, conv)
         done = await self.store.delete_for(uid, conv, seqs)
         if done:
             self.bus.publish(DeletedNotice(conv, uid, device, tuple(done)))
