@@ -165,9 +165,12 @@ class Server:
             for site in list(self._runner.sites):
                 await site.stop()
         deadline = self.clock.monotonic() + s.drain_timeout_s
-        while self.store.backlog() and self.clock.monotonic() < deadline:
+        # Queued writes commit, then their answers are written (the commit callbacks run
+        # on this loop a few iterations after the writer thread finishes a batch).
+        while (
+            self.store.backlog() or self.hub.sends_in_flight()
+        ) and self.clock.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0)  # let commit callbacks write their answers
         self.hub.close_all(close.GOING_AWAY, "server shutting down")
         await asyncio.sleep(0.05)
         await self.hub.stop()

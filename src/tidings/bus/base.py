@@ -49,6 +49,7 @@ class ReadNotice(msgspec.Struct, frozen=True, tag="read"):
     seq: int
     unread: int
     users: tuple[str, ...]
+    read_n: int = 0  # counted entries up to ``seq`` (unread = total - read_n)
 
 
 class SettingsNotice(msgspec.Struct, frozen=True, tag="settings"):

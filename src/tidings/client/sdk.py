@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from tidings.client.state import LocalState
 from tidings.client.transport import ClientConn, connect
 from tidings.protocol import PROTOCOL_VERSION, close
 from tidings.protocol.frames import (
@@ -228,7 +229,12 @@ class Client:
         backoff_max_s: float = 5.0,
         request_timeout_s: float = 15.0,
         sync_limit: int = 200,
+        tail: int = 0,
+        keep_messages: bool = False,
     ) -> None:
+        """``tail`` > 0: a conversation this device is more than ``tail`` entries behind in
+        syncs only its newest ``tail`` entries (page older ones with ``history``); 0 syncs
+        every entry. ``keep_messages`` keeps the entries received in ``state.messages``."""
         self.url = url
         self._token = token
         self.codec = codec
@@ -240,6 +246,8 @@ class Client:
         self.backoff_max_s = backoff_max_s
         self.request_timeout_s = request_timeout_s
         self.sync_limit = sync_limit
+        self.tail = tail
+        self.state = LocalState(keep_messages=keep_messages)
         self.user = ""
         self.device = ""
         self.limits: Limits | None = None
@@ -377,8 +385,11 @@ class Client:
         return len(self._outbox)
 
     async def history(self, conv: str, before: int = 0, limit: int = 50) -> Page:
+        """A page of entries before ``before`` (0: the newest); they go into ``state``."""
         res = await self._request(lambda rid: History(rid, conv, before, limit))
         assert isinstance(res, Page)
+        for m in res.msgs:
+            self.state.apply_message(m)
         return res
 
     async def mark_read(self, conv: str, seq: int) -> ReadEvent:
@@ -386,6 +397,7 @@ class Client:
         The user's other devices and the other member are told."""
         res = await self._request(lambda rid: Read(rid, conv, seq))
         assert isinstance(res, ReadEvent)
+        self.state.apply_read(res.conv, res.by, res.seq, res.n)
         return res
 
     async def settings(
@@ -403,12 +415,17 @@ class Client:
             lambda rid: SettingsFrame(rid, conv, muted, pinned, hidden, draft)
         )
         assert isinstance(res, SettingsEvent)
+        self.state.apply_settings(res.conv, res.muted, res.pinned, res.hidden, res.draft, res.v)
         return res
 
-    async def delete_for_me(self, conv: str, seqs: list[int]) -> None:
+    async def delete_for_me(self, conv: str, seqs: list[int]) -> list[int]:
         """Delete entries for this user's devices only (the other member keeps them);
-        history and sync then show them as empty `deleted` entries."""
-        await self._request(lambda rid: Delete(rid, conv, seqs))
+        history and sync then show them as empty `deleted` entries. Returns the seqs
+        newly deleted (recall and edit entries go with the entry they changed)."""
+        res = await self._request(lambda rid: Delete(rid, conv, seqs))
+        assert isinstance(res, Deleted)
+        self.state.apply_deleted(res.conv, res.seqs)
+        return res.seqs
 
     async def presence(self, users: list[str]) -> list[PresenceItem]:
         """Online state and last seen of up to 100 users this user has 1:1 chats with
@@ -456,6 +473,14 @@ class Client:
         self.request_sync()
         if self._sync_task is not None:
             await self._sync_task
+
+    async def reset(self) -> None:
+        """Forget everything this device holds and sync from scratch (a cleared cache)."""
+        self.since, self.cv = "0", 0
+        self.held.clear()
+        self._buffer.clear()
+        self.state.clear()
+        await self.sync_now()
 
     # ------------------------------------------------------------------ connection loop
 
@@ -519,6 +544,7 @@ class Client:
             assert isinstance(ready, Ready)
             authenticated = True
             self.user, self.device = ready.user, ready.device
+            self.state.user = ready.user
             self.connects += 1
             self.ready.set()
             self._events.put_nowait(Connected(ready.user, ready.device, ready.session))
@@ -605,6 +631,7 @@ class Client:
             if frame.id:
                 self._resolve(frame.id, frame)
             else:
+                self.state.apply_read(frame.conv, frame.by, frame.seq, frame.n)
                 self._events.put_nowait(ReadReceipt(frame.conv, frame.by, frame.seq, frame.unread))
         elif kind is ConvList:
             self._resolve(frame.id, frame)
@@ -614,11 +641,17 @@ class Client:
             else:
                 self._events.put_nowait(PresenceChanged(frame.users))
         elif kind is Deleted:
-            self._events.put_nowait(DeletedForMe(frame.conv, frame.seqs))
+            if frame.id:
+                self._resolve(frame.id, frame)
+            else:
+                self.state.apply_deleted(frame.conv, frame.seqs)
+                self._events.put_nowait(DeletedForMe(frame.conv, frame.seqs))
         elif kind is SettingsEvent:
             if frame.id:
                 self._resolve(frame.id, frame)
             else:
+                f = frame
+                self.state.apply_settings(f.conv, f.muted, f.pinned, f.hidden, f.draft, f.v)
                 self._events.put_nowait(
                     SettingsChanged(
                         frame.conv, frame.muted, frame.pinned, frame.hidden, frame.draft
@@ -667,6 +700,8 @@ class Client:
             flags=p.flags,
             mentions=p.mentions,
             reply_to=p.reply_to,
+            edit_version=s.edit_version,
+            n=s.n,
         )
         self._on_message(msg, echo=True)
         if not p.future.done():
@@ -688,12 +723,14 @@ class Client:
             else:
                 asyncio.get_running_loop().call_later(self.gap_grace_s, self._check_gap, conv)
             return
+        self.state.apply_message(m)
         self._events.put_nowait(MessageEvent(m, echo))
         held = m.seq
         buf2 = self._buffer.get(conv)
         if buf2:
             while held + 1 in buf2:
                 nm, necho = buf2.pop(held + 1)
+                self.state.apply_message(nm)
                 self._events.put_nowait(MessageEvent(nm, necho))
                 held += 1
             for stale in [s for s in buf2 if s <= held]:
@@ -702,6 +739,14 @@ class Client:
                 del self._buffer[conv]
         self.held[conv] = held
         self._mark_ack(conv)
+
+    def _skipped(self, conv: str, base: int) -> None:
+        buf = self._buffer.get(conv)
+        if buf:
+            for seq in [s for s in buf if s <= base]:
+                del buf[seq]
+            if not buf:
+                del self._buffer[conv]
 
     def _check_gap(self, conv: str) -> None:
         buf = self._buffer.get(conv)
@@ -765,7 +810,7 @@ class Client:
         self._requests.clear()
 
     def _sync_frame(self, since: str, have: dict[str, int], rid: int) -> Sync:
-        return Sync(rid, since, have, self.sync_limit, self.cv)
+        return Sync(rid, since, have, self.sync_limit, self.cv, self.tail)
 
     async def _sync_loop(self) -> None:
         try:
@@ -775,8 +820,15 @@ class Client:
                     since, have = self.since, dict(self.held)
                     res = await self._request(partial(self._sync_frame, since, have))
                     assert isinstance(res, Synced)
+                    for c in res.convs:
+                        if c.base > self.held.get(c.conv, 0):
+                            # Older entries were skipped (tail): start holding from here.
+                            self.held[c.conv] = c.base
+                            self._skipped(c.conv, c.base)
                     for m in sorted(res.msgs, key=lambda m: (m.conv, m.seq)):
                         self._on_message(m, echo=m.sender == self.user and m.dev == self.device)
+                    for item in res.states:
+                        self.state.apply_state(item, res.cv)
                     if res.states:
                         self._events.put_nowait(StatesSynced(res.states))
                     self.cv = max(self.cv, res.cv)

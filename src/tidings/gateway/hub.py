@@ -111,7 +111,9 @@ class Hub:
             self._kick_superseded(event)
         elif isinstance(event, SettingsNotice):
             st = event.settings
-            frame = SettingsEvent(event.conv, st.muted, st.pinned, st.hidden, st.draft)
+            frame = SettingsEvent(
+                event.conv, st.muted, st.pinned, st.hidden, st.draft, 0, st.version
+            )
             self._write_all(frame, self._other_devices(event))
 
     def _kick_superseded(self, event: SessionStarted) -> None:
@@ -136,7 +138,8 @@ class Hub:
         """The reader's other devices learn the new position and unread count; the other
         member's devices get a read receipt (without the reader's unread count)."""
         own = self._other_devices(event)
-        self._write_all(ReadEvent(event.conv, event.uid, event.seq, 0, event.unread), own)
+        frame = ReadEvent(event.conv, event.uid, event.seq, 0, event.unread, event.read_n)
+        self._write_all(frame, own)
         others = [u for u in event.users if u != event.uid]
         self._broadcast(ReadEvent(event.conv, event.uid, event.seq), others)
 
@@ -243,6 +246,10 @@ class Hub:
                 await self._sweeper
             except asyncio.CancelledError:
                 pass
+
+    def sends_in_flight(self) -> int:
+        """Sends submitted by connected sessions and not yet answered."""
+        return sum(s.inflight for s in self.sessions())
 
     def close_all(self, code: int, reason: str) -> None:
         for s in self.sessions():

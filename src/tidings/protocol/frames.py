@@ -46,12 +46,14 @@ class Message(msgspec.Struct, frozen=True, omit_defaults=True):
     edit_version: int = 0  # how many times the sender edited it
     recalled: bool = False  # the sender recalled it; body is empty
     deleted: bool = False  # this user deleted it for themself; body is empty
+    n: int = 0  # counted entries (toward unread) of the conversation up to this one
 
 
-class ConvState(msgspec.Struct, frozen=True):
+class ConvState(msgspec.Struct, frozen=True, omit_defaults=True):
     conv: str
     last_seq: int
     peer: str | None = None
+    base: int = 0  # entries up to here are skipped (``tail``): page them with ``history``
 
 
 # --------------------------------------------------------------------- client -> server
@@ -98,6 +100,7 @@ class Sync(msgspec.Struct, frozen=True, tag="sync", tag_field="t"):
     have: dict[str, int] = {}
     limit: int = 200
     cv: int = 0  # the user change-log version the device has applied
+    tail: int = 0  # > 0: at most this many newest entries of a conversation far behind
 
 
 class History(msgspec.Struct, frozen=True, tag="history", tag_field="t"):
@@ -256,6 +259,8 @@ class Sent(msgspec.Struct, frozen=True, tag="sent", tag_field="t"):
     mid: str
     ts: int
     dup: bool = False
+    n: int = 0  # counted entries of the conversation up to this one (see Message.n)
+    edit_version: int = 0  # an edit: the edit version of the changed entry it produced
 
 
 class Push(msgspec.Struct, frozen=True, tag="push", tag_field="t"):
@@ -275,7 +280,7 @@ class Synced(msgspec.Struct, frozen=True, tag="synced", tag_field="t"):
     msgs: list[Message]
     complete: bool
     wm: str
-    states: list[ConvItem] = []  # conversations whose user-scoped state changed since cv
+    states: list[ConvItem] = []  # state of conversations changed since cv or completed now
     cv: int = 0  # the change-log version to send next time
 
 
@@ -317,6 +322,7 @@ class ReadEvent(msgspec.Struct, frozen=True, tag="read", tag_field="t", omit_def
     seq: int
     id: int = 0
     unread: int | None = None
+    n: int | None = None  # with ``unread``: counted entries up to the read position
 
 
 class ConvItem(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -331,6 +337,9 @@ class ConvItem(msgspec.Struct, frozen=True, omit_defaults=True):
     muted: bool = False
     pinned: bool = False
     draft: str = ""
+    hidden: bool = False  # only in sync states (the list leaves hidden conversations out)
+    n: int = 0  # counted entries up to last_seq: unread = n - (counted up to read_seq)
+    deleted: list[int] = []  # sync states: seqs this user deleted for themself since cv
 
 
 class SettingsEvent(msgspec.Struct, frozen=True, tag="settings", tag_field="t"):
@@ -343,6 +352,7 @@ class SettingsEvent(msgspec.Struct, frozen=True, tag="settings", tag_field="t"):
     hidden: bool
     draft: str
     id: int = 0
+    v: int = 0  # the user's change-log version of this change (newer wins)
 
 
 class ConvList(msgspec.Struct, frozen=True, tag="convs", tag_field="t"):
@@ -352,10 +362,12 @@ class ConvList(msgspec.Struct, frozen=True, tag="convs", tag_field="t"):
 
 
 class Deleted(msgspec.Struct, frozen=True, tag="deleted", tag_field="t"):
-    """This user deleted these entries for themself on another device: hide them."""
+    """The answer to ``delete`` (with its id): the entries now deleted; and an event (id
+    0) to the user's other devices: hide them."""
 
     conv: str
     seqs: list[int]
+    id: int = 0
 
 
 class PresenceItem(msgspec.Struct, frozen=True, omit_defaults=True):

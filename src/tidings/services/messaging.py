@@ -20,6 +20,7 @@ from tidings.protocol.codec import check_json_model
 from tidings.protocol.errors import TidingsError
 from tidings.protocol.frames import ConvState, Message, Send
 from tidings.store.base import (
+    EVENT_TYPES,
     Amend,
     AppendResult,
     ConvSettings,
@@ -28,10 +29,11 @@ from tidings.store.base import (
     NewMessage,
     ReadState,
     Store,
+    amend_target,
+    tombstone,
 )
 
 CLIENT_TYPES = frozenset({"text", "image", "file", "voice", "video", "location", "custom"})
-EVENT_TYPES = frozenset({"recall", "edit"})  # entries that change an earlier one
 FLAG_SILENT = 1
 FLAG_NOT_COUNTED = 2
 MAX_FLAGS = 0xFFFF
@@ -62,6 +64,7 @@ def to_wire(rec: MessageRecord) -> Message:
         edit_version=rec.edit_version,
         recalled=rec.recalled,
         deleted=rec.deleted,
+        n=rec.n,
     )
 
 
@@ -101,6 +104,7 @@ class SyncResult(msgspec.Struct, frozen=True):
     wm: int
     states: list[ConvSummary] = []  # this user's state of conversations it changed
     cv: int = 0  # the user change-log version these states cover
+    deletions: dict[str, list[int]] = {}  # seqs deleted for this user after the device's cv
 
 
 class Messaging:
@@ -272,7 +276,10 @@ class Messaging:
                 users: tuple[str, ...] = (uid,)
             else:
                 users = (uid, peer)
-            self.bus.publish(ReadNotice(conv, uid, device, state.read_seq, state.unread, users))
+            notice = ReadNotice(
+                conv, uid, device, state.read_seq, state.unread, users, state.read_n
+            )
+            self.bus.publish(notice)
         return state
 
     async def update_settings(
@@ -310,14 +317,20 @@ class Messaging:
         """Show the reader's own deletions as empty `deleted` entries (seqs stay intact)."""
         if not rows:
             return rows
-        out: list[MessageRecord] = []
-        by_conv: dict[str, set[int]] = {}
-        for conv in {r.conv for r in rows}:
-            seqs = [r.seq for r in rows if r.conv == conv]
-            by_conv[conv] = await self.store.deleted_seqs(uid, conv, min(seqs), max(seqs))
+        # A recall or edit entry reads as deleted with the entry it changed.
+        spans: dict[str, tuple[int, int]] = {}
         for r in rows:
-            if r.seq in by_conv[r.conv]:
-                r = msgspec.structs.replace(r, body={}, deleted=True)
+            lo, hi = spans.get(r.conv, (r.seq, r.seq))
+            target = amend_target(r) or r.seq
+            spans[r.conv] = (min(lo, r.seq, target), max(hi, r.seq))
+        gone = await self.store.deleted_in(uid, spans)
+        if not gone:
+            return rows
+        out = []
+        for r in rows:
+            dead = gone.get(r.conv, ())
+            if r.seq in dead or amend_target(r) in dead:
+                r = tombstone(r)
             out.append(r)
         return out
 
@@ -358,51 +371,76 @@ class Messaging:
         return (await self._mark_deleted(uid, rows) if as_reader else rows), more
 
     async def sync(
-        self, uid: str, since_raw: str, have: dict[str, int], limit: int, cv: int = 0
+        self,
+        uid: str,
+        since_raw: str,
+        have: dict[str, int],
+        limit: int,
+        cv: int = 0,
+        tail: int = 0,
     ) -> SyncResult:
-        """What changed since the device's sync point, given the seqs it states it holds."""
+        """What changed since the device's sync point, given the seqs it states it holds.
+        With ``tail`` > 0, a conversation the device is more than ``tail`` entries behind
+        in gets only its newest ``tail`` entries (its ``base`` says where they start)."""
         since = parse_id(since_raw, "since")
         if not 1 <= limit < MAX_ID:
             raise TidingsError("invalid", "limit must be >= 1")
+        if not 0 <= tail < MAX_ID:
+            raise TidingsError("invalid", "tail must be 0..2^63-1")
+        if not 0 <= cv < MAX_ID:
+            raise TidingsError("invalid", "cv must be 0..2^63-1")
         if any(not 0 <= held < MAX_ID for held in have.values()):
             raise TidingsError("invalid", "`have` seqs must be 0..2^63-1")
         budget = min(limit, self.settings.sync_page_max)
-        bytes_left = REPLY_BUDGET_BYTES
         rows = await self.store.changed_conversations(uid, since, SYNC_CONVS_MAX + 1)
-        convs: list[ConvState] = []
-        msgs: list[MessageRecord] = []
-        # Rows come in last_mid order. `wm` advances over the prefix of conversations the
-        # device holds completely once it applies this answer: the next sync point.
-        wm, prefix_held = since, True
-        for row in rows[:SYNC_CONVS_MAX]:
-            pair = direct_members(row.conv)
-            peer = None
-            if pair is not None:
-                peer = pair[1] if pair[0] == uid else pair[0]
-            convs.append(ConvState(row.conv, row.last_seq, peer))
+        listed = rows[:SYNC_CONVS_MAX]
+        # Which entries to send: per conversation from what the device holds (or from
+        # its tail) to the last seq, within the entry budget, oldest change first.
+        starts: dict[str, int] = {}
+        spans: list[tuple[str, int, int]] = []
+        for row in listed:
             held = have.get(row.conv, 0)
-            covered = held >= row.last_seq
-            if not covered and budget > 0 and bytes_left > 0:
-                want = min(budget, row.last_seq - held)
-                page = await self.store.messages_after(row.conv, held, want)
-                page = [m for m in page if m.seq <= row.last_seq]
-                page, nbytes = _within(page, bytes_left)
-                bytes_left -= nbytes
-                budget = budget - len(page) if page else 0
-                msgs.extend(page)
-                covered = bool(page) and page[-1].seq >= row.last_seq
+            if tail and held < row.last_seq - tail:
+                held = row.last_seq - tail
+            starts[row.conv] = held
+            if held < row.last_seq and budget > 0:
+                upto = min(row.last_seq, held + budget)
+                spans.append((row.conv, held, upto))
+                budget -= upto - held
+        fetched = await self.store.messages_in(spans)
+        msgs, _ = _within(fetched, REPLY_BUDGET_BYTES)
+        got: dict[str, int] = {}
+        for m in msgs:
+            got[m.conv] = m.seq
+        convs: list[ConvState] = []
+        done: list[str] = []  # conversations the device holds completely after this answer
+        # `wm` advances over the prefix of conversations the device holds completely once
+        # it applies this answer: the next sync point.
+        wm, prefix_held = since, True
+        for row in listed:
+            held = have.get(row.conv, 0)
+            start = starts[row.conv]
+            base = start if start > held else 0
+            convs.append(ConvState(row.conv, row.last_seq, peer_of(uid, row.conv), base))
+            covered = max(start, got.get(row.conv, 0)) >= row.last_seq
+            if covered and held < row.last_seq:
+                done.append(row.conv)
             if covered and prefix_held:
                 wm = row.last_mid
             else:
                 prefix_held = False
         complete = prefix_held and len(rows) <= SYNC_CONVS_MAX
         # User-scoped changes since the device's change version (read positions on other
-        # devices, the other member's reads, settings, deletions): the current state of
-        # each such conversation.
-        if not 0 <= cv < MAX_ID:
-            raise TidingsError("invalid", "cv must be 0..2^63-1")
+        # devices, the other member's reads, settings, deletions), and the conversations
+        # this answer completes: the current state of each.
         changed, new_cv = await self.store.user_changes_since(uid, cv, SYNC_CONVS_MAX)
         if len(changed) >= SYNC_CONVS_MAX:
             complete = False
-        states = await self.store.conversation_states(uid, changed)
-        return SyncResult(convs, await self._mark_deleted(uid, msgs), complete, wm, states, new_cv)
+        # Deletions are deltas, not state: every one up to new_cv goes out now, with the
+        # state of its conversation.
+        deletions = await self.store.deletions_since(uid, cv, new_cv)
+        wanted = list(dict.fromkeys([*changed, *done, *deletions]))
+        states = await self.store.conversation_states(uid, wanted)
+        return SyncResult(
+            convs, await self._mark_deleted(uid, msgs), complete, wm, states, new_cv, deletions
+        )

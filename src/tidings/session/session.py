@@ -30,6 +30,7 @@ from tidings.protocol.frames import (
     ConvList,
     Convs,
     Delete,
+    Deleted,
     Error,
     Hello,
     History,
@@ -301,7 +302,19 @@ class Session:
             return
         res = fut.result()
         rec = res.record
-        self._reply(Sent(rid, rec.cid, rec.conv, rec.seq, str(rec.mid), rec.ts, res.dup))
+        self._reply(
+            Sent(
+                rid,
+                rec.cid,
+                rec.conv,
+                rec.seq,
+                str(rec.mid),
+                rec.ts,
+                res.dup,
+                rec.n,
+                rec.edit_version,
+            )
+        )
 
     # ------------------------------------------------------------------ push / ack
 
@@ -393,7 +406,7 @@ class Session:
 
     async def _on_read(self, f: Read) -> None:
         state = await self.ctx.messaging.mark_read(self.uid, self.device, f.conv, f.seq)
-        self._reply(ReadEvent(f.conv, self.uid, state.read_seq, f.id, state.unread))
+        self._reply(ReadEvent(f.conv, self.uid, state.read_seq, f.id, state.unread, state.read_n))
 
     async def _on_presence(self, f: PresenceQuery) -> None:
         self._reply(PresenceEvent(await self.ctx.presence.query(self.uid, f.users), f.id))
@@ -403,20 +416,22 @@ class Session:
         self._reply(Ok(f.id))
 
     async def _on_delete(self, f: Delete) -> None:
-        await self.ctx.messaging.delete_for_me(self.uid, self.device, f.conv, f.seqs)
-        self._reply(Ok(f.id))
+        done = await self.ctx.messaging.delete_for_me(self.uid, self.device, f.conv, f.seqs)
+        self._reply(Deleted(f.conv, done, f.id))
 
     async def _on_settings(self, f: SettingsFrame) -> None:
         st = await self.ctx.messaging.update_settings(
             self.uid, self.device, f.conv, f.muted, f.pinned, f.hidden, f.draft
         )
-        self._reply(SettingsEvent(f.conv, st.muted, st.pinned, st.hidden, st.draft, f.id))
+        self._reply(
+            SettingsEvent(f.conv, st.muted, st.pinned, st.hidden, st.draft, f.id, st.version)
+        )
 
     async def _on_convs(self, f: Convs) -> None:
         rows, badge = await self.ctx.messaging.conversation_list(self.uid, f.limit)
         self._reply(ConvList(f.id, [self._conv_item(r) for r in rows], badge))
 
-    def _conv_item(self, r: ConvSummary) -> ConvItem:
+    def _conv_item(self, r: ConvSummary, deleted: list[int] | None = None) -> ConvItem:
         return ConvItem(
             conv=r.conv,
             last_seq=r.last_seq,
@@ -429,6 +444,9 @@ class Session:
             muted=r.settings.muted,
             pinned=r.settings.pinned,
             draft=r.settings.draft,
+            hidden=r.settings.hidden,
+            n=0 if r.last is None else r.last.n,
+            deleted=deleted or [],
         )
 
     # ------------------------------------------------------------------ reads
@@ -439,9 +457,9 @@ class Session:
         self._reply(Pong(f.id, str(wm), self.ctx.clock.now_ms(), cv))
 
     async def _on_sync(self, f: Sync) -> None:
-        res = await self.ctx.messaging.sync(self.uid, f.since, f.have, f.limit, f.cv)
+        res = await self.ctx.messaging.sync(self.uid, f.since, f.have, f.limit, f.cv, f.tail)
         msgs = [to_wire(m) for m in res.msgs]
-        states = [self._conv_item(r) for r in res.states]
+        states = [self._conv_item(r, res.deletions.get(r.conv)) for r in res.states]
         self._reply(Synced(f.id, res.convs, msgs, res.complete, str(res.wm), states, res.cv))
 
     async def _on_history(self, f: History) -> None:

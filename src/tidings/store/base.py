@@ -79,6 +79,24 @@ class MessageRecord(msgspec.Struct, frozen=True):
     edit_version: int = 0
     recalled: bool = False
     deleted: bool = False  # deleted for the reading user (set per reader, never stored here)
+    n: int = 0  # counted entries of the conversation up to and including this one
+
+
+EVENT_TYPES = frozenset({"recall", "edit"})  # entries that change an earlier one
+
+
+def amend_target(rec: MessageRecord) -> int | None:
+    """The seq a recall or edit entry changes (None for other entries)."""
+    if rec.type not in EVENT_TYPES:
+        return None
+    seq = rec.body.get("seq")
+    return seq if isinstance(seq, int) else None
+
+
+def tombstone(rec: MessageRecord) -> MessageRecord:
+    """How an entry the reader deleted for themself reads: its place in the sequence and
+    nothing else."""
+    return msgspec.structs.replace(rec, body={}, deleted=True, edit_version=0, recalled=False)
 
 
 class AppendResult(msgspec.Struct, frozen=True):
@@ -102,6 +120,7 @@ class ReadState(msgspec.Struct, frozen=True):
     unread: int
     changed: bool  # False when the position was already at or past the requested seq
     version: int = 0  # the user's change-log version of this change
+    read_n: int = 0  # counted entries up to the read position (unread = total - read_n)
 
 
 class ConvSettings(msgspec.Struct, frozen=True):
@@ -111,6 +130,7 @@ class ConvSettings(msgspec.Struct, frozen=True):
     pinned: bool = False
     hidden: bool = False  # hidden until the next message
     draft: str = ""
+    version: int = 0  # the change-log version of the change that set these (0: not known)
 
 
 class ConvSummary(msgspec.Struct, frozen=True):
@@ -206,8 +226,14 @@ class Store(Protocol):
         TidingsError('forbidden') if not a member."""
         ...
 
-    async def deleted_seqs(self, uid: str, conv: str, lo: int, hi: int) -> set[int]:
-        """The seqs in [lo, hi] that ``uid`` deleted for themself."""
+    async def deleted_in(self, uid: str, spans: dict[str, tuple[int, int]]) -> dict[str, set[int]]:
+        """For each conversation, the seqs in its [lo, hi] span that ``uid`` deleted for
+        themself (conversations with none are left out)."""
+        ...
+
+    async def deletions_since(self, uid: str, after: int, upto: int) -> dict[str, list[int]]:
+        """The seqs ``uid`` deleted for themself by changes with a change-log version in
+        (after, upto], by conversation, ascending."""
         ...
 
     # -- presence
@@ -244,6 +270,11 @@ class Store(Protocol):
         ...
 
     async def messages_after(self, conv: str, after: int, limit: int) -> list[MessageRecord]: ...
+
+    async def messages_in(self, spans: list[tuple[str, int, int]]) -> list[MessageRecord]:
+        """For each (conv, after, upto): the entries with after < seq <= upto, in the
+        order of ``spans`` and ascending seq within each; one read for them all."""
+        ...
 
     async def changed_conversations(self, uid: str, since_mid: int, limit: int) -> list[ConvRow]:
         """The user's conversations whose last message id is above ``since_mid``, at most

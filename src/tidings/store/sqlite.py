@@ -31,6 +31,7 @@ from tidings.clock import Clock
 from tidings.domain.ids import MAX_WORKER, MessageIdGenerator
 from tidings.protocol.errors import TidingsError
 from tidings.store.base import (
+    EVENT_TYPES,
     Amend,
     AppendResult,
     AuthState,
@@ -41,6 +42,8 @@ from tidings.store.base import (
     NewMessage,
     ReadState,
     UserRecord,
+    amend_target,
+    tombstone,
 )
 from tidings.store.migrations import apply_sqlite
 
@@ -51,9 +54,8 @@ _STOP = object()
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder().decode
 _MSG_COLS = "conv, seq, mid, sender, dev, cid, type, body, ts, flags, mentions, reply_to"
-_READ_COLS = _MSG_COLS + ", edit_version, recalled"
+_READ_COLS = _MSG_COLS + ", edit_version, recalled, ctotal"
 KIND_DIRECT = 1
-EVENT_TYPES = frozenset({"recall", "edit"})
 _EMPTY_BODY = _pack({})
 
 
@@ -74,6 +76,7 @@ def _record(row: tuple[Any, ...]) -> MessageRecord:
         size=len(row[7]),
         edit_version=row[12],
         recalled=bool(row[13]),
+        n=row[14],
     )
 
 
@@ -393,6 +396,7 @@ class SqliteStore:
                     cached = (row[0], row[1])
             seq, counted = cached
             ctotal = counted + 1 if msg.counted else counted
+            edit_version = 0
             assert self._ids is not None, "worker id not leased"
             now = self.clock.now_ms()
             if msg.amend is not None:
@@ -401,14 +405,15 @@ class SqliteStore:
                 ).fetchone():
                     self._undo(conn, savepoint, None)
                     return self._duplicate(conn, msg)
-                err = self._amend(conn, msg, msg.amend, now, seq)
-                if err is not None:
-                    return self._undo(conn, savepoint, err)
+                amended = self._amend(conn, msg, msg.amend, now, seq)
+                if isinstance(amended, TidingsError):
+                    return self._undo(conn, savepoint, amended)
+                edit_version = amended
             mid = self._ids.next(now)
             mentions = _pack(list(msg.mentions)) if msg.mentions else None
             cur = conn.execute(
-                f"INSERT INTO messages ({_MSG_COLS}, ctotal, target) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(sender, cid) DO NOTHING",
+                f"INSERT INTO messages ({_MSG_COLS}, ctotal, target, edit_version) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(sender, cid) DO NOTHING",
                 (
                     msg.conv,
                     seq + 1,
@@ -424,6 +429,7 @@ class SqliteStore:
                     msg.reply_to,
                     ctotal,
                     None if msg.amend is None else msg.amend.target_seq,
+                    edit_version,
                 ),
             )
             if savepoint:
@@ -454,6 +460,8 @@ class SqliteStore:
             mentions=msg.mentions,
             reply_to=msg.reply_to,
             size=len(msg.body_bytes),
+            edit_version=edit_version,
+            n=ctotal,
         )
         return AppendResult(rec, False)
 
@@ -468,8 +476,10 @@ class SqliteStore:
 
     def _amend(
         self, conn: sqlite3.Connection, msg: NewMessage, amend: Amend, now: int, last_seq: int
-    ) -> TidingsError | None:
-        """Apply a recall or edit to its target entry (inside the event's savepoint)."""
+    ) -> TidingsError | int:
+        """Apply a recall or edit to its target entry (inside the event's savepoint); the
+        target's edit version after it (stored on an edit entry too, so that devices apply
+        each edit once whatever order they see things in)."""
         row = None
         if amend.target_seq <= last_seq:
             row = conn.execute(
@@ -499,7 +509,7 @@ class SqliteStore:
                 "UPDATE messages SET body=? WHERE conv=? AND target=? AND type='edit'",
                 (_pack({"seq": amend.target_seq}), msg.conv, amend.target_seq),
             )
-            return None
+            return 0
         new_body = amend.new_body or {}
         if mtype == "text" and not (isinstance(new_body.get("text"), str) and new_body["text"]):
             return TidingsError("invalid", "an edit of a text message needs a non-empty text")
@@ -507,7 +517,11 @@ class SqliteStore:
             "UPDATE messages SET body=?, edit_version=edit_version+1 WHERE conv=? AND seq=?",
             (amend.new_body_bytes, msg.conv, amend.target_seq),
         )
-        return None
+        (version,) = conn.execute(
+            "SELECT edit_version FROM messages WHERE conv=? AND seq=?",
+            (msg.conv, amend.target_seq),
+        ).fetchone()
+        return int(version)
 
     def _create_conversation(
         self, conn: sqlite3.Connection, msg: NewMessage
@@ -715,7 +729,9 @@ class SqliteStore:
                 last_seq, counted = cached
             target = min(seq, last_seq)
             if target <= read_seq:
-                return ReadState(conv, uid, read_seq, counted - read_counted, False)
+                return ReadState(
+                    conv, uid, read_seq, counted - read_counted, False, read_n=read_counted
+                )
             (ctotal,) = conn.execute(
                 "SELECT ctotal FROM messages WHERE conv=? AND seq=?", (conv, target)
             ).fetchone()
@@ -734,7 +750,8 @@ class SqliteStore:
                 "INSERT INTO user_changes (uid, conv, kind, value, ts) VALUES (?,?,?,?,?)",
                 (uid, conv, "read", target, now),
             )
-            return ReadState(conv, uid, target, counted - ctotal, True, int(cur.lastrowid or 0))
+            version = int(cur.lastrowid or 0)
+            return ReadState(conv, uid, target, counted - ctotal, True, version, ctotal)
 
         return await self._write(op)
 
@@ -745,9 +762,7 @@ class SqliteStore:
             "SELECT c.id, c.last_seq, c.last_mid, c.last_ts, c.counted - m.read_counted, "
             "m.read_seq, (SELECT max(p.read_seq) FROM members p "
             "             WHERE p.conv = c.id AND p.uid != m.uid), "
-            "m.muted, m.pinned, m.hidden_seq, m.draft, "
-            "EXISTS (SELECT 1 FROM deleted_for d "
-            "        WHERE d.uid = m.uid AND d.conv = c.id AND d.seq = c.last_seq) "
+            "m.muted, m.pinned, m.hidden_seq, m.draft "
             "FROM members m JOIN conversations c ON c.id = m.conv "
             f"WHERE m.uid=? AND c.last_seq > 0 {where} "
             "ORDER BY m.pinned DESC, c.last_ts DESC, c.id LIMIT ?",
@@ -756,13 +771,18 @@ class SqliteStore:
         out = []
         for row in rows:
             conv, last_seq, last_mid, last_ts, unread, read_seq, peer_read = row[:7]
-            muted, pinned, hidden_seq, draft, last_deleted = row[7:]
+            muted, pinned, hidden_seq, draft = row[7:]
             found = conn.execute(
                 f"SELECT {_READ_COLS} FROM messages WHERE conv=? AND seq=?", (conv, last_seq)
             ).fetchone()
             last = _record(found) if found else None
-            if last is not None and last_deleted:
-                last = msgspec.structs.replace(last, body={}, deleted=True)
+            if last is not None:
+                target = amend_target(last)
+                if conn.execute(
+                    "SELECT 1 FROM deleted_for WHERE uid=? AND conv=? AND seq IN (?, ?)",
+                    (uid, conv, last_seq, -1 if target is None else target),
+                ).fetchone():
+                    last = tombstone(last)
             settings = ConvSettings(bool(muted), bool(pinned), hidden_seq >= last_seq, draft)
             out.append(
                 ConvSummary(
@@ -850,11 +870,14 @@ class SqliteStore:
                 "WHERE conv=? AND uid=?",
                 (*new, conv, uid),
             )
-            conn.execute(
+            cur = conn.execute(
                 "INSERT INTO user_changes (uid, conv, kind, value, ts) VALUES (?,?,?,?,?)",
                 (uid, conv, "settings", 0, self.clock.now_ms()),
             )
-            return ConvSettings(bool(new[0]), bool(new[1]), new[2] >= last_seq > 0, new[3])
+            hidden_now = new[2] >= last_seq > 0
+            return ConvSettings(
+                bool(new[0]), bool(new[1]), hidden_now, new[3], int(cur.lastrowid or 0)
+            )
 
         return await self._write(op)
 
@@ -870,33 +893,66 @@ class SqliteStore:
             cached = self._seq.get(conv)
             last_seq = cached[0] if cached is not None else row[0]
             done = []
-            for seq in sorted(set(seqs)):
+            wanted = sorted(set(seqs))
+            for seq in wanted:
                 if not 1 <= seq <= last_seq:
                     raise TidingsError("not_found", f"no entry {seq} in this conversation")
+            marks = ",".join("?" * len(wanted))
+            # Recall and edit entries go with the entry they changed, not on their own.
+            events = {
+                r[0]
+                for r in conn.execute(
+                    f"SELECT seq FROM messages WHERE conv=? AND seq IN ({marks}) "
+                    "AND type IN ('recall', 'edit')",
+                    (conv, *wanted),
+                )
+            }
+            for seq in wanted:
+                if seq in events:
+                    continue
                 cur = conn.execute(
                     "INSERT OR IGNORE INTO deleted_for (uid, conv, seq) VALUES (?,?,?)",
                     (uid, conv, seq),
                 )
                 if cur.rowcount:
                     done.append(seq)
-            if done:
-                conn.execute(
-                    "INSERT INTO user_changes (uid, conv, kind, value, ts) VALUES (?,?,?,?,?)",
-                    (uid, conv, "deleted", len(done), self.clock.now_ms()),
-                )
+            # One log entry per seq, so a device that was away learns which ones.
+            now = self.clock.now_ms()
+            conn.executemany(
+                "INSERT INTO user_changes (uid, conv, kind, value, ts) VALUES (?,?,?,?,?)",
+                [(uid, conv, "deleted", seq, now) for seq in done],
+            )
             return done
 
         return await self._write(op)
 
-    async def deleted_seqs(self, uid: str, conv: str, lo: int, hi: int) -> set[int]:
-        def op(conn: sqlite3.Connection) -> set[int]:
-            rows = conn.execute(
-                "SELECT seq FROM deleted_for WHERE uid=? AND conv=? AND seq BETWEEN ? AND ?",
-                (uid, conv, lo, hi),
-            )
-            return {r[0] for r in rows}
+    async def deleted_in(self, uid: str, spans: dict[str, tuple[int, int]]) -> dict[str, set[int]]:
+        def op(conn: sqlite3.Connection) -> dict[str, set[int]]:
+            out: dict[str, set[int]] = {}
+            for conv, (lo, hi) in spans.items():
+                rows = conn.execute(
+                    "SELECT seq FROM deleted_for WHERE uid=? AND conv=? AND seq BETWEEN ? AND ?",
+                    (uid, conv, lo, hi),
+                ).fetchall()
+                if rows:
+                    out[conv] = {r[0] for r in rows}
+            return out
 
-        return await self._read(op)
+        return await self._read(op) if spans else {}
+
+    async def deletions_since(self, uid: str, after: int, upto: int) -> dict[str, list[int]]:
+        def op(conn: sqlite3.Connection) -> dict[str, list[int]]:
+            rows = conn.execute(
+                "SELECT conv, value FROM user_changes WHERE uid=? AND version > ? "
+                "AND version <= ? AND kind='deleted' ORDER BY conv, value",
+                (uid, after, upto),
+            )
+            out: dict[str, list[int]] = {}
+            for conv, seq in rows:
+                out.setdefault(conv, []).append(seq)
+            return out
+
+        return await self._read(op) if upto > after else {}
 
     # ------------------------------------------------------------------ presence
 
@@ -997,6 +1053,18 @@ class SqliteStore:
             return [_record(r) for r in rows]
 
         return await self._read(op)
+
+    async def messages_in(self, spans: list[tuple[str, int, int]]) -> list[MessageRecord]:
+        def op(conn: sqlite3.Connection) -> list[MessageRecord]:
+            out: list[MessageRecord] = []
+            sql = (
+                f"SELECT {_READ_COLS} FROM messages WHERE conv=? AND seq>? AND seq<=? ORDER BY seq"
+            )
+            for conv, after, upto in spans:
+                out.extend(_record(r) for r in conn.execute(sql, (conv, after, upto)))
+            return out
+
+        return await self._read(op) if spans else []
 
     async def changed_conversations(self, uid: str, since_mid: int, limit: int) -> list[ConvRow]:
         def op(conn: sqlite3.Connection) -> list[ConvRow]:
