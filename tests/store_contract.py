@@ -16,7 +16,7 @@ import pytest
 
 from tidings.domain.ids import direct_conversation_id
 from tidings.protocol.errors import TidingsError
-from tidings.store.base import NewMessage, Store
+from tidings.store.base import Amend, NewMessage, Store
 
 Opener = Callable[[], Awaitable[Store]]
 _pack = msgspec.msgpack.encode
@@ -272,6 +272,53 @@ class StoreContract:
         with pytest.raises(TidingsError) as err:
             await store.update_settings("c", "d:a|b", True, None, None, None)
         assert err.value.code == "forbidden"
+        await store.close()
+
+    async def test_running_totals_spans_and_deletions(self, open_store: Opener) -> None:
+        """Entries carry the running counted total (``n``); reads give the total at the
+        position; ``messages_in`` reads several spans at once; deletions are logged per
+        seq with a change version, and recall/edit entries are never deleted alone."""
+        store = await open_store()
+        await with_users(store, "a", "b", "c")
+        r1 = (await store.append_message(new_msg("a", "b", "m1"))).record
+        quiet = msgspec.structs.replace(new_msg("a", "b", "q"), counted=False)
+        r2 = (await store.append_message(quiet)).record
+        r3 = (await store.append_message(new_msg("a", "b", "m3"))).record
+        assert (r1.n, r2.n, r3.n) == (1, 1, 2)
+        await store.append_message(new_msg("a", "c", "other"))
+        read = await store.mark_read("b", "d:a|b", 2)
+        assert (read.read_n, read.unread) == (1, 1)
+        got = await store.messages_in([("d:a|c", 0, 1), ("d:a|b", 1, 3)])
+        assert [(m.conv, m.seq, m.n) for m in got] == [
+            ("d:a|c", 1, 1),
+            ("d:a|b", 2, 1),
+            ("d:a|b", 3, 2),
+        ]
+        body = {"seq": 3, "body": {"text": "m3!"}}
+        edit = msgspec.structs.replace(
+            new_msg("a", "b", "e1"),
+            type="edit",
+            body=body,
+            body_bytes=_pack(body),
+            counted=False,
+            reads=False,
+            amend=Amend(3, "edit", new_body=body["body"], new_body_bytes=_pack(body["body"])),
+        )
+        e = (await store.append_message(edit)).record
+        assert (e.seq, e.edit_version, e.n) == (4, 1, 2)
+        (target,) = await store.messages_in([("d:a|b", 2, 3)])
+        assert target.body == {"text": "m3!"} and target.edit_version == 1
+        before = await store.user_version("b")
+        assert await store.delete_for("b", "d:a|b", [1, 4, 3]) == [1, 3]  # 4 is an edit
+        assert await store.deletions_since("b", before, await store.user_version("b")) == {
+            "d:a|b": [1, 3]
+        }
+        assert await store.deletions_since("b", 0, before) == {}
+        assert await store.deleted_in("b", {"d:a|b": (1, 4), "d:a|c": (1, 1)}) == {"d:a|b": {1, 3}}
+        assert await store.deleted_in("a", {"d:a|b": (1, 4)}) == {}  # b's, not a's
+        convs, _ = await store.conversation_list("b", 10)
+        last = next(c for c in convs if c.conv == "d:a|b").last
+        assert last is not None and last.seq == 4 and last.deleted  # its target is deleted
         await store.close()
 
     async def test_block_list(self, open_store: Opener) -> None:

@@ -98,3 +98,37 @@ def test_bench_flags_an_invalid_run(tmp_path: Path) -> None:
     assert "INVALID" in proc.stdout
     row = json.loads(out.read_text())["runs"][0]
     assert not row["valid"] and row["reasons"]
+
+
+def test_bench_sync_small_run(tmp_path: Path) -> None:
+    """`tidings bench sync` seeds a user, measures the return of a device and a new device,
+    checks what they hold, and writes `sync_ms` to the JSON."""
+    out = tmp_path / "sync.json"
+    argv = [sys.executable, "-m", "tidings", "bench", "sync", "--conversations", "30"]
+    argv += ["--missed", "300", "--history", "25", "--page", "20", "--repeat", "2"]
+    proc = subprocess.run(
+        [*argv, "--sync-limit", "100", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["bench"] == "sync" and len(report["runs"]) == 2
+    assert 0 < report["sync_ms"] < report["target_ms"]
+    assert report["new_device_ms"] > 0
+    for run in report["runs"]:
+        # The device first got the newest 20 of 25 (tail), then the 10 it missed: 30 per
+        # conversation; at 100 entries per answer that takes 3+ answers.
+        assert run["entries_held"] == 30 * 30 and run["answers"] >= 3
+    assert "meets the 500 ms target" in proc.stdout
+
+
+def test_bench_sync_refuses_bad_arguments() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tidings", "bench", "sync", "--conversations", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "--conversations out of range" in proc.stderr

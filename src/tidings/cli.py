@@ -86,9 +86,11 @@ def cmd_admin_key(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from tidings.bench import direct
+    from tidings.bench import direct, sync
 
     _install_uvloop()
+    if args.scenario == "sync":
+        return sync.main(args)
     return direct.main(args)
 
 
@@ -119,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="load benchmarks")
     bsub = bench.add_subparsers(dest="scenario", required=True)
-    from tidings.bench import direct
+    from tidings.bench import direct, sync
 
     direct.add_arguments(bsub.add_parser("direct", help="durable 1:1 messaging, open loop"))
+    sync.add_arguments(bsub.add_parser("sync", help="a device back after missing messages"))
     bench.set_defaults(func=cmd_bench)
     return p
 

@@ -255,6 +255,7 @@ class Client:
         self.cv = 0  # the user change-log version applied (read positions, settings, ...)
         self.held: dict[str, int] = {}
         self.connects = 0
+        self.sync_answers = 0  # `synced` answers received (sync round trips)
         self.ready = asyncio.Event()
         self._buffer: dict[str, dict[int, tuple[Message, bool]]] = {}
         self._outbox: dict[str, _PendingSend] = {}
@@ -270,6 +271,7 @@ class Client:
         self._want_sync = False
         self._run_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._pausing = False
         self._final: Disconnected | None = None
         self._last_rx = 0.0
 
@@ -304,6 +306,24 @@ class Client:
                     f"connection refused: {self._final.reason or self._final.code}"
                 )
             raise TimeoutError("not connected")
+
+    async def disconnect(self) -> None:
+        """Go offline but keep everything this device holds (sync point, held seqs,
+        ``state``, unsent messages); ``connect()`` comes back and syncs the difference."""
+        task, self._run_task = self._run_task, None
+        if task is None:
+            return
+        self._pausing = True
+        try:
+            conn = self._conn
+            if conn is not None:
+                await conn.close(close.NORMAL)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        finally:
+            self._pausing = False
+            self.ready.clear()
 
     async def close(self) -> None:
         self._closing = True
@@ -475,12 +495,14 @@ class Client:
             await self._sync_task
 
     async def reset(self) -> None:
-        """Forget everything this device holds and sync from scratch (a cleared cache)."""
+        """Forget everything this device holds (a cleared cache) and, when connected,
+        sync from scratch."""
         self.since, self.cv = "0", 0
         self.held.clear()
         self._buffer.clear()
         self.state.clear()
-        await self.sync_now()
+        if self.ready.is_set():
+            await self.sync_now()
 
     # ------------------------------------------------------------------ connection loop
 
@@ -505,6 +527,8 @@ class Client:
                 self._conn = None
                 self.ready.clear()
                 self._fail_requests()
+            if self._pausing:
+                return
             code = conn.close_code
             final = code in FINAL_CODES or self._closing
             ev = Disconnected(code, conn.close_reason, final)
@@ -820,6 +844,7 @@ class Client:
                     since, have = self.since, dict(self.held)
                     res = await self._request(partial(self._sync_frame, since, have))
                     assert isinstance(res, Synced)
+                    self.sync_answers += 1
                     for c in res.convs:
                         if c.base > self.held.get(c.conv, 0):
                             # Older entries were skipped (tail): start holding from here.

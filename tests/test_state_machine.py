@@ -1,0 +1,448 @@
+"""Event-system consistency, in the style of Zulip's test_events: random sequences of
+actions over real sockets through the SDK, and after every step each online device's
+state — built from its initial sync plus the events it received since — must equal what
+a fresh sync of that user shows (conversation list, unread counts, badge, entries, read
+positions, settings).
+
+Two users (alice with a phone and a desktop, bob with a phone: three devices) and a
+third user, carol, who only "speaks" through the server HTTP API, so that there are
+several conversations to order, pin, mute and hide, and entries that do not move a read
+position. One server and one event loop (in a thread) serve every example; each example
+uses fresh user names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import msgspec
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from tests import conftest
+from tests.rawclient import Raw
+from tidings.app import Server
+from tidings.client import Client, RequestError
+from tidings.client.state import LocalState
+from tidings.protocol.frames import ConvItem, Message
+
+T = TypeVar("T")
+EXAMPLES = 100  # examples of up to STEPS actions each; every step checks every online device
+STEPS = 30
+SETTLE_S = 5.0  # how long devices get to converge after a step before it is a failure
+
+
+class Loop:
+    """An event loop in a thread running the server and every client."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = self.run(self._start(str(data_dir)))
+
+    async def _start(self, data_dir: str) -> Server:
+        # No heartbeats during a run: a pong showing a newer change version makes a device
+        # sync, which would mend a wrongly applied event before the check could see it.
+        settings = conftest.test_settings(
+            data_dir,
+            rate_per_s=10_000,
+            rate_burst=10_000,
+            heartbeat_ms=600_000,
+            idle_timeout_ms=1_800_000,
+        )
+        server = Server(settings)
+        await server.start()
+        return server
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.run(self.server.drain())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def snapshot(state: LocalState) -> dict[str, Any]:
+    """What a user sees: the list (order, badge) and every conversation's state and
+    entries (comparable across devices: the echo of an own send is the stored entry)."""
+    convs = {}
+    for v in state.conversation_list(include_hidden=True):
+        convs[v.conv] = {
+            "last_seq": v.last_seq,
+            "last": v.last,
+            "unread": v.unread,
+            "read_seq": v.read_seq,
+            "peer_read_seq": v.peer_read_seq,
+            "muted": v.muted,
+            "pinned": v.pinned,
+            "hidden": v.hidden,
+            "draft": v.draft,
+            "entries": dict(sorted(state.messages.get(v.conv, {}).items())),
+        }
+    return {
+        "order": [v.conv for v in state.conversation_list()],
+        "badge": state.badge,
+        "convs": convs,
+    }
+
+
+async def fresh_sync(url: str, token: str) -> dict[str, Any]:
+    """What the server tells a device that knows nothing: a sync from scratch and the
+    conversation list, read off the wire as sent (no SDK logic in between), in the shape
+    of ``snapshot``."""
+    raw = await Raw.ws(url, codec="msgpack")
+    try:
+        assert (await raw.login(token))["t"] == "ready"
+        since, have, cv, rid = "0", {}, 0, 1
+        states: dict[str, ConvItem] = {}
+        entries: dict[str, dict[int, Message]] = {}
+        while True:
+            rid += 1
+            await raw.send({"t": "sync", "id": rid, "since": since, "have": have, "cv": cv})
+            ans = await raw.until("synced")
+            for m in ans["msgs"]:
+                msg = msgspec.convert(m, Message)
+                entries.setdefault(msg.conv, {})[msg.seq] = msg
+                have[msg.conv] = max(have.get(msg.conv, 0), msg.seq)
+            for item in ans["states"]:
+                states[item["conv"]] = msgspec.convert(item, ConvItem)
+            since, cv = ans["wm"], ans["cv"]
+            if ans["complete"]:
+                break
+        await raw.send({"t": "convs", "id": rid + 1, "limit": 200})
+        listed = await raw.until("convs")
+    finally:
+        await raw.close()
+    convs = {}
+    for conv, s in states.items():
+        convs[conv] = {
+            "last_seq": s.last_seq,
+            "last": s.last,
+            "unread": s.unread,
+            "read_seq": s.read_seq,
+            "peer_read_seq": s.peer_read_seq,
+            "muted": s.muted,
+            "pinned": s.pinned,
+            "hidden": s.hidden,
+            "draft": s.draft,
+            "entries": dict(sorted(entries.get(conv, {}).items())),
+        }
+    return {"order": [c["conv"] for c in listed["convs"]], "badge": listed["badge"], "convs": convs}
+
+
+def diff(got: dict[str, Any], want: dict[str, Any]) -> str:
+    lines = []
+    for key in ("order", "badge"):
+        if got[key] != want[key]:
+            lines.append(f"{key}: device {got[key]!r} != fresh {want[key]!r}")
+    for conv in sorted(set(got["convs"]) | set(want["convs"])):
+        g, w = got["convs"].get(conv), want["convs"].get(conv)
+        if g is None or w is None:
+            lines.append(f"{conv}: device has {g is not None}, fresh has {w is not None}")
+            continue
+        for field in w:
+            if g[field] != w[field]:
+                lines.append(f"{conv}.{field}: device {g[field]!r}\n    != fresh {w[field]!r}")
+    return "\n".join(lines)
+
+
+_run_ids = itertools.count()
+checks: dict[str, int] = {}  # how often each action took effect, and states were compared
+
+
+def did(action: str) -> None:
+    checks[action] = checks.get(action, 0) + 1
+
+
+class Conversations(RuleBasedStateMachine):
+    loop: Loop  # set by the test
+
+    def __init__(self) -> None:
+        super().__init__()
+        n = next(_run_ids)
+        self.alice, self.bob, self.carol = f"alice{n}", f"bob{n}", f"carol{n}"
+        self.ab = f"d:{self.alice}|{self.bob}"
+        self.devices: dict[str, Client] = {}
+        self.owner = {"a_phone": self.alice, "a_desk": self.alice, "b_phone": self.bob}
+        self.online: set[str] = set()
+        self.probes: dict[str, str] = {}  # uid -> token of a device that knows nothing
+        self.sent: dict[str, list[tuple[str, int]]] = {}  # conv -> (sender, seq) of messages
+        self.cid = itertools.count()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        return self.loop.run(coro, timeout)
+
+    async def _client(self, uid: str, device: str) -> Client:
+        srv = self.loop.server
+        platform = {"a_phone": "ios", "a_desk": "desktop", "b_phone": "android"}.get(device, "web")
+        token = (await srv.accounts.issue_token(uid, device, platform)).token
+        port = srv.http_port if device != "a_desk" else srv.tcp_port
+        url = f"ws://127.0.0.1:{port}/v1/ws" if device != "a_desk" else f"tcp://127.0.0.1:{port}"
+        codec = "json" if device == "b_phone" else "msgpack"
+        c = Client(url, token, codec=codec, heartbeat_s=600, dead_after_s=1800, keep_messages=True)
+        await c.connect()
+        return c
+
+    async def _setup(self) -> None:
+        for uid in (self.alice, self.bob, self.carol):
+            await self.loop.server.accounts.put_user(uid)
+        for dev, uid in self.owner.items():
+            self.devices[dev] = await self._client(uid, dev)
+            self.online.add(dev)
+        for c in self.devices.values():
+            await c.sync_now()
+        for uid in (self.alice, self.bob):
+            issued = await self.loop.server.accounts.issue_token(uid, "probe", "web")
+            self.probes[uid] = issued.token
+
+    async def _teardown(self) -> None:
+        for c in self.devices.values():
+            await c.close()
+
+    @initialize()
+    def start(self) -> None:
+        self.run(self._setup())
+
+    def teardown(self) -> None:
+        if self.devices:
+            self.run(self._teardown())
+
+    def _user_convs(self, uid: str) -> list[str]:
+        other = self.bob if uid == self.alice else self.alice
+        return [
+            f"d:{min(uid, other)}|{max(uid, other)}",
+            f"d:{min(uid, self.carol)}|{max(uid, self.carol)}",
+        ]
+
+    def _known(self, conv: str) -> list[tuple[str, int]]:
+        return self.sent.get(conv, [])
+
+    def _device(self, data: st.DataObject, online: bool = True) -> str:
+        pool = sorted(self.online if online else set(self.owner) - self.online)
+        return str(data.draw(st.sampled_from(pool), label="device"))
+
+    # ------------------------------------------------------------------ actions
+
+    @precondition(lambda self: bool(self.online))
+    @rule(data=st.data(), silent=st.booleans(), carol_conv=st.booleans())
+    def send(self, data: st.DataObject, silent: bool, carol_conv: bool) -> None:
+        dev = self._device(data)
+        uid = self.owner[dev]
+        to = self.carol if carol_conv else (self.bob if uid == self.alice else self.alice)
+        text = f"{dev} says {next(self.cid)}"
+        sent = self.run(self.devices[dev].send(to=to, text=text, flags=1 if silent else 0))
+        self.sent.setdefault(sent.conv, []).append((uid, sent.seq))
+        did("send")
+
+    @rule(to_alice=st.booleans(), system=st.booleans())
+    def carol_sends(self, to_alice: bool, system: bool) -> None:
+        """The backend sends on carol's behalf (server HTTP API): counted, but it moves
+        nobody's read position."""
+        to = self.alice if to_alice else self.bob
+        body = {
+            "from": self.carol,
+            "to": to,
+            "cid": f"carol-{next(self.cid)}",
+            "type": "system" if system else "text",
+            "body": {"text": "from the backend"},
+        }
+        srv = self.loop.server
+
+        async def post() -> dict[str, Any]:
+            url = f"http://127.0.0.1:{srv.http_port}/v1/messages"
+            headers = {"Authorization": f"Bearer {srv.admin_key}"}
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(url, json=body, headers=headers) as resp,
+            ):
+                assert resp.status == 200, await resp.text()
+                out: dict[str, Any] = await resp.json()
+                return out
+
+        out = self.run(post())
+        self.sent.setdefault(out["conv"], []).append((self.carol, out["seq"]))
+        did("carol_sends")
+
+    @precondition(lambda self: bool(self.online))
+    @rule(data=st.data())
+    def mark_read(self, data: st.DataObject) -> None:
+        dev = self._device(data)
+        conv = data.draw(st.sampled_from(self._user_convs(self.owner[dev])), label="conv")
+        last = max((s for _, s in self._known(conv)), default=0)
+        if last == 0:
+            return
+        seq = data.draw(st.integers(1, last + 2), label="seq")  # past the end is capped
+        self.run(self.devices[dev].mark_read(conv, seq))
+        did("mark_read")
+
+    def _own_message(self, data: st.DataObject, dev: str) -> tuple[str, int] | None:
+        uid = self.owner[dev]
+        mine = [
+            (conv, seq)
+            for conv in self._user_convs(uid)
+            for sender, seq in self._known(conv)
+            if sender == uid
+        ]
+        if not mine:
+            return None
+        conv, seq = data.draw(st.sampled_from(mine), label="own message")
+        return str(conv), int(seq)
+
+    @precondition(lambda self: bool(self.online))
+    @rule(data=st.data())
+    def recall(self, data: st.DataObject) -> None:
+        dev = self._device(data)
+        target = self._own_message(data, dev)
+        if target is None:
+            return
+        try:
+            sent = self.run(self.devices[dev].recall(*target))
+        except RequestError as exc:
+            assert exc.code == "conflict", exc  # already recalled
+            return
+        self.sent.setdefault(sent.conv, []).append(("event", sent.seq))
+        did("recall")
+
+    @precondition(lambda self: bool(self.online))
+    @rule(data=st.data())
+    def edit(self, data: st.DataObject) -> None:
+        dev = self._device(data)
+        target = self._own_message(data, dev)
+        if target is None:
+            return
+        try:
+            sent = self.run(self.devices[dev].edit(*target, text=f"edited {next(self.cid)}"))
+        except RequestError as exc:
+            assert exc.code == "conflict", exc  # recalled
+            return
+        self.sent.setdefault(sent.conv, []).append(("event", sent.seq))
+        did("edit")
+
+    @precondition(lambda self: bool(self.online))
+    @rule(data=st.data())
+    def delete_for_me(self, data: st.DataObject) -> None:
+        dev = self._device(data)
+        conv = data.draw(st.sampled_from(self._user_convs(self.owner[dev])), label="conv")
+        seqs = [s for _, s in self._known(conv)]
+        if not seqs:
+            return
+        chosen = data.draw(st.lists(st.sampled_from(seqs), min_size=1, max_size=3), label="seqs")
+        self.run(self.devices[dev].delete_for_me(conv, chosen))
+        did("delete_for_me")
+
+    @precondition(lambda self: bool(self.online))
+    @rule(
+        data=st.data(),
+        muted=st.none() | st.booleans(),
+        pinned=st.none() | st.booleans(),
+        hidden=st.none() | st.booleans(),
+        draft=st.none() | st.sampled_from(["", "half a thought", "再见"]),
+    )
+    def change_settings(
+        self,
+        data: st.DataObject,
+        muted: bool | None,
+        pinned: bool | None,
+        hidden: bool | None,
+        draft: str | None,
+    ) -> None:
+        dev = self._device(data)
+        convs = [c for c in self._user_convs(self.owner[dev]) if self._known(c)]
+        if not convs:
+            return
+        conv = data.draw(st.sampled_from(convs), label="conv")
+        self.run(
+            self.devices[dev].settings(conv, muted=muted, pinned=pinned, hidden=hidden, draft=draft)
+        )
+        did("settings")
+
+    @precondition(lambda self: len(self.online) > 1)
+    @rule(data=st.data())
+    def go_offline(self, data: st.DataObject) -> None:
+        dev = self._device(data)
+        self.run(self.devices[dev].disconnect())
+        self.online.discard(dev)
+        did("offline")
+
+    @precondition(lambda self: len(self.online) < 3)
+    @rule(data=st.data())
+    def come_online(self, data: st.DataObject) -> None:
+        dev = self._device(data, online=False)
+        c = self.devices[dev]
+        self.run(c.connect())
+        self.online.add(dev)
+        did("online")
+
+    # ------------------------------------------------------------------ the check
+
+    async def _converged(self) -> None:
+        fresh: dict[str, dict[str, Any]] = {}
+        url = f"ws://127.0.0.1:{self.loop.server.http_port}/v1/ws"
+        for uid, token in self.probes.items():
+            fresh[uid] = await fresh_sync(url, token)
+        deadline = asyncio.get_running_loop().time() + SETTLE_S
+        for dev in sorted(self.online):
+            c = self.devices[dev]
+            want = fresh[self.owner[dev]]
+            while True:
+                got = snapshot(c.state)
+                if got == want:
+                    break
+                if asyncio.get_running_loop().time() > deadline:
+                    raise AssertionError(f"{dev} diverged from a fresh sync:\n{diff(got, want)}")
+                await asyncio.sleep(0.02)
+
+    @invariant()
+    def every_online_device_matches_a_fresh_sync(self) -> None:
+        if self.devices:
+            self.run(self._converged(), timeout=60)
+            did("compared")
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Loop]:
+    loop = Loop(tmp_path / "data")
+    try:
+        yield loop
+    finally:
+        loop.stop()
+
+
+def test_devices_converge_with_a_fresh_sync(served: Loop) -> None:
+    Conversations.loop = served
+    checks.clear()
+    run_state_machine_as_test(
+        Conversations,
+        settings=settings(
+            max_examples=EXAMPLES,
+            stateful_step_count=STEPS,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=False,
+        ),
+    )
+    print("actions that took effect:", checks)
+    # The run means something only if every kind of action happened, many times over.
+    actions = ("send", "carol_sends", "mark_read", "recall", "edit", "delete_for_me")
+    for action in (*actions, "settings", "offline", "online"):
+        assert checks.get(action, 0) >= 20, (action, checks)
+    assert checks["compared"] >= EXAMPLES * STEPS // 2, checks

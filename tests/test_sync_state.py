@@ -1,0 +1,143 @@
+"""Sync of conversation state over real sockets: a brand-new device with ``tail``, a device
+that missed deletions while away, and the SDK's LocalState replica."""
+
+from __future__ import annotations
+
+from tests.conftest import Harness
+from tests.rawclient import Raw
+
+
+async def test_new_device_gets_the_list_and_the_latest_page(harness: Harness) -> None:
+    """With ``tail``, a device that knows nothing gets every conversation's state and only
+    its newest entries; older ones come from history on demand."""
+    a = await harness.client("alice")
+    await harness.user("carol")
+    await harness.user("bob")
+    for i in range(12):
+        await a.send(to="bob", text=f"to bob {i}")
+    for i in range(3):
+        await a.send(to="carol", text=f"to carol {i}")
+    b = await harness.client("bob", "b_new")
+    for i in range(2):
+        await b.send(to="alice", text=f"back {i}")  # bob's own sends read the chat
+    for i in range(4):
+        await a.send(to="bob", text=f"more {i}")
+    fresh = await harness.client(
+        "alice", "a_new", connect=False, tail=5, keep_messages=True, sync_limit=4
+    )
+    await fresh.connect()
+    await fresh.sync_now()
+    st = fresh.state
+    assert [v.conv for v in st.conversation_list()] == ["d:alice|bob", "d:alice|carol"]
+    ab, ac = st.convs["d:alice|bob"], st.convs["d:alice|carol"]
+    assert sorted(st.messages["d:alice|bob"]) == [14, 15, 16, 17, 18]
+    assert sorted(st.messages["d:alice|carol"]) == [1, 2, 3]  # fewer than tail: all
+    assert fresh.held == {"d:alice|bob": 18, "d:alice|carol": 3}
+    assert (ab.last_seq, ab.read_seq, ab.peer_read_seq, ab.unread) == (18, 18, 14, 0)
+    assert (ac.last_seq, ac.peer, ac.unread) == (3, "carol", 0)
+    assert fresh.sync_answers >= 2  # 8 entries, 4 per answer
+    page = await fresh.history("d:alice|bob", before=14, limit=50)
+    assert [m.seq for m in page.msgs] == list(range(1, 14)) and not page.more
+    assert sorted(st.messages["d:alice|bob"]) == list(range(1, 19))
+    # Bob's view: unread counts his side (the 4 after his reply), and the badge.
+    bob_new = await harness.client("bob", "b_other", connect=False, tail=2)
+    await bob_new.connect()
+    await bob_new.sync_now()
+    view = bob_new.state.convs["d:alice|bob"]
+    assert (view.unread, view.read_seq, view.peer_read_seq) == (4, 14, 18)
+    assert bob_new.state.badge == 4 and bob_new.held == {"d:alice|bob": 18}
+
+
+async def test_the_wire_states_base_and_tail(harness: Harness) -> None:
+    """``tail`` on the wire: the conv state's ``base``, only the newest entries, states for
+    the conversations the answer completes; a bad ``tail`` is refused."""
+    a = await harness.client("alice")
+    await harness.user("bob")
+    for i in range(6):
+        await a.send(to="bob", text=f"m{i}")
+    raw = await Raw.ws(harness.ws_url, codec="json")
+    assert (await raw.login(await harness.token("bob", "raw")))["t"] == "ready"
+    await raw.send({"t": "sync", "id": 2, "tail": 2})
+    ans = await raw.until("synced")
+    assert ans["convs"] == [{"conv": "d:alice|bob", "last_seq": 6, "peer": "alice", "base": 4}]
+    assert [m["seq"] for m in ans["msgs"]] == [5, 6] and ans["complete"]
+    assert [m["n"] for m in ans["msgs"]] == [5, 6]
+    (state,) = ans["states"]
+    assert (state["conv"], state["unread"], state["n"], state["last"]["seq"]) == (
+        "d:alice|bob",
+        6,
+        6,
+        6,
+    )
+    # Holding everything: nothing to send, no base, and no state (nothing changed).
+    await raw.send({"t": "sync", "id": 3, "tail": 2, "have": {"d:alice|bob": 6}})
+    again = await raw.until("synced")
+    assert again["convs"] == [{"conv": "d:alice|bob", "last_seq": 6, "peer": "alice"}]
+    assert again["msgs"] == [] and again["states"] == []
+    await raw.send({"t": "sync", "id": 4, "tail": -1})
+    err = await raw.until("error")
+    assert (err["id"], err["code"]) == (4, "invalid")
+    await raw.close()
+
+
+async def test_an_away_device_learns_deletions_and_edits(harness: Harness) -> None:
+    """Deletions made while a device was offline reach it through sync (``deleted`` in the
+    state), as do edits of entries it holds; a recall or edit entry is not deleted on its
+    own, and reads as deleted with the entry it changed."""
+    a = await harness.client("alice")
+    b1 = await harness.client("bob", "b1", keep_messages=True)
+    b2 = await harness.client("bob", "b2", keep_messages=True)
+    for i in range(4):
+        await a.send(to="bob", text=f"m{i}")
+    await b2.sync_now()
+    await b2.disconnect()
+    edit = await a.edit("d:alice|bob", 2, text="m1, fixed")
+    assert (edit.seq, edit.edit_version, edit.n) == (5, 1, 4)
+    assert await b1.delete_for_me("d:alice|bob", [1, 5, 2]) == [1, 2]  # 5 is the edit
+    await b2.connect()
+    await b2.sync_now()
+    held = b2.state.messages["d:alice|bob"]
+    assert [s for s, m in sorted(held.items()) if m.deleted] == [1, 2, 5]
+    assert held[2].body == {} and held[2].edit_version == 0  # a tombstone
+    assert held[3].body == {"text": "m2"}
+    assert b2.state.convs["d:alice|bob"].deleted == {1, 2}
+    page = await b2.history("d:alice|bob")
+    assert [m.seq for m in page.msgs if m.deleted] == [1, 2, 5]
+    # Alice keeps everything, with the edit applied.
+    mine = await a.history("d:alice|bob")
+    assert mine.msgs[1].body == {"text": "m1, fixed"} and mine.msgs[1].edit_version == 1
+    assert not any(m.deleted for m in mine.msgs)
+
+
+async def test_local_state_follows_live_events(harness: Harness) -> None:
+    """The SDK's replica: unread from running totals, reads from other devices, receipts,
+    settings with versions, the badge leaving muted conversations out."""
+    a = await harness.client("alice", keep_messages=True)
+    b1 = await harness.client("bob", "b1", keep_messages=True)
+    b2 = await harness.client("bob", "b2", keep_messages=True)
+    for i in range(3):
+        await a.send(to="bob", text=f"m{i}")
+    await a.send(to="bob", text="shh", flags=1)
+
+    async def settled(check: object) -> None:
+        import asyncio
+
+        for _ in range(200):
+            if callable(check) and check():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("state did not settle")
+
+    v1, v2 = b1.state.view("d:alice|bob"), b2.state.view("d:alice|bob")
+    await settled(lambda: v1.last_seq == 4 and v2.last_seq == 4)
+    assert (v1.unread, v2.unread, b1.state.badge) == (3, 3, 3)
+    await b1.mark_read("d:alice|bob", 2)
+    await settled(lambda: v2.unread == 1)
+    va = a.state.view("d:alice|bob")
+    await settled(lambda: va.peer_read_seq == 2)
+    await b2.settings("d:alice|bob", muted=True, draft="later")
+    await settled(lambda: v1.muted and v1.draft == "later")
+    assert b1.state.badge == 0 and v1.unread == 1 and v1.settings_v > 0
+    # An older settings change never wins over a newer one.
+    b1.state.apply_settings("d:alice|bob", False, False, False, "", v1.settings_v - 1)
+    assert v1.muted and v1.draft == "later"
