@@ -331,3 +331,39 @@ async def test_sdk_reconnects_promptly_after_refused_hello(
     c = await harness.client("alice", "flaky", backoff_min_s=0.05)
     assert c.ready.is_set() and time.monotonic() - t0 < 3
     assert calls["n"] >= 2
+
+
+async def test_conversation_list_for_the_backend(harness: Harness) -> None:
+    """A backend reads a user's conversation list and badge (e.g. for a notification's
+    badge number); muted conversations stay out of the badge; bad input is refused."""
+    a = await harness.client("alice")
+    await harness.user("bob")
+    await harness.user("carol")
+    for i in range(3):
+        await a.send(to="bob", text=f"m{i}")
+    await a.send(to="carol", text="hey")
+    b = await harness.client("bob")
+    await b.mark_read("d:alice|bob", 1)
+    status, out = await call(harness, "GET", "/v1/users/bob/conversations")
+    assert status == 200 and out["badge"] == 2
+    (item,) = out["convs"]
+    assert (item["conv"], item["unread"], item["read_seq"], item["peer"]) == (
+        "d:alice|bob",
+        2,
+        1,
+        "alice",
+    )
+    assert item["last"]["body"] == {"text": "m2"} and item["n"] == 3
+    await b.settings("d:alice|bob", muted=True)
+    status, out = await call(harness, "GET", "/v1/users/bob/conversations")
+    assert out["badge"] == 0 and out["convs"][0]["muted"]
+    status, out = await call(harness, "GET", "/v1/users/alice/conversations?limit=1")
+    assert status == 200 and len(out["convs"]) == 1 and out["badge"] == 0
+    status, out = await call(harness, "GET", "/v1/users/alice/conversations?limit=0")
+    assert status == 400 and out["error"]["code"] == "invalid"
+    status, out = await call(harness, "GET", "/v1/users/alice/conversations?limit=x")
+    assert status == 400 and out["error"]["code"] == "invalid"
+    status, out = await call(harness, "GET", "/v1/users/nobody/conversations")
+    assert status == 404 and out["error"]["code"] == "not_found"
+    status, out = await call(harness, "GET", "/v1/users/bob/conversations", key="wrong" * 8)
+    assert status == 401

@@ -17,7 +17,7 @@ from tidings.domain.ids import direct_members, normalize_user_id, validate_clien
 from tidings.protocol.errors import TidingsError
 from tidings.services.accounts import Accounts, IssuedToken
 from tidings.services.contacts import Contacts
-from tidings.services.messaging import Messaging, to_wire
+from tidings.services.messaging import Messaging, conv_item, to_wire
 from tidings.store.base import UserRecord
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,16 @@ class HttpApi:
                 "The users this user blocks",
                 "admin",
                 response=m.BlocksOut,
+            ),
+            Route(
+                "GET",
+                "/v1/users/{uid}/conversations",
+                self.conversations,
+                "A user's conversation list with unread counts and the badge (e.g. for the "
+                "badge number of an offline notification)",
+                "admin",
+                response=m.ConversationsOut,
+                query=(("limit", "most conversations (1-200, default 50)"),),
             ),
             Route(
                 "PUT",
@@ -288,6 +298,14 @@ class HttpApi:
     async def get_blocks(self, request: web.Request, _: None) -> tuple[int, m.BlocksOut]:
         user = await self.accounts.get_user(request.match_info["uid"])
         return 200, m.BlocksOut(await self.contacts.blocked(user.uid))
+
+    async def conversations(
+        self, request: web.Request, _: None
+    ) -> tuple[int, m.ConversationsOut]:
+        user = await self.accounts.get_user(request.match_info["uid"])
+        limit = _int_query(request, "limit", 50)
+        rows, badge = await self.messaging.conversation_list(user.uid, limit)
+        return 200, m.ConversationsOut([conv_item(user.uid, r) for r in rows], badge)
 
     async def put_block(self, request: web.Request, _: None) -> tuple[int, None]:
         user = await self.accounts.get_user(request.match_info["uid"])

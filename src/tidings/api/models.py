@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from tidings.protocol.frames import Message
+from tidings.protocol.frames import ConvItem, Message
 
 
 class ErrorBody(msgspec.Struct, frozen=True):
@@ -94,6 +94,11 @@ class SentOut(msgspec.Struct, frozen=True):
 
 class BlocksOut(msgspec.Struct, frozen=True):
     users: list[str]
+
+
+class ConversationsOut(msgspec.Struct, frozen=True):
+    convs: list[ConvItem]
+    badge: int
 
 
 class PageOut(msgspec.Struct, frozen=True):

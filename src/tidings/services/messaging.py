@@ -18,7 +18,7 @@ from tidings.domain.ids import (
 from tidings.domain.permissions import can_read, member_pair
 from tidings.protocol.codec import check_json_model
 from tidings.protocol.errors import TidingsError
-from tidings.protocol.frames import ConvState, Message, Send
+from tidings.protocol.frames import ConvItem, ConvState, Message, Send
 from tidings.store.base import (
     EVENT_TYPES,
     Amend,
@@ -65,6 +65,26 @@ def to_wire(rec: MessageRecord) -> Message:
         recalled=rec.recalled,
         deleted=rec.deleted,
         n=rec.n,
+    )
+
+
+def conv_item(uid: str, r: ConvSummary, deleted: list[int] | None = None) -> ConvItem:
+    """A conversation's state for ``uid``, as the conversation list and sync show it."""
+    return ConvItem(
+        conv=r.conv,
+        last_seq=r.last_seq,
+        last_ts=r.last_ts,
+        unread=r.unread,
+        read_seq=r.read_seq,
+        peer_read_seq=r.peer_read_seq,
+        peer=peer_of(uid, r.conv),
+        last=None if r.last is None else to_wire(r.last),
+        muted=r.settings.muted,
+        pinned=r.settings.pinned,
+        draft=r.settings.draft,
+        hidden=r.settings.hidden,
+        n=0 if r.last is None else r.last.n,
+        deleted=deleted or [],
     )
 
 

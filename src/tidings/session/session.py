@@ -26,7 +26,6 @@ from tidings.protocol.frames import (
     BlockList,
     Blocks,
     Close,
-    ConvItem,
     ConvList,
     Convs,
     Delete,
@@ -55,9 +54,9 @@ from tidings.protocol.frames import (
     Typing,
 )
 from tidings.protocol.frames import Settings as SettingsFrame
-from tidings.services.messaging import MAX_MENTIONS, peer_of, to_wire
+from tidings.services.messaging import MAX_MENTIONS, conv_item, to_wire
 from tidings.session.context import Link, ServerContext
-from tidings.store.base import AppendResult, ConvSummary
+from tidings.store.base import AppendResult
 
 log = logging.getLogger(__name__)
 
@@ -429,25 +428,7 @@ class Session:
 
     async def _on_convs(self, f: Convs) -> None:
         rows, badge = await self.ctx.messaging.conversation_list(self.uid, f.limit)
-        self._reply(ConvList(f.id, [self._conv_item(r) for r in rows], badge))
-
-    def _conv_item(self, r: ConvSummary, deleted: list[int] | None = None) -> ConvItem:
-        return ConvItem(
-            conv=r.conv,
-            last_seq=r.last_seq,
-            last_ts=r.last_ts,
-            unread=r.unread,
-            read_seq=r.read_seq,
-            peer_read_seq=r.peer_read_seq,
-            peer=peer_of(self.uid, r.conv),
-            last=None if r.last is None else to_wire(r.last),
-            muted=r.settings.muted,
-            pinned=r.settings.pinned,
-            draft=r.settings.draft,
-            hidden=r.settings.hidden,
-            n=0 if r.last is None else r.last.n,
-            deleted=deleted or [],
-        )
+        self._reply(ConvList(f.id, [conv_item(self.uid, r) for r in rows], badge))
 
     # ------------------------------------------------------------------ reads
 
@@ -459,7 +440,7 @@ class Session:
     async def _on_sync(self, f: Sync) -> None:
         res = await self.ctx.messaging.sync(self.uid, f.since, f.have, f.limit, f.cv, f.tail)
         msgs = [to_wire(m) for m in res.msgs]
-        states = [self._conv_item(r, res.deletions.get(r.conv)) for r in res.states]
+        states = [conv_item(self.uid, r, res.deletions.get(r.conv)) for r in res.states]
         self._reply(Synced(f.id, res.convs, msgs, res.complete, str(res.wm), states, res.cv))
 
     async def _on_history(self, f: History) -> None:
