@@ -147,8 +147,9 @@ class DeletedForMe:
 
 @dataclass(frozen=True)
 class StatesSynced:
-    """Sync found conversations whose state for this user changed while this device was
-    away (read positions, the other member's reads, settings): their current state."""
+    """Sync brought conversation states: of conversations whose state for this user
+    changed while this device was away (read positions, the other member's reads,
+    settings, deletions), and of those whose newest entries it just delivered."""
 
     convs: list[ConvItem]
 
