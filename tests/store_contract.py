@@ -310,10 +310,11 @@ class StoreContract:
         assert target.body == {"text": "m3!"} and target.edit_version == 1
         before = await store.user_version("b")
         assert await store.delete_for("b", "d:a|b", [1, 4, 3]) == [1, 3]  # 4 is an edit
-        assert await store.deletions_since("b", before, await store.user_version("b")) == {
-            "d:a|b": [1, 3]
-        }
-        assert await store.deletions_since("b", 0, before) == {}
+        now = await store.user_version("b")
+        assert await store.deletions_since("b", before, now, 10) == ({"d:a|b": [1, 3]}, now)
+        assert await store.deletions_since("b", 0, before, 10) == ({}, before)
+        part, upto = await store.deletions_since("b", before, now, 1)
+        assert part == {"d:a|b": [1]} and before < upto < now  # the rest come next time
         assert await store.deleted_in("b", {"d:a|b": (1, 4), "d:a|c": (1, 1)}) == {"d:a|b": {1, 3}}
         assert await store.deleted_in("a", {"d:a|b": (1, 4)}) == {}  # b's, not a's
         convs, _ = await store.conversation_list("b", 10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -141,8 +142,11 @@ async def test_sigkill_with_uncommitted_batch(tmp_path: Path, procs: list[Server
     await b.close()
 
 
-async def test_sigterm_drains(tmp_path: Path, procs: list[ServerProcess]) -> None:
+async def test_sigterm_drains(
+    tmp_path: Path, procs: list[ServerProcess], caplog: pytest.LogCaptureFixture
+) -> None:
     """SIGTERM finishes in-flight writes (every send is acked), closes with 1001, exits 0."""
+    caplog.set_level(logging.DEBUG, logger="tidings.client.sdk")
     srv = ServerProcess(
         str(tmp_path / "data"), group_commit_linger_ms=800, rate_per_s=5000, rate_burst=5000
     )
@@ -161,7 +165,10 @@ async def test_sigterm_drains(tmp_path: Path, procs: list[ServerProcess]) -> Non
     code = await asyncio.get_running_loop().run_in_executor(None, srv.terminate)
     assert code == 0
     done, _ = await asyncio.wait(sends, timeout=5)
-    assert len(done) == 60, f"{60 - len(done)} sends unanswered; server log: {srv.read_log()}"
+    assert len(done) == 60, (
+        f"{60 - len(done)} sends unanswered; server log: {srv.read_log()}\n"
+        f"client log: {caplog.text[-4000:]}"
+    )
     results = [f.result() for f in sends]
     assert sorted(r.seq for r in results) == list(range(1, 61))
     async for ev in a.events():

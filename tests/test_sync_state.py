@@ -3,8 +3,16 @@ that missed deletions while away, and the SDK's LocalState replica."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import pytest
+
 from tests.conftest import Harness
 from tests.rawclient import Raw
+from tidings.client.state import LocalState
+from tidings.protocol.frames import Message
+from tidings.services import messaging
 
 
 async def test_new_device_gets_the_list_and_the_latest_page(harness: Harness) -> None:
@@ -100,7 +108,7 @@ async def test_an_away_device_learns_deletions_and_edits(harness: Harness) -> No
     assert [s for s, m in sorted(held.items()) if m.deleted] == [1, 2, 5]
     assert held[2].body == {} and held[2].edit_version == 0  # a tombstone
     assert held[3].body == {"text": "m2"}
-    assert b2.state.convs["d:alice|bob"].deleted == {1, 2}
+    assert b2.state.convs["d:alice|bob"].deleted == {1, 2, 5}
     page = await b2.history("d:alice|bob")
     assert [m.seq for m in page.msgs if m.deleted] == [1, 2, 5]
     # Alice keeps everything, with the edit applied.
@@ -141,3 +149,76 @@ async def test_local_state_follows_live_events(harness: Harness) -> None:
     # An older settings change never wins over a newer one.
     b1.state.apply_settings("d:alice|bob", False, False, False, "", v1.settings_v - 1)
     assert v1.muted and v1.draft == "later"
+
+
+async def test_many_deletions_come_in_several_answers(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More deletions than one answer carries: the answer is partial, its ``cv`` stops at
+    the last one sent, and the device's sync loop fetches the rest."""
+    monkeypatch.setattr(messaging, "SYNC_DELETIONS_MAX", 2)
+    a = await harness.client("alice")
+    await harness.user("bob")
+    for i in range(6):
+        await a.send(to="bob", text=f"m{i}")
+    b1 = await harness.client("bob", "b1")
+    assert await b1.delete_for_me("d:alice|bob", [1, 2, 3]) == [1, 2, 3]
+    assert await b1.delete_for_me("d:alice|bob", [5, 6]) == [5, 6]
+    b2 = await harness.client("bob", "b2", connect=False, keep_messages=True)
+    b2.held["d:alice|bob"] = 6  # as if it held everything from before the deletions
+    b2.since = str((await a.history("d:alice|bob")).msgs[-1].mid)
+    await b2.connect()
+    await b2.sync_now()
+    assert b2.state.convs["d:alice|bob"].deleted == {1, 2, 3, 5, 6}
+    assert b2.sync_answers >= 3
+    raw = await Raw.ws(harness.ws_url, codec="json")
+    assert (await raw.login(await harness.token("bob", "raw")))["t"] == "ready"
+    await raw.send({"t": "sync", "id": 2, "since": b2.since, "have": {"d:alice|bob": 6}})
+    first = await raw.until("synced")
+    assert not first["complete"] and first["states"][0]["deleted"] == [1, 2]
+    await raw.close()
+
+
+async def test_reset_while_a_sync_is_in_flight(harness: Harness) -> None:
+    """Forgetting everything while an answer is on its way: that answer (asked with what
+    was forgotten) is dropped, and the fresh sync brings every conversation back."""
+    a = await harness.client("alice")
+    await harness.user("bob")
+    await harness.user("carol")
+    await a.send(to="bob", text="hi bob")
+    await a.send(to="carol", text="hi carol")
+    b = await harness.client("alice", "a2", keep_messages=True)
+    await b.sync_now()
+    await a.send(to="carol", text="again")
+    b.request_sync()
+    await asyncio.sleep(0)
+    await b.reset()
+    assert set(b.state.convs) == {"d:alice|bob", "d:alice|carol"}
+    assert b.held == {"d:alice|bob": 1, "d:alice|carol": 2}
+    assert sorted(b.state.messages["d:alice|carol"]) == [1, 2]
+
+
+def test_local_state_rules_for_stale_copies() -> None:
+    """A copy of an edit fetched before a recall loses its content once the recall is
+    known; a tombstone from the server keeps later copies of that entry hidden."""
+    st = LocalState("alice", keep_messages=True)
+
+    def entry(seq: int, type: str, body: dict[str, Any], **kw: Any) -> Message:
+        return Message(
+            "d:alice|bob", seq, str(seq), "alice", "d1", f"c{seq}", type, body, 1000 + seq, **kw
+        )
+
+    st.apply_message(entry(1, "text", {"text": "v0"}, n=1))
+    st.apply_message(entry(2, "edit", {"seq": 1, "body": {"text": "v1"}}, edit_version=1))
+    assert st.messages["d:alice|bob"][1].body == {"text": "v1"}
+    st.apply_message(entry(3, "recall", {"seq": 1}))
+    assert st.messages["d:alice|bob"][1].recalled
+    assert st.messages["d:alice|bob"][2].body == {"seq": 1}
+    # A history page read before the recall arrives late with the edit's content.
+    st.apply_message(entry(2, "edit", {"seq": 1, "body": {"text": "v1"}}, edit_version=1))
+    assert st.messages["d:alice|bob"][2].body == {"seq": 1}
+    assert st.convs["d:alice|bob"].last_seq == 3
+    st.apply_message(entry(4, "text", {}, deleted=True, n=2))  # the server's tombstone
+    st.apply_message(entry(4, "text", {"text": "stale"}, n=2))  # an older copy
+    assert st.messages["d:alice|bob"][4].deleted and st.messages["d:alice|bob"][4].body == {}
+    assert st.convs["d:alice|bob"].last is not None and st.convs["d:alice|bob"].last.deleted

@@ -299,9 +299,7 @@ class HttpApi:
         user = await self.accounts.get_user(request.match_info["uid"])
         return 200, m.BlocksOut(await self.contacts.blocked(user.uid))
 
-    async def conversations(
-        self, request: web.Request, _: None
-    ) -> tuple[int, m.ConversationsOut]:
+    async def conversations(self, request: web.Request, _: None) -> tuple[int, m.ConversationsOut]:
         user = await self.accounts.get_user(request.match_info["uid"])
         limit = _int_query(request, "limit", 50)
         rows, badge = await self.messaging.conversation_list(user.uid, limit)

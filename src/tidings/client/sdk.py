@@ -273,6 +273,7 @@ class Client:
         self._run_task: asyncio.Task[None] | None = None
         self._closing = False
         self._pausing = False
+        self._lifecycle = asyncio.Lock()  # connect() and disconnect() one at a time
         self._final: Disconnected | None = None
         self._last_rx = 0.0
 
@@ -287,8 +288,9 @@ class Client:
 
     async def connect(self, wait: bool = True) -> None:
         """Start the connection loop; with ``wait``, return once authenticated."""
-        if self._run_task is None:
-            self._run_task = asyncio.ensure_future(self._run())
+        async with self._lifecycle:  # after a disconnect() in progress has finished
+            if self._run_task is None:
+                self._run_task = asyncio.ensure_future(self._run())
         if wait:
             await self.wait_ready()
 
@@ -311,20 +313,21 @@ class Client:
     async def disconnect(self) -> None:
         """Go offline but keep everything this device holds (sync point, held seqs,
         ``state``, unsent messages); ``connect()`` comes back and syncs the difference."""
-        task, self._run_task = self._run_task, None
-        if task is None:
-            return
-        self._pausing = True
-        try:
-            conn = self._conn
-            if conn is not None:
-                await conn.close(close.NORMAL)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        finally:
-            self._pausing = False
-            self.ready.clear()
+        async with self._lifecycle:
+            task, self._run_task = self._run_task, None
+            if task is None:
+                return
+            self._pausing = True
+            try:
+                conn = self._conn
+                if conn is not None:
+                    await conn.close(close.NORMAL)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            finally:
+                self._pausing = False
+                self.ready.clear()
 
     async def close(self) -> None:
         self._closing = True
@@ -498,6 +501,13 @@ class Client:
     async def reset(self) -> None:
         """Forget everything this device holds (a cleared cache) and, when connected,
         sync from scratch."""
+        task = self._sync_task
+        if task is not None and not task.done():
+            # An answer already on its way was asked for with what is being forgotten.
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._want_sync = False
         self.since, self.cv = "0", 0
         self.held.clear()
         self._buffer.clear()
@@ -531,6 +541,7 @@ class Client:
             if self._pausing:
                 return
             code = conn.close_code
+            log.debug("connection ended: %s %s", code, conn.close_reason)
             final = code in FINAL_CODES or self._closing
             ev = Disconnected(code, conn.close_reason, final)
             if final:
@@ -691,6 +702,7 @@ class Client:
     def _on_error(self, err: Error) -> None:
         p = self._send_rids.pop(err.id, None)
         if p is not None:
+            log.debug("send %s refused: %s %s", p.cid, err.code, err.message)
             p.rid = 0
             if err.retryable:
                 delay = (err.retry_after_ms or 100) / 1000
@@ -725,7 +737,9 @@ class Client:
             flags=p.flags,
             mentions=p.mentions,
             reply_to=p.reply_to,
-            edit_version=s.edit_version,
+            # A retried send answered `dup` reports the entry's edit version now, but
+            # this copy has the original body: only an edit entry carries its version.
+            edit_version=s.edit_version if p.type == "edit" else 0,
             n=s.n,
         )
         self._on_message(msg, echo=True)
@@ -857,10 +871,11 @@ class Client:
                         self.state.apply_state(item, res.cv)
                     if res.states:
                         self._events.put_nowait(StatesSynced(res.states))
+                    cv_moved = res.cv > self.cv
                     self.cv = max(self.cv, res.cv)
                     # wm covers what this answer completed (all of it when complete).
-                    advanced = int(res.wm) > int(since)
-                    if advanced:
+                    advanced = int(res.wm) > int(since) or cv_moved
+                    if int(res.wm) > int(since):
                         self.since = res.wm
                     if res.complete or (not res.msgs and not advanced):
                         break

@@ -112,7 +112,9 @@ class LocalState:
         if m.n > v.total:
             v.total = m.n
         target = amend_target(m)
-        if not m.deleted and (m.seq in v.deleted or target in v.deleted):
+        if m.deleted:
+            v.deleted.add(m.seq)  # the server's tombstone: keep later copies hidden too
+        elif m.seq in v.deleted or target in v.deleted:
             m = tombstone(m)
         held = self.messages.setdefault(m.conv, {}) if self.keep_messages else None
         old = None if held is None else held.get(m.seq)
@@ -156,6 +158,9 @@ class LocalState:
                     held[seq] = msgspec.structs.replace(other, body={"seq": target_seq})
             if target is not None and not target.recalled and not target.deleted:
                 held[target_seq] = msgspec.structs.replace(target, body={}, recalled=True)
+        elif target is not None and target.recalled:
+            # A copy of an edit from before the recall: no content survives a recall.
+            held[e.seq] = msgspec.structs.replace(e, body={"seq": target_seq})
         elif (
             target is not None
             and not target.recalled

@@ -40,6 +40,7 @@ MAX_FLAGS = 0xFFFF
 MAX_MENTIONS = 100
 MAX_ID = 2**63
 SYNC_CONVS_MAX = 1000  # conversations listed in one sync answer
+SYNC_DELETIONS_MAX = 5000  # deleted seqs in one sync answer
 CONV_LIST_MAX = 200  # conversations in one conversation-list answer
 MAX_DRAFT_BYTES = 4096
 MAX_DELETE = 100  # seqs in one delete-for-me
@@ -456,9 +457,12 @@ class Messaging:
         changed, new_cv = await self.store.user_changes_since(uid, cv, SYNC_CONVS_MAX)
         if len(changed) >= SYNC_CONVS_MAX:
             complete = False
-        # Deletions are deltas, not state: every one up to new_cv goes out now, with the
-        # state of its conversation.
-        deletions = await self.store.deletions_since(uid, cv, new_cv)
+        # Deletions are deltas, not state: every one up to new_cv goes out, with the state
+        # of its conversation (too many for one answer: new_cv stops at the last sent).
+        deletions, upto = await self.store.deletions_since(uid, cv, new_cv, SYNC_DELETIONS_MAX)
+        if upto < new_cv:
+            new_cv = upto
+            complete = False
         wanted = list(dict.fromkeys([*changed, *done, *deletions]))
         states = await self.store.conversation_states(uid, wanted)
         return SyncResult(

@@ -231,9 +231,13 @@ class Store(Protocol):
         themself (conversations with none are left out)."""
         ...
 
-    async def deletions_since(self, uid: str, after: int, upto: int) -> dict[str, list[int]]:
+    async def deletions_since(
+        self, uid: str, after: int, upto: int, limit: int
+    ) -> tuple[dict[str, list[int]], int]:
         """The seqs ``uid`` deleted for themself by changes with a change-log version in
-        (after, upto], by conversation, ascending."""
+        (after, upto], oldest change first, at most ``limit`` of them: by conversation
+        (ascending), and the version of the last change included (``upto`` when all
+        fit)."""
         ...
 
     # -- presence

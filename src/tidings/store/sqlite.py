@@ -940,19 +940,27 @@ class SqliteStore:
 
         return await self._read(op) if spans else {}
 
-    async def deletions_since(self, uid: str, after: int, upto: int) -> dict[str, list[int]]:
-        def op(conn: sqlite3.Connection) -> dict[str, list[int]]:
+    async def deletions_since(
+        self, uid: str, after: int, upto: int, limit: int
+    ) -> tuple[dict[str, list[int]], int]:
+        def op(conn: sqlite3.Connection) -> tuple[dict[str, list[int]], int]:
             rows = conn.execute(
-                "SELECT conv, value FROM user_changes WHERE uid=? AND version > ? "
-                "AND version <= ? AND kind='deleted' ORDER BY conv, value",
-                (uid, after, upto),
-            )
+                "SELECT conv, value, version FROM user_changes WHERE uid=? AND version > ? "
+                "AND version <= ? AND kind='deleted' ORDER BY version LIMIT ?",
+                (uid, after, upto, limit + 1),
+            ).fetchall()
+            last = upto
+            if len(rows) > limit:
+                rows = rows[:limit]
+                last = rows[-1][2] if rows else after
             out: dict[str, list[int]] = {}
-            for conv, seq in rows:
+            for conv, seq, _ in rows:
                 out.setdefault(conv, []).append(seq)
-            return out
+            for seqs in out.values():
+                seqs.sort()
+            return out, last
 
-        return await self._read(op) if upto > after else {}
+        return await self._read(op) if upto > after else ({}, upto)
 
     # ------------------------------------------------------------------ presence
 
