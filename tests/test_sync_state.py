@@ -222,3 +222,34 @@ def test_local_state_rules_for_stale_copies() -> None:
     st.apply_message(entry(4, "text", {"text": "stale"}, n=2))  # an older copy
     assert st.messages["d:alice|bob"][4].deleted and st.messages["d:alice|bob"][4].body == {}
     assert st.convs["d:alice|bob"].last is not None and st.convs["d:alice|bob"].last.deleted
+
+
+def test_hidden_at_the_servers_position() -> None:
+    """A device lagging behind when another device hides the conversation keeps it hidden
+    when the entries it lacked arrive; only a newer entry shows it again."""
+    st = LocalState("alice")
+
+    def entry(seq: int) -> Message:
+        return Message("d:alice|bob", seq, str(seq), "bob", "b1", f"c{seq}", "text", {}, seq)
+
+    for seq in range(1, 9):
+        st.apply_message(entry(seq))
+    st.apply_settings("d:alice|bob", False, False, True, "", version=5, hidden_at=10)
+    for seq in (9, 10):
+        st.apply_message(entry(seq))
+        assert st.convs["d:alice|bob"].hidden and st.conversation_list() == []
+    st.apply_message(entry(11))
+    assert not st.convs["d:alice|bob"].hidden
+    assert [v.conv for v in st.conversation_list()] == ["d:alice|bob"]
+
+
+async def test_settings_frames_say_where_it_was_hidden(harness: Harness) -> None:
+    a = await harness.client("alice")
+    await harness.user("bob")
+    for i in range(3):
+        await a.send(to="bob", text=f"m{i}")
+    answer = await a.settings("d:alice|bob", hidden=True)
+    assert answer.hidden and answer.hidden_at == 3
+    assert (await a.settings("d:alice|bob", muted=True)).hidden_at == 3
+    shown = await a.settings("d:alice|bob", hidden=False)
+    assert not shown.hidden and shown.hidden_at == 0

@@ -439,7 +439,9 @@ class Client:
             lambda rid: SettingsFrame(rid, conv, muted, pinned, hidden, draft)
         )
         assert isinstance(res, SettingsEvent)
-        self.state.apply_settings(res.conv, res.muted, res.pinned, res.hidden, res.draft, res.v)
+        self.state.apply_settings(
+            res.conv, res.muted, res.pinned, res.hidden, res.draft, res.v, res.hidden_at
+        )
         return res
 
     async def delete_for_me(self, conv: str, seqs: list[int]) -> list[int]:
@@ -687,7 +689,9 @@ class Client:
                 self._resolve(frame.id, frame)
             else:
                 f = frame
-                self.state.apply_settings(f.conv, f.muted, f.pinned, f.hidden, f.draft, f.v)
+                self.state.apply_settings(
+                    f.conv, f.muted, f.pinned, f.hidden, f.draft, f.v, f.hidden_at
+                )
                 self._events.put_nowait(
                     SettingsChanged(
                         frame.conv, frame.muted, frame.pinned, frame.hidden, frame.draft

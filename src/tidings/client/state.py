@@ -196,7 +196,14 @@ class LocalState:
         self._moved(self.view(conv), by, seq, read_n)
 
     def apply_settings(
-        self, conv: str, muted: bool, pinned: bool, hidden: bool, draft: str, version: int
+        self,
+        conv: str,
+        muted: bool,
+        pinned: bool,
+        hidden: bool,
+        draft: str,
+        version: int,
+        hidden_at: int = 0,
     ) -> None:
         v = self.view(conv)
         if version and version < v.settings_v:
@@ -204,7 +211,8 @@ class LocalState:
         v.settings_v = max(v.settings_v, version)
         v.muted, v.pinned, v.draft = muted, pinned, draft
         if hidden:
-            v.hidden_at = max(v.hidden_at, v.last_seq)
+            # Hidden at the server's last seq then, even if this device lags behind it.
+            v.hidden_at = max(v.hidden_at, hidden_at or v.last_seq)
         else:
             v.hidden_at = -1
 

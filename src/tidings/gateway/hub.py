@@ -112,7 +112,7 @@ class Hub:
         elif isinstance(event, SettingsNotice):
             st = event.settings
             frame = SettingsEvent(
-                event.conv, st.muted, st.pinned, st.hidden, st.draft, 0, st.version
+                event.conv, st.muted, st.pinned, st.hidden, st.draft, 0, st.version, st.hidden_seq
             )
             self._write_all(frame, self._other_devices(event))
 

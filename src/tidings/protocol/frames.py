@@ -353,6 +353,7 @@ class SettingsEvent(msgspec.Struct, frozen=True, tag="settings", tag_field="t"):
     draft: str
     id: int = 0
     v: int = 0  # the user's change-log version of this change (newer wins)
+    hidden_at: int = 0  # while hidden: the seq it was hidden at (a newer entry shows it)
 
 
 class ConvList(msgspec.Struct, frozen=True, tag="convs", tag_field="t"):

@@ -423,7 +423,9 @@ class Session:
             self.uid, self.device, f.conv, f.muted, f.pinned, f.hidden, f.draft
         )
         self._reply(
-            SettingsEvent(f.conv, st.muted, st.pinned, st.hidden, st.draft, f.id, st.version)
+            SettingsEvent(
+                f.conv, st.muted, st.pinned, st.hidden, st.draft, f.id, st.version, st.hidden_seq
+            )
         )
 
     async def _on_convs(self, f: Convs) -> None:

@@ -131,6 +131,7 @@ class ConvSettings(msgspec.Struct, frozen=True):
     hidden: bool = False  # hidden until the next message
     draft: str = ""
     version: int = 0  # the change-log version of the change that set these (0: not known)
+    hidden_seq: int = 0  # while hidden: hidden until an entry after this seq arrives
 
 
 class ConvSummary(msgspec.Struct, frozen=True):

@@ -876,7 +876,12 @@ class SqliteStore:
             )
             hidden_now = new[2] >= last_seq > 0
             return ConvSettings(
-                bool(new[0]), bool(new[1]), hidden_now, new[3], int(cur.lastrowid or 0)
+                bool(new[0]),
+                bool(new[1]),
+                hidden_now,
+                new[3],
+                int(cur.lastrowid or 0),
+                new[2] if hidden_now else 0,
             )
 
         return await self._write(op)
