@@ -253,3 +253,32 @@ async def test_settings_frames_say_where_it_was_hidden(harness: Harness) -> None
     assert (await a.settings("d:alice|bob", muted=True)).hidden_at == 3
     shown = await a.settings("d:alice|bob", hidden=False)
     assert not shown.hidden and shown.hidden_at == 0
+
+
+async def test_more_conversations_than_one_frame_can_state(make_server: Any) -> None:
+    """A device holding more conversations than a sync frame can list asks first which
+    changed (limit 0: a list, no entries) and then states only those."""
+    h = await make_server(max_frame_bytes=3000)
+    a = await h.client("alice")
+    peers = [await h.user(f"peer{i:03d}") for i in range(150)]
+    for p in peers:
+        await a.send(to=p, text="hello")
+    d = await h.client("alice", "d2", keep_messages=True)
+    await d.sync_now()
+    assert len(d.held) == 150
+    await d.disconnect()
+    for p in peers[:5]:
+        await a.send(to=p, text="while you were away")
+    before = d.sync_answers
+    await d.connect()
+    await d.sync_now()
+    assert all(d.held[f"d:alice|{p}"] == 2 for p in peers[:5])
+    assert all(d.held[f"d:alice|{p}"] == 1 for p in peers[5:])
+    assert d.sync_answers - before >= 2  # the list, then the entries
+    raw = await Raw.ws(h.ws_url, codec="json")
+    assert (await raw.login(await h.token("alice", "raw")))["t"] == "ready"
+    await raw.send({"t": "sync", "id": 2, "limit": 0})
+    listed = await raw.until("synced")
+    assert len(listed["convs"]) == 150 and listed["msgs"] == [] and not listed["complete"]
+    assert listed["wm"] == "0"
+    await raw.close()

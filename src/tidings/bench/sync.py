@@ -63,10 +63,6 @@ def main(args: argparse.Namespace) -> int:
         if not 1 <= value <= 1_000_000:
             print(f"tidings bench sync: --{name.replace('_', '-')} out of range", file=sys.stderr)
             return 2
-    if args.conversations > 2000:
-        # The device states every conversation it holds in one sync frame (64 KiB).
-        print("tidings bench sync: at most 2000 conversations", file=sys.stderr)
-        return 2
     server = LocalServer(
         {"rate_per_s": "1000000", "rate_burst": "1000000"},
         _cores(args.server_cores),

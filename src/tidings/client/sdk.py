@@ -852,18 +852,40 @@ class Client:
                 fut.set_exception(ConnectionError("connection lost"))
         self._requests.clear()
 
-    def _sync_frame(self, since: str, have: dict[str, int], rid: int) -> Sync:
-        return Sync(rid, since, have, self.sync_limit, self.cv, self.tail)
+    def _sync_frame(self, since: str, have: dict[str, int], limit: int, rid: int) -> Sync:
+        return Sync(rid, since, have, limit, self.cv, self.tail)
+
+    def _have_fits(self, have: dict[str, int]) -> bool:
+        """Whether a sync stating all of ``have`` fits in one client frame."""
+        room = (self.limits.max_frame_bytes if self.limits else 65_536) - 1024
+        return len(have) * 24 < room or len(self.codec_encode(have)) < room
+
+    def codec_encode(self, value: Any) -> bytes:
+        conn = self._conn
+        return conn.codec.encode(value) if conn is not None else msgspec.msgpack.encode(value)
 
     async def _sync_loop(self) -> None:
         try:
             while self._want_sync:
                 self._want_sync = False
+                listed: set[str] | None = None
                 while True:
-                    since, have = self.since, dict(self.held)
-                    res = await self._request(partial(self._sync_frame, since, have))
+                    since, have, limit = self.since, dict(self.held), self.sync_limit
+                    if listed is not None:
+                        have = {c: have[c] for c in listed if c in have}
+                    elif not self._have_fits(have):
+                        # Too many conversations to state in one frame: ask first which
+                        # ones changed (limit 0: a list, no entries), then state only those.
+                        have, limit = {}, 0
+                    res = await self._request(partial(self._sync_frame, since, have, limit))
                     assert isinstance(res, Synced)
                     self.sync_answers += 1
+                    if limit == 0:
+                        listed = {c.conv for c in res.convs}
+                        if not listed:
+                            break
+                        continue
+                    listed = None
                     for c in res.convs:
                         if c.base > self.held.get(c.conv, 0):
                             # Older entries were skipped (tail): start holding from here.

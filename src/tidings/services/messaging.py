@@ -404,8 +404,8 @@ class Messaging:
         With ``tail`` > 0, a conversation the device is more than ``tail`` entries behind
         in gets only its newest ``tail`` entries (its ``base`` says where they start)."""
         since = parse_id(since_raw, "since")
-        if not 1 <= limit < MAX_ID:
-            raise TidingsError("invalid", "limit must be >= 1")
+        if not 0 <= limit < MAX_ID:
+            raise TidingsError("invalid", "limit must be >= 0")
         if not 0 <= tail < MAX_ID:
             raise TidingsError("invalid", "tail must be 0..2^63-1")
         if not 0 <= cv < MAX_ID:
