@@ -282,3 +282,19 @@ async def test_more_conversations_than_one_frame_can_state(make_server: Any) -> 
     assert len(listed["convs"]) == 150 and listed["msgs"] == [] and not listed["complete"]
     assert listed["wm"] == "0"
     await raw.close()
+
+
+async def test_new_device_with_many_conversations_and_a_small_frame(make_server: Any) -> None:
+    """Many rounds of list-then-entries: every conversation ends up listed with its state
+    and its latest page, however small the frame."""
+    h = await make_server(max_frame_bytes=3000, rate_per_s=100_000, rate_burst=100_000)
+    a = await h.client("alice")
+    peers = [await h.user(f"peer{i:03d}") for i in range(200)]
+    await asyncio.gather(*[a.send(to=p, text=f"{j}") for p in peers for j in range(4)])
+    d = await h.client("alice", "new", tail=2, keep_messages=True, sync_limit=40)
+    await d.sync_now()
+    assert len(d.state.convs) == 200 and d.sync_answers > 10
+    for p in peers:
+        conv = f"d:alice|{p}"
+        assert d.held[conv] == 4 and sorted(d.state.messages[conv]) == [3, 4]
+        assert d.state.convs[conv].read_seq == 4 and d.state.convs[conv].unread == 0

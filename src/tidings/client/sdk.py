@@ -855,24 +855,42 @@ class Client:
     def _sync_frame(self, since: str, have: dict[str, int], limit: int, rid: int) -> Sync:
         return Sync(rid, since, have, limit, self.cv, self.tail)
 
-    def _have_fits(self, have: dict[str, int]) -> bool:
-        """Whether a sync stating all of ``have`` fits in one client frame."""
-        room = (self.limits.max_frame_bytes if self.limits else 65_536) - 1024
-        return len(have) * 24 < room or len(self.codec_encode(have)) < room
+    def _have_room(self) -> int:
+        """Bytes a sync frame may spend on ``have``."""
+        return (self.limits.max_frame_bytes if self.limits else 65_536) - 1024
 
-    def codec_encode(self, value: Any) -> bytes:
-        conn = self._conn
-        return conn.codec.encode(value) if conn is not None else msgspec.msgpack.encode(value)
+    @staticmethod
+    def _have_size(conv: str, seq: int) -> int:
+        """An upper bound of one ``have`` entry's encoded size (JSON escapes included)."""
+        return 2 * len(conv.encode()) + 26
+
+    def _have_fits(self, have: dict[str, int]) -> bool:
+        room = self._have_room()
+        return sum(self._have_size(c, s) for c, s in have.items()) < room
+
+    def _have_for(self, listed: list[str]) -> dict[str, int]:
+        """``have`` for the listed conversations (in the server's order) that fit a frame;
+        those left out are simply sent again from the start (the extra is ignored)."""
+        room, out = self._have_room(), {}
+        for conv in listed:
+            seq = self.held.get(conv)
+            if seq is None:
+                continue
+            room -= self._have_size(conv, seq)
+            if room < 0:
+                break
+            out[conv] = seq
+        return out
 
     async def _sync_loop(self) -> None:
         try:
             while self._want_sync:
                 self._want_sync = False
-                listed: set[str] | None = None
+                listed: list[str] | None = None
                 while True:
                     since, have, limit = self.since, dict(self.held), self.sync_limit
                     if listed is not None:
-                        have = {c: have[c] for c in listed if c in have}
+                        have = self._have_for(listed)
                     elif not self._have_fits(have):
                         # Too many conversations to state in one frame: ask first which
                         # ones changed (limit 0: a list, no entries), then state only those.
@@ -881,7 +899,7 @@ class Client:
                     assert isinstance(res, Synced)
                     self.sync_answers += 1
                     if limit == 0:
-                        listed = {c.conv for c in res.convs}
+                        listed = [c.conv for c in res.convs]
                         if not listed:
                             break
                         continue
