@@ -257,6 +257,7 @@ class Client:
         self.held: dict[str, int] = {}
         self.connects = 0
         self.sync_answers = 0  # `synced` answers received (sync round trips)
+        self._have_sizes: dict[str, int] = {}
         self.ready = asyncio.Event()
         self._buffer: dict[str, dict[int, tuple[Message, bool]]] = {}
         self._outbox: dict[str, _PendingSend] = {}
@@ -859,10 +860,15 @@ class Client:
         """Bytes a sync frame may spend on ``have``."""
         return (self.limits.max_frame_bytes if self.limits else 65_536) - 1024
 
-    @staticmethod
-    def _have_size(conv: str, seq: int) -> int:
-        """An upper bound of one ``have`` entry's encoded size (JSON escapes included)."""
-        return 2 * len(conv.encode()) + 26
+    def _have_size(self, conv: str, seq: int) -> int:
+        """An upper bound of one ``have`` entry's encoded size in either codec: the id as a
+        JSON string (escapes included), a colon, up to 19 digits and a comma."""
+        size = self._have_sizes.get(conv)
+        if size is None:
+            if len(self._have_sizes) > 100_000:
+                self._have_sizes.clear()
+            size = self._have_sizes[conv] = len(msgspec.json.encode(conv)) + 21
+        return size
 
     def _have_fits(self, have: dict[str, int]) -> bool:
         room = self._have_room()
