@@ -317,6 +317,11 @@ class StoreContract:
         assert part == {"d:a|b": [1]} and before < upto < now  # the rest come next time
         assert await store.deleted_in("b", {"d:a|b": (1, 4), "d:a|c": (1, 1)}) == {"d:a|b": {1, 3}}
         assert await store.deleted_in("a", {"d:a|b": (1, 4)}) == {}  # b's, not a's
+        assert await store.sync_point("b") == (
+            await store.watermark("b"),
+            await store.user_version("b"),
+        )
+        assert await store.sync_point("nobody") == (0, 0)
         convs, _ = await store.conversation_list("b", 10)
         last = next(c for c in convs if c.conv == "d:a|b").last
         assert last is not None and last.seq == 4 and last.deleted  # its target is deleted

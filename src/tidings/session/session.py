@@ -435,8 +435,7 @@ class Session:
     # ------------------------------------------------------------------ reads
 
     async def _on_ping(self, f: Ping) -> None:
-        wm = await self.ctx.store.watermark(self.uid)
-        cv = await self.ctx.store.user_version(self.uid)
+        wm, cv = await self.ctx.store.sync_point(self.uid)
         self._reply(Pong(f.id, str(wm), self.ctx.clock.now_ms(), cv))
 
     async def _on_sync(self, f: Sync) -> None:

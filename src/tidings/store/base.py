@@ -209,6 +209,10 @@ class Store(Protocol):
         """The newest version of the user's change log (0 if none)."""
         ...
 
+    async def sync_point(self, uid: str) -> tuple[int, int]:
+        """``(watermark(uid), user_version(uid))`` in one read (what a pong carries)."""
+        ...
+
     async def update_settings(
         self,
         uid: str,

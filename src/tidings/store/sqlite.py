@@ -829,6 +829,20 @@ class SqliteStore:
 
         return await self._read(op)
 
+    async def sync_point(self, uid: str) -> tuple[int, int]:
+        def op(conn: sqlite3.Connection) -> tuple[int, int]:
+            (wm,) = conn.execute(
+                "SELECT max(c.last_mid) FROM members m JOIN conversations c ON c.id = m.conv "
+                "WHERE m.uid=?",
+                (uid,),
+            ).fetchone()
+            (cv,) = conn.execute(
+                "SELECT max(version) FROM user_changes WHERE uid=?", (uid,)
+            ).fetchone()
+            return int(wm or 0), int(cv or 0)
+
+        return await self._read(op)
+
     async def user_version(self, uid: str) -> int:
         def op(conn: sqlite3.Connection) -> int:
             row = conn.execute("SELECT max(version) FROM user_changes WHERE uid=?", (uid,))
