@@ -307,35 +307,33 @@ class Conversations(RuleBasedStateMachine):
         conv, seq = data.draw(st.sampled_from(mine), label="own message")
         return str(conv), int(seq)
 
-    @precondition(lambda self: bool(self.online))
-    @rule(data=st.data())
-    def recall(self, data: st.DataObject) -> None:
+    def _amend(self, data: st.DataObject, action: str) -> None:
+        """Recall or edit one of the acting user's own messages."""
         dev = self._device(data)
         target = self._own_message(data, dev)
         if target is None:
             return
+        c = self.devices[dev]
         try:
-            sent = self.run(self.devices[dev].recall(*target))
+            if action == "recall":
+                sent = self.run(c.recall(*target))
+            else:
+                sent = self.run(c.edit(*target, text=f"edited {next(self.cid)}"))
         except RequestError as exc:
             assert exc.code == "conflict", exc  # already recalled
             return
         self.sent.setdefault(sent.conv, []).append(("event", sent.seq))
-        did("recall")
+        did(action)
+
+    @precondition(lambda self: bool(self.online))
+    @rule(data=st.data())
+    def recall(self, data: st.DataObject) -> None:
+        self._amend(data, "recall")
 
     @precondition(lambda self: bool(self.online))
     @rule(data=st.data())
     def edit(self, data: st.DataObject) -> None:
-        dev = self._device(data)
-        target = self._own_message(data, dev)
-        if target is None:
-            return
-        try:
-            sent = self.run(self.devices[dev].edit(*target, text=f"edited {next(self.cid)}"))
-        except RequestError as exc:
-            assert exc.code == "conflict", exc  # recalled
-            return
-        self.sent.setdefault(sent.conv, []).append(("event", sent.seq))
-        did("edit")
+        self._amend(data, "edit")
 
     @precondition(lambda self: bool(self.online))
     @rule(data=st.data())

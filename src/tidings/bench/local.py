@@ -147,9 +147,10 @@ class LocalServer:
 
 
 async def create_users(
-    base_url: str, admin_key: str, uids: list[str], device: str
+    base_url: str, admin_key: str, uids: list[str], device: str | None
 ) -> dict[str, str]:
-    """PUT each user and issue one bot-device token each; returns uid -> token."""
+    """PUT each user and (unless ``device`` is None) issue one bot-device token each;
+    returns uid -> token."""
     headers = {"Authorization": f"Bearer {admin_key}", "Content-Type": "application/json"}
     sem = asyncio.Semaphore(ADMIN_CONCURRENCY)
     tokens: dict[str, str] = {}
@@ -161,6 +162,8 @@ async def create_users(
                 async with http.put(f"{base_url}/v1/users/{uid}", data=b"{}") as resp:
                     if resp.status not in (200, 201):
                         raise RuntimeError(f"PUT user {uid}: {resp.status} {await resp.text()}")
+                if device is None:
+                    return
                 body = {"device": device, "platform": "bot"}
                 async with http.post(f"{base_url}/v1/users/{uid}/tokens", json=body) as resp:
                     if resp.status != 200:

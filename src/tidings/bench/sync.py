@@ -97,12 +97,12 @@ async def _run(args: argparse.Namespace, server: LocalServer) -> dict[str, Any]:
     peers = [f"sync-{nonce}-p{i}" for i in range(args.conversations)]
     admin = server.admin_key()
     t0 = time.monotonic()
-    tokens = await create_users(server.url, admin, [user, *peers], "bench")
+    await create_users(server.url, admin, peers, None)
     url = f"ws://127.0.0.1:{server.port}/v1/ws"
-    seeder = await _token(server.url, admin, user, "seeder")
-    phone_token = await _token(server.url, admin, user, "phone")
-    fresh_token = await _token(server.url, admin, user, "fresh")
-    del tokens
+    seeder, phone_token, fresh_token = [
+        (await create_users(server.url, admin, [user], device))[user]
+        for device in ("seeder", "phone", "fresh")
+    ]
 
     # History the device already holds: the user wrote it (from another device).
     async with Client(url, seeder, codec=args.codec) as c:
@@ -183,19 +183,6 @@ async def _run(args: argparse.Namespace, server: LocalServer) -> dict[str, Any]:
         flush=True,
     )
     return result
-
-
-async def _token(base_url: str, admin: str, uid: str, device: str) -> str:
-    headers = {"Authorization": f"Bearer {admin}"}
-    async with (
-        aiohttp.ClientSession(headers=headers) as http,
-        http.post(
-            f"{base_url}/v1/users/{uid}/tokens", json={"device": device, "platform": "bot"}
-        ) as resp,
-    ):
-        if resp.status != 200:
-            raise RuntimeError(f"token for {uid}/{device}: {resp.status} {await resp.text()}")
-        return str((await resp.json())["token"])
 
 
 async def _peer_messages(
