@@ -37,7 +37,7 @@ from hypothesis.stateful import (
 from tests import conftest
 from tests.rawclient import Raw
 from tidings.app import Server
-from tidings.client import Client, RequestError
+from tidings.client import Client
 from tidings.client.state import LocalState
 from tidings.protocol.frames import ConvItem, Message
 
@@ -184,6 +184,7 @@ class Conversations(RuleBasedStateMachine):
         self.online: set[str] = set()
         self.probes: dict[str, str] = {}  # uid -> token of a device that knows nothing
         self.sent: dict[str, list[tuple[str, int]]] = {}  # conv -> (sender, seq) of messages
+        self.recalled: set[tuple[str, int]] = set()
         self.cid = itertools.count()
 
     # ------------------------------------------------------------------ plumbing
@@ -294,43 +295,39 @@ class Conversations(RuleBasedStateMachine):
         self.run(self.devices[dev].mark_read(conv, seq))
         did("mark_read")
 
-    def _own_message(self, data: st.DataObject, dev: str) -> tuple[str, int] | None:
+    def _amendable(self, dev: str) -> list[tuple[str, int]]:
+        """The messages the owner of ``dev`` sent and has not recalled."""
         uid = self.owner[dev]
-        mine = [
+        return [
             (conv, seq)
             for conv in self._user_convs(uid)
             for sender, seq in self._known(conv)
-            if sender == uid
+            if sender == uid and (conv, seq) not in self.recalled
         ]
-        if not mine:
-            return None
-        conv, seq = data.draw(st.sampled_from(mine), label="own message")
-        return str(conv), int(seq)
+
+    def _can_amend(self) -> bool:
+        return any(self._amendable(dev) for dev in self.online)
 
     def _amend(self, data: st.DataObject, action: str) -> None:
-        """Recall or edit one of the acting user's own messages."""
-        dev = self._device(data)
-        target = self._own_message(data, dev)
-        if target is None:
-            return
+        """Recall or edit a message the acting device's user sent (and has not recalled)."""
+        devices = sorted(dev for dev in self.online if self._amendable(dev))
+        dev = str(data.draw(st.sampled_from(devices), label="device"))
+        conv, seq = data.draw(st.sampled_from(self._amendable(dev)), label="own message")
         c = self.devices[dev]
-        try:
-            if action == "recall":
-                sent = self.run(c.recall(*target))
-            else:
-                sent = self.run(c.edit(*target, text=f"edited {next(self.cid)}"))
-        except RequestError as exc:
-            assert exc.code == "conflict", exc  # already recalled
-            return
+        if action == "recall":
+            sent = self.run(c.recall(conv, seq))
+            self.recalled.add((conv, seq))
+        else:
+            sent = self.run(c.edit(conv, seq, text=f"edited {next(self.cid)}"))
         self.sent.setdefault(sent.conv, []).append(("event", sent.seq))
         did(action)
 
-    @precondition(lambda self: bool(self.online))
+    @precondition(lambda self: self._can_amend())
     @rule(data=st.data())
     def recall(self, data: st.DataObject) -> None:
         self._amend(data, "recall")
 
-    @precondition(lambda self: bool(self.online))
+    @precondition(lambda self: self._can_amend())
     @rule(data=st.data())
     def edit(self, data: st.DataObject) -> None:
         self._amend(data, "edit")
