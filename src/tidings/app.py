@@ -23,6 +23,7 @@ from tidings.gateway.tls import server_context
 from tidings.protocol import close
 from tidings.services.accounts import Accounts
 from tidings.services.contacts import Contacts
+from tidings.services.groups import Groups, MemberCache
 from tidings.services.messaging import Messaging
 from tidings.services.presence import Presence
 from tidings.services.secrets import load_or_create
@@ -68,6 +69,8 @@ class Server:
         )
         self.messaging = Messaging(self.store, self.bus, s)
         self.contacts = Contacts(self.store, self.bus, self.clock)
+        self.groups = Groups(self.store, self.bus, self.clock, s)
+        self.hub.members = MemberCache(self.store)
         self.presence = Presence(self.store, self.clock, self.hub.is_online)
         self.hub.presence = self.presence
         self.hub.presence_batch_s = s.presence_batch_ms / 1000
@@ -81,10 +84,13 @@ class Server:
             gate=self.gate,
             contacts=self.contacts,
             presence=self.presence,
+            groups=self.groups,
             registry=self.hub,
             server_name=f"tidings/{__version__}",
         )
-        self.api = HttpApi(self.accounts, self.messaging, self.contacts, lambda: self.hub.online)
+        self.api = HttpApi(
+            self.accounts, self.messaging, self.contacts, self.groups, lambda: self.hub.online
+        )
         self._runner: web.AppRunner | None = None
         self._tcp_server: asyncio.AbstractServer | None = None
         self._lease_task: asyncio.Task[None] | None = None
@@ -93,7 +99,7 @@ class Server:
         self.tcp_port = 0
 
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=512 * 1024)
+        app = web.Application(client_max_size=3 << 20)
         self.api.install(app)
         openapi = msgspec.json.encode(build_openapi(self.api.routes))
 
@@ -114,6 +120,7 @@ class Server:
         self._lease_task = asyncio.ensure_future(self._renew_lease())
         await self.bus.start()
         self.hub.start()
+        self.messaging.reads.start()
         ssl_ctx = server_context(s.tls_cert, s.tls_key) if s.tls else None
         self._runner = web.AppRunner(
             self.make_app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
@@ -174,6 +181,7 @@ class Server:
         self.hub.close_all(close.GOING_AWAY, "server shutting down")
         await asyncio.sleep(0.05)
         await self.hub.stop()
+        await self.messaging.reads.stop()
         if self._lease_task is not None:
             self._lease_task.cancel()
         if self._runner is not None:

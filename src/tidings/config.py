@@ -42,6 +42,11 @@ class Settings:
     recall_window_ms: int = 120_000  # how long after sending a message may be recalled
     typing_interval_ms: int = 1_000  # at most one typing notice per conversation this often
     presence_batch_ms: int = 1_000  # presence changes are pushed to contacts this often
+    # groups
+    group_max_members: int = 100_000  # the largest group (each group may set a lower limit)
+    group_history_visible: bool = False  # new members see entries from before they joined
+    group_receipt_list_max: int = 200  # "read by" lists readers up to this group size
+    group_read_flush_ms: int = 1_000  # group read positions are written this often (max kept)
     history_page_max: int = 100
     sync_page_max: int = 500
     # delivery

@@ -13,12 +13,14 @@ from aiohttp import web
 
 from tidings import __version__
 from tidings.api import models as m
+from tidings.domain.groups import group_id, is_group, role_name
 from tidings.domain.ids import direct_members, normalize_user_id, validate_client_id
 from tidings.protocol.errors import TidingsError
 from tidings.services.accounts import Accounts, IssuedToken
 from tidings.services.contacts import Contacts
+from tidings.services.groups import GroupOp, Groups, info_out
 from tidings.services.messaging import Messaging, conv_item, to_wire
-from tidings.store.base import UserRecord
+from tidings.store.base import GroupResult, UserRecord
 
 log = logging.getLogger(__name__)
 MAX_BODY = 256 * 1024
@@ -38,6 +40,7 @@ class Route:
     response: type | None = None
     status: int = 200
     query: tuple[tuple[str, str], ...] = ()  # (name, description)
+    max_body: int = 256 * 1024
 
 
 def _error(err: TidingsError) -> web.Response:
@@ -85,11 +88,13 @@ class HttpApi:
         accounts: Accounts,
         messaging: Messaging,
         contacts: Contacts,
+        groups: Groups,
         online: Callable[[], int],
     ) -> None:
         self.accounts = accounts
         self.messaging = messaging
         self.contacts = contacts
+        self.groups = groups
         self.online = online
         self.routes = self._routes()
 
@@ -179,7 +184,8 @@ class HttpApi:
                 "POST",
                 "/v1/messages",
                 self.server_send,
-                "Send a message on behalf of a user (idempotent on from+cid)",
+                "Send a message on behalf of a user (idempotent on from+cid), to a user (`to`) "
+                "or a group (`conv`; system messages too)",
                 "admin",
                 m.ServerSend,
                 m.SentOut,
@@ -195,6 +201,75 @@ class HttpApi:
                     ("before", "entries with seq below this (0: newest)"),
                     ("limit", "page size"),
                 ),
+            ),
+            Route(
+                "POST",
+                "/v1/groups",
+                self.create_group,
+                "Create a group (idempotent on owner+key)",
+                "admin",
+                m.CreateGroup,
+                m.GroupOut,
+                status=201,
+                max_body=2 << 20,
+            ),
+            Route(
+                "GET",
+                "/v1/groups/{gid}",
+                self.get_group,
+                "A group's profile and counts",
+                "admin",
+                response=m.GroupOut,
+            ),
+            Route(
+                "POST",
+                "/v1/groups/{gid}/members",
+                self.add_members,
+                "Add up to 10,000 members (idempotent on by+key)",
+                "admin",
+                m.AddMembers,
+                m.GroupOut,
+                max_body=2 << 20,
+            ),
+            Route(
+                "GET",
+                "/v1/groups/{gid}/members",
+                self.list_members,
+                "Page the member list (ascending user id)",
+                "admin",
+                response=m.MembersOut,
+                query=(
+                    ("cursor", "the `next` of the previous page"),
+                    ("limit", "page size (1-500, default 100)"),
+                ),
+            ),
+            Route(
+                "DELETE",
+                "/v1/groups/{gid}/members/{uid}",
+                self.remove_member,
+                "Remove a member",
+                "admin",
+                response=m.GroupOut,
+                query=(("key", "idempotency key"),),
+            ),
+            Route(
+                "POST",
+                "/v1/groups/{gid}/ops",
+                self.group_op,
+                "Any group operation: add, remove, leave, role, transfer, mute, mute_all, profile",
+                "admin",
+                m.GroupOpIn,
+                m.GroupOut,
+                max_body=2 << 20,
+            ),
+            Route(
+                "GET",
+                "/v1/groups/{gid}/receipts",
+                self.receipts,
+                '"Read by N" for entries of a group, and who for small groups',
+                "admin",
+                response=m.ReceiptsOut,
+                query=(("seqs", "comma-separated seqs (at most 100)"),),
             ),
             Route(
                 "POST",
@@ -239,7 +314,7 @@ class HttpApi:
                 body: Any = None
                 if decoder is not None:
                     raw = await request.read()
-                    if len(raw) > MAX_BODY:
+                    if len(raw) > route.max_body:
                         raise TidingsError("too_large", "request body too large")
                     try:
                         body = decoder.decode(raw)
@@ -335,26 +410,130 @@ class HttpApi:
         sender = normalize_user_id(body.sender)
         await self.accounts.get_user(sender)
         validate_client_id(body.cid)
-        peer = normalize_user_id(body.to)
         mtype = body.type
         if mtype not in ("system", "text", "custom", "image", "file", "voice", "video", "location"):
             raise TidingsError("invalid", f"unknown message type {mtype[:32]!r}")
-        conv, members = self.messaging.target(sender, peer, None)
+        if body.conv is not None and is_group(body.conv):
+            body = msgspec.structs.replace(body, conv=group_id(body.conv))
+        conv, members = self.messaging.target(sender, body.to, body.conv)
         msg = self.messaging.build(
             sender, SERVER_DEVICE, conv, members, body.cid, mtype, body.body, body.flags
         )
         res = await self.messaging.submit(
-            msgspec.structs.replace(msg, reads=False), from_device=False
+            msgspec.structs.replace(msg, reads=False, privileged=True), from_device=False
         )
         r = res.record
         return 200, m.SentOut(r.conv, r.seq, str(r.mid), r.ts, r.cid, res.dup)
 
     async def history(self, request: web.Request, _: None) -> tuple[int, m.PageOut]:
         conv = request.match_info["conv"]
-        pair = direct_members(conv)
-        if pair is None:
-            raise TidingsError("not_found", "no such conversation")
+        if is_group(conv):
+            conv = group_id(conv)
+            reader = (await self.groups.info(conv)).owner
+        else:
+            pair = direct_members(conv)
+            if pair is None:
+                raise TidingsError("not_found", "no such conversation")
+            reader = pair[0]
         before = _int_query(request, "before", 0)
         limit = _int_query(request, "limit", 50)
-        rows, more = await self.messaging.history(pair[0], conv, before, limit, as_reader=False)
+        rows, more = await self.messaging.history(reader, conv, before, limit, as_reader=False)
         return 200, m.PageOut(conv, [to_wire(r) for r in rows], more)
+
+    # ------------------------------------------------------------------ groups
+
+    @staticmethod
+    def _group_out(res: GroupResult) -> m.GroupOut:
+        rec = res.record
+        return m.GroupOut(
+            info_out(res.info),
+            0 if rec is None else rec.seq,
+            "" if rec is None else str(rec.mid),
+            res.dup,
+        )
+
+    async def _server_op(self, gid: str, by: str | None, req: GroupOp) -> GroupResult:
+        """Run ``req`` on group ``gid`` as ``by`` (default: the owner), with the server
+        API's rights."""
+        conv = group_id(gid)
+        actor = normalize_user_id(by) if by else (await self.groups.info(conv)).owner
+        req = msgspec.structs.replace(req, conv=conv)
+        return await self.groups.change(self.groups.build(actor, SERVER_DEVICE, req, True))
+
+    async def create_group(
+        self, request: web.Request, body: m.CreateGroup
+    ) -> tuple[int, m.GroupOut]:
+        owner = normalize_user_id(body.owner)
+        fields = {
+            "name": body.name,
+            "avatar": body.avatar,
+            "intro": body.intro,
+            "announcement": body.announcement,
+            "members_can_invite": body.members_can_invite,
+            "history_visible": body.history_visible,
+        }
+        req = GroupOp(
+            "create",
+            body.id,
+            body.members,
+            fields={k: v for k, v in fields.items() if v is not None},
+            cid=body.key,
+            max_members=body.max_members,
+        )
+        res = await self.groups.change(self.groups.build(owner, SERVER_DEVICE, req, True))
+        return (200 if res.dup else 201), self._group_out(res)
+
+    async def get_group(self, request: web.Request, _: None) -> tuple[int, m.GroupOut]:
+        info = await self.groups.info(group_id(request.match_info["gid"]))
+        return 200, m.GroupOut(info_out(info), 0, "", False)
+
+    async def add_members(self, request: web.Request, body: m.AddMembers) -> tuple[int, m.GroupOut]:
+        req = GroupOp("add", users=body.users, cid=body.key)
+        return 200, self._group_out(await self._server_op(request.match_info["gid"], body.by, req))
+
+    async def remove_member(self, request: web.Request, _: None) -> tuple[int, m.GroupOut]:
+        key = request.query.get("key")
+        req = GroupOp("remove", users=[request.match_info["uid"]], cid=key)
+        res = await self._server_op(request.match_info["gid"], request.query.get("by"), req)
+        return 200, self._group_out(res)
+
+    async def group_op(self, request: web.Request, body: m.GroupOpIn) -> tuple[int, m.GroupOut]:
+        if body.op in ("create", "info"):
+            raise TidingsError("invalid", f"use the /v1/groups routes to {body.op} a group")
+        fields = {
+            "name": body.name,
+            "avatar": body.avatar,
+            "intro": body.intro,
+            "announcement": body.announcement,
+            "members_can_invite": body.members_can_invite,
+            "history_visible": body.history_visible,
+        }
+        req = GroupOp(
+            body.op,
+            None,
+            body.users,
+            body.role,
+            body.duration_ms,
+            body.on,
+            {k: v for k, v in fields.items() if v is not None},
+            body.key,
+        )
+        return 200, self._group_out(await self._server_op(request.match_info["gid"], body.by, req))
+
+    async def list_members(self, request: web.Request, _: None) -> tuple[int, m.MembersOut]:
+        info = await self.groups.info(group_id(request.match_info["gid"]))
+        rows, nxt = await self.groups.members(
+            info.conv, request.query.get("cursor", ""), _int_query(request, "limit", 100)
+        )
+        items = [m.MemberItem(r.uid, role_name(r.role), r.joined_ms, r.muted_until) for r in rows]
+        return 200, m.MembersOut(items, nxt)
+
+    async def receipts(self, request: web.Request, _: None) -> tuple[int, m.ReceiptsOut]:
+        info = await self.groups.info(group_id(request.match_info["gid"]))
+        raw = request.query.get("seqs", "")
+        try:
+            seqs = [int(x) for x in raw.split(",") if x.strip()]
+        except ValueError:
+            raise TidingsError("invalid", "seqs must be comma-separated integers") from None
+        counts = await self.groups.receipts(info.conv, seqs)
+        return 200, m.ReceiptsOut([m.ReceiptItem(c.seq, c.count, c.readers) for c in counts])

@@ -6,7 +6,9 @@ from typing import Any
 
 import msgspec
 
-from tidings.protocol.frames import ConvItem, Message
+from tidings.protocol.frames import ConvItem, GroupInfo, MemberItem, Message, ReceiptItem
+
+__all__ = ["MemberItem", "ReceiptItem"]
 
 
 class ErrorBody(msgspec.Struct, frozen=True):
@@ -76,9 +78,10 @@ class ServerSend(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A message sent by the app backend on behalf of ``sender`` (device ``server``)."""
 
     sender: str = msgspec.field(name="from")
-    to: str
     cid: str
     body: dict[str, Any]
+    to: str | None = None  # a user (1:1), or
+    conv: str | None = None  # a conversation (a group: the sender must be a member)
     type: str = "text"
     flags: int = 0
 
@@ -105,3 +108,63 @@ class PageOut(msgspec.Struct, frozen=True):
     conv: str
     msgs: list[Message]
     more: bool
+
+
+class CreateGroup(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A new group owned by ``owner``; ``id`` (optional) becomes ``g:<id>``. ``key`` makes
+    a retry answer the first result."""
+
+    owner: str
+    members: list[str] = []
+    id: str | None = None
+    name: str | None = None
+    avatar: str | None = None
+    intro: str | None = None
+    announcement: str | None = None
+    members_can_invite: bool | None = None
+    history_visible: bool | None = None
+    max_members: int | None = None
+    key: str | None = None
+
+
+class AddMembers(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Add up to 10,000 users (bulk adds: several calls, each with its own ``key``)."""
+
+    users: list[str]
+    by: str | None = None  # who adds them (default: the owner)
+    key: str | None = None
+
+
+class GroupOpIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Any group operation, as the client protocol's `group` frame (``by``: who acts,
+    default the owner; the server API may do what the owner may)."""
+
+    op: str
+    by: str | None = None
+    users: list[str] = []
+    role: str | None = None
+    duration_ms: int | None = None
+    on: bool | None = None
+    name: str | None = None
+    avatar: str | None = None
+    intro: str | None = None
+    announcement: str | None = None
+    members_can_invite: bool | None = None
+    history_visible: bool | None = None
+    key: str | None = None
+
+
+class GroupOut(msgspec.Struct, frozen=True):
+    info: GroupInfo
+    seq: int  # the entry recording the change (0: nothing changed)
+    mid: str
+    dup: bool
+
+
+class MembersOut(msgspec.Struct, frozen=True):
+    members: list[MemberItem]
+    next: str
+
+
+class ReceiptsOut(msgspec.Struct, frozen=True):
+    receipts: list[ReceiptItem]

@@ -16,11 +16,15 @@ from tidings.store.base import ConvSettings, MessageRecord
 
 
 class MessageEvent(msgspec.Struct, frozen=True, tag="msg"):
-    """A committed message for ``users``' devices, except the sending device."""
+    """A committed message for ``users``' devices, except the sending device. For a group
+    ``users`` is empty: each node fans out to the group's members it knows, applying the
+    membership changes an entry carries (``joined`` get it too, ``left`` get it last)."""
 
     record: MessageRecord
     users: tuple[str, ...]
     exclude_device: str | None = None  # device id of the sender, not pushed to it
+    joined: tuple[str, ...] = ()
+    left: tuple[str, ...] = ()
 
 
 class RevokeEvent(msgspec.Struct, frozen=True, tag="revoke"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from tidings.bus.base import (
     BusEvent,
@@ -17,6 +17,7 @@ from tidings.bus.base import (
     TypingNotice,
 )
 from tidings.clock import Clock
+from tidings.domain.groups import is_group
 from tidings.protocol import close
 from tidings.protocol.frames import (
     Deleted,
@@ -28,6 +29,7 @@ from tidings.protocol.frames import (
     SettingsEvent,
     TypingEvent,
 )
+from tidings.services.groups import MemberCache
 from tidings.services.messaging import to_wire
 from tidings.services.presence import Presence
 from tidings.session.session import Session
@@ -48,6 +50,7 @@ class Hub:
         self.login_policy = login_policy
         self.publish = publish  # the bus, for events other nodes must see
         self.presence: Presence | None = None
+        self.members: MemberCache | None = None  # group member sets, for fan-out
         self.presence_batch_s = 1.0
         self._presence_changed: dict[str, bool] = {}
         self._presence_task: asyncio.Task[None] | None = None
@@ -169,16 +172,26 @@ class Hub:
             s.link.write(self._encoded(frame, s, cache))
 
     def _fan_out(self, event: MessageEvent) -> None:
+        if is_group(event.record.conv) and self.members is not None:
+            self.members.handle(event, self._deliver)
+        else:
+            self._deliver(event, event.users)
+
+    def _deliver(self, event: MessageEvent, users: Collection[str]) -> None:
+        """Push the entry to the sessions here of ``users`` (walking whichever is smaller:
+        the users, or the users online here)."""
         rec = event.record
         by_user = self.by_user
         targets = []
-        for uid in event.users:
-            group = by_user.get(uid)
-            if group:
-                for s in group:
-                    if uid == rec.sender and s.device == event.exclude_device:
-                        continue
-                    targets.append(s)
+        if len(users) > len(by_user) and isinstance(users, (set, frozenset)):
+            pairs = [(uid, g) for uid, g in by_user.items() if uid in users]
+        else:
+            pairs = [(uid, g) for uid in users if (g := by_user.get(uid))]
+        for uid, group in pairs:
+            for s in group:
+                if uid == rec.sender and s.device == event.exclude_device:
+                    continue
+                targets.append(s)
         if not targets:
             return
         push = Push(to_wire(rec))

@@ -31,6 +31,14 @@ _KINDS = [
     ErrorKind("forbidden", 403, False, "The caller may not perform this action."),
     ErrorKind("not_found", 404, False, "The user, conversation or resource does not exist."),
     ErrorKind("blocked", 403, False, "The recipient has blocked the sender."),
+    ErrorKind(
+        "muted",
+        403,
+        False,
+        "The sender is muted in this group (until `retry_after_ms`), or the group is muted "
+        "for everyone but its admins.",
+    ),
+    ErrorKind("group_full", 409, False, "The group is at its member limit."),
     ErrorKind("conflict", 409, False, "The client message id was already used for other content."),
     ErrorKind("rate_limited", 429, True, "Too many requests; wait `retry_after_ms` and retry."),
     ErrorKind("unavailable", 503, True, "The server cannot take the request now; retry later."),

@@ -187,6 +187,44 @@ class Blocks(msgspec.Struct, frozen=True, tag="blocks", tag_field="t"):
     id: int
 
 
+class Group(msgspec.Struct, frozen=True, tag="group", tag_field="t"):
+    """A group operation (``op``): create, add, remove, leave, role, transfer, mute,
+    mute_all, profile, or info (read only). Fields an op does not use are ignored; absent
+    profile fields stay as they are. ``cid`` makes a retry answer the first result."""
+
+    id: int
+    op: str
+    conv: str | None = None  # the group (create: an id to use, else a new one)
+    users: list[str] = []
+    role: str | None = None  # role: "admin" or "member"
+    duration_ms: int | None = None  # mute: how long (0: unmute)
+    on: bool | None = None  # mute_all
+    name: str | None = None
+    avatar: str | None = None
+    intro: str | None = None
+    announcement: str | None = None
+    members_can_invite: bool | None = None
+    history_visible: bool | None = None  # new members see entries from before they joined
+    cid: str | None = None
+
+
+class Members(msgspec.Struct, frozen=True, tag="members", tag_field="t"):
+    """A page of a group's members; ``cursor`` is the ``next`` of the previous page."""
+
+    id: int
+    conv: str
+    cursor: str = ""
+    limit: int = 100
+
+
+class Receipts(msgspec.Struct, frozen=True, tag="receipts", tag_field="t"):
+    """How many members have read each entry ("read by N"), and who in small groups."""
+
+    id: int
+    conv: str
+    seqs: list[int]
+
+
 ClientFrame = (
     Hello
     | Send
@@ -204,6 +242,9 @@ ClientFrame = (
     | Delete
     | PresenceQuery
     | Privacy
+    | Group
+    | Members
+    | Receipts
 )
 CLIENT_TYPES = frozenset(
     {
@@ -223,6 +264,9 @@ CLIENT_TYPES = frozenset(
         "delete",
         "presence",
         "privacy",
+        "group",
+        "members",
+        "receipts",
     }
 )
 
@@ -282,6 +326,7 @@ class Synced(msgspec.Struct, frozen=True, tag="synced", tag_field="t"):
     wm: str
     states: list[ConvItem] = []  # state of conversations changed since cv or completed now
     cv: int = 0  # the change-log version to send next time
+    left: list[str] = []  # groups this user left or was removed from since cv: drop them
 
 
 class Page(msgspec.Struct, frozen=True, tag="page", tag_field="t"):
@@ -340,6 +385,8 @@ class ConvItem(msgspec.Struct, frozen=True, omit_defaults=True):
     hidden: bool = False  # only in sync states (the list leaves hidden conversations out)
     n: int = 0  # counted entries up to last_seq: unread = n - (counted up to read_seq)
     deleted: list[int] = []  # sync states: seqs this user deleted for themself since cv
+    title: str = ""  # a group's name
+    size: int = 0  # a group's member count
 
 
 class SettingsEvent(msgspec.Struct, frozen=True, tag="settings", tag_field="t"):
@@ -398,6 +445,62 @@ class BlockList(msgspec.Struct, frozen=True, tag="blocked", tag_field="t"):
     users: list[str]
 
 
+class GroupInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+    conv: str
+    owner: str
+    name: str
+    member_count: int
+    max_members: int
+    last_seq: int
+    created_ms: int
+    avatar: str = ""
+    intro: str = ""
+    announcement: str = ""
+    muted_all: bool = False
+    members_can_invite: bool = True
+    history_visible: bool = False
+    role: str | None = None  # the asking member's role
+    muted_until: int = 0  # the asking member's mute (UTC ms)
+
+
+class GroupDone(msgspec.Struct, frozen=True, tag="group", tag_field="t"):
+    """Answer to ``group``: the entry that records the change (``seq`` 0: nothing changed)
+    and the group as it is now."""
+
+    id: int
+    conv: str
+    info: GroupInfo
+    seq: int = 0
+    mid: str = ""
+    dup: bool = False
+
+
+class MemberItem(msgspec.Struct, frozen=True, omit_defaults=True):
+    user: str
+    role: str
+    joined_ms: int
+    muted_until: int = 0
+
+
+class MemberList(msgspec.Struct, frozen=True, tag="members", tag_field="t"):
+    id: int
+    conv: str
+    members: list[MemberItem]
+    next: str  # cursor of the next page ("" at the end)
+
+
+class ReceiptItem(msgspec.Struct, frozen=True, omit_defaults=True):
+    seq: int
+    count: int  # members other than the sender who read up to here or further
+    readers: list[str] | None = None  # who (groups up to the server's listing size)
+
+
+class ReceiptList(msgspec.Struct, frozen=True, tag="receipts", tag_field="t"):
+    id: int
+    conv: str
+    receipts: list[ReceiptItem]
+
+
 ServerFrame = (
     ServerHello
     | Ready
@@ -417,4 +520,7 @@ ServerFrame = (
     | Kicked
     | Deleted
     | PresenceEvent
+    | GroupDone
+    | MemberList
+    | ReceiptList
 )

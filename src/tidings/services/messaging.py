@@ -9,16 +9,18 @@ import msgspec
 
 from tidings.bus.base import Bus, DeletedNotice, MessageEvent, ReadNotice, SettingsNotice
 from tidings.config import Settings
+from tidings.domain.groups import check_group_conv, is_group
 from tidings.domain.ids import (
     direct_conversation_id,
     direct_members,
     normalize_user_id,
     validate_client_id,
 )
-from tidings.domain.permissions import can_read, member_pair
+from tidings.domain.permissions import member_pair
 from tidings.protocol.codec import check_json_model
 from tidings.protocol.errors import TidingsError
 from tidings.protocol.frames import ConvItem, ConvState, Message, Send
+from tidings.services.reads import ReadCoalescer
 from tidings.store.base import (
     EVENT_TYPES,
     Amend,
@@ -79,6 +81,8 @@ def conv_item(uid: str, r: ConvSummary, deleted: list[int] | None = None) -> Con
         read_seq=r.read_seq,
         peer_read_seq=r.peer_read_seq,
         peer=peer_of(uid, r.conv),
+        title=r.title,
+        size=r.size,
         last=None if r.last is None else to_wire(r.last),
         muted=r.settings.muted,
         pinned=r.settings.pinned,
@@ -126,6 +130,16 @@ class SyncResult(msgspec.Struct, frozen=True):
     states: list[ConvSummary] = []  # this user's state of conversations it changed
     cv: int = 0  # the user change-log version these states cover
     deletions: dict[str, list[int]] = {}  # seqs deleted for this user after the device's cv
+    left: list[str] = []  # groups the user is no longer a member of (changed since cv)
+
+
+def check_conv(uid: str, conv: str) -> None:
+    """A conversation id ``uid`` may name: a 1:1 conversation of theirs, or a group (whose
+    membership the store checks with the request)."""
+    if is_group(conv):
+        check_group_conv(conv)
+    else:
+        member_pair(uid, conv)
 
 
 class Messaging:
@@ -133,6 +147,7 @@ class Messaging:
         self.store = store
         self.bus = bus
         self.settings = settings
+        self.reads = ReadCoalescer(store, settings.group_read_flush_ms / 1000)
 
     # ------------------------------------------------------------------ send
 
@@ -244,6 +259,9 @@ class Messaging:
             peer = normalize_user_id(to)
         else:
             assert conv is not None
+            if is_group(conv):
+                check_group_conv(conv)
+                return conv, ()  # the writer checks membership and mutes with the append
             raw_pair = direct_members(conv)
             if raw_pair is None:
                 raise TidingsError("not_found", "no such conversation")
@@ -288,7 +306,9 @@ class Messaging:
         """Advance the read position; tell the user's other devices and the other member."""
         if not 1 <= seq < MAX_ID:
             raise TidingsError("invalid", "seq must be 1..2^63-1")
-        member_pair(uid, conv)
+        check_conv(uid, conv)
+        if is_group(conv):
+            return await self._mark_group_read(uid, device, conv, seq)
         state = await self.store.mark_read(uid, conv, seq)
         if state.changed:
             peer = peer_of(uid, conv)
@@ -303,6 +323,22 @@ class Messaging:
             self.bus.publish(notice)
         return state
 
+    async def _mark_group_read(self, uid: str, device: str, conv: str, seq: int) -> ReadState:
+        """A group read is answered at once and written coalesced (``self.reads``); the
+        user's other devices hear of it at once, nobody else does (receipts are counted
+        on request)."""
+        state = await self.store.peek_read(uid, conv, seq)
+        counted = state.unread + state.read_n
+        pending = self.reads.pending(uid, conv)
+        if pending is not None and pending[0] >= state.read_seq:
+            return ReadState(conv, uid, pending[0], counted - pending[1], False, 0, pending[1])
+        if state.changed:
+            self.reads.note(uid, conv, state.read_seq, state.read_n)
+            self.bus.publish(
+                ReadNotice(conv, uid, device, state.read_seq, state.unread, (uid,), state.read_n)
+            )
+        return state
+
     async def update_settings(
         self,
         uid: str,
@@ -315,7 +351,7 @@ class Messaging:
     ) -> ConvSettings:
         """Change the user's own settings of a conversation; the user's other devices are
         told at once, and every device sees them in the conversation list."""
-        member_pair(uid, conv)
+        check_conv(uid, conv)
         if draft is not None and len(draft.encode()) > MAX_DRAFT_BYTES:
             raise TidingsError("too_large", f"draft over {MAX_DRAFT_BYTES} bytes")
         settings = await self.store.update_settings(uid, conv, muted, pinned, hidden, draft)
@@ -328,7 +364,7 @@ class Messaging:
             raise TidingsError("invalid", f"give 1 to {MAX_DELETE} seqs")
         if any(not 1 <= s < MAX_ID for s in seqs):
             raise TidingsError("invalid", "seqs must be 1..2^63-1")
-        member_pair(uid, conv)
+        check_conv(uid, conv)
         done = await self.store.delete_for(uid, conv, seqs)
         if done:
             self.bus.publish(DeletedNotice(conv, uid, device, tuple(done)))
@@ -362,13 +398,19 @@ class Messaging:
 
     # ------------------------------------------------------------------ reads
 
-    async def check_read(self, uid: str, conv: str) -> None:
-        pair = direct_members(conv)
-        member = False if pair is not None else await self.store.is_member(conv, uid)
-        if not can_read(uid, conv, member):
-            if pair is None and await self.store.conversation(conv) is None:
+    async def check_read(self, uid: str, conv: str) -> int:
+        """Raise unless ``uid`` may read ``conv``; the seq after which it may (the floor
+        of a group member who joined without earlier history)."""
+        if not is_group(conv):
+            member_pair(uid, conv)
+            return 0
+        check_group_conv(conv)
+        me = await self.store.membership(conv, uid)
+        if me is None:
+            if await self.store.conversation(conv) is None:
                 raise TidingsError("not_found", "no such conversation")
             raise TidingsError("forbidden", "not a member of this conversation")
+        return me.joined_seq
 
     async def history(
         self, uid: str, conv: str, before: int, limit: int, as_reader: bool = True
@@ -377,9 +419,9 @@ class Messaging:
         as deleted entries (the server API reads without them)."""
         if not 0 <= before < MAX_ID or not 1 <= limit < MAX_ID:
             raise TidingsError("invalid", "before must be 0..2^63-1 and limit >= 1")
-        await self.check_read(uid, conv)
+        floor = await self.check_read(uid, conv) if as_reader else 0
         limit = min(limit, self.settings.history_page_max)
-        rows = await self.store.history(conv, before, limit)
+        rows = await self.store.history(conv, before, limit, floor)
         # Keep the reply within the byte budget: drop the oldest, the client pages on.
         total, keep = 0, len(rows)
         for i in range(len(rows) - 1, -1, -1):
@@ -388,7 +430,7 @@ class Messaging:
                 keep = len(rows) - 1 - i
                 break
         rows = rows[len(rows) - keep :]
-        more = bool(rows) and rows[0].seq > 1
+        more = bool(rows) and rows[0].seq > floor + 1
         return (await self._mark_deleted(uid, rows) if as_reader else rows), more
 
     async def sync(
@@ -420,7 +462,7 @@ class Messaging:
         starts: dict[str, int] = {}
         spans: list[tuple[str, int, int]] = []
         for row in listed:
-            held = have.get(row.conv, 0)
+            held = max(have.get(row.conv, 0), row.floor)
             if tail and held < row.last_seq - tail:
                 held = row.last_seq - tail
             starts[row.conv] = held
@@ -465,6 +507,16 @@ class Messaging:
             complete = False
         wanted = list(dict.fromkeys([*changed, *done, *deletions]))
         states = await self.store.conversation_states(uid, wanted)
+        # A changed conversation with no state for this user: a group they left.
+        member_of = {st.conv for st in states}
+        left = [c for c in changed if c not in member_of and is_group(c)]
         return SyncResult(
-            convs, await self._mark_deleted(uid, msgs), complete, wm, states, new_cv, deletions
+            convs,
+            await self._mark_deleted(uid, msgs),
+            complete,
+            wm,
+            states,
+            new_cv,
+            deletions,
+            left,
         )

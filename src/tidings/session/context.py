@@ -10,6 +10,7 @@ from tidings.config import Settings
 from tidings.protocol.codec import Codec
 from tidings.services.accounts import Accounts
 from tidings.services.contacts import Contacts
+from tidings.services.groups import Groups
 from tidings.services.messaging import Messaging
 from tidings.services.presence import Presence
 from tidings.session.gate import WriteGate
@@ -70,4 +71,5 @@ class ServerContext:
     gate: WriteGate
     contacts: Contacts
     presence: Presence
+    groups: Groups
     server_name: str = "tidings"

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from tidings.domain.groups import role_name
 from tidings.protocol import PROTOCOL_VERSION, close
 from tidings.protocol.codec import FrameError
 from tidings.protocol.errors import TidingsError
@@ -31,9 +32,14 @@ from tidings.protocol.frames import (
     Delete,
     Deleted,
     Error,
+    Group,
+    GroupDone,
     Hello,
     History,
     Limits,
+    MemberItem,
+    MemberList,
+    Members,
     Ok,
     Page,
     Ping,
@@ -44,6 +50,9 @@ from tidings.protocol.frames import (
     Read,
     ReadEvent,
     Ready,
+    ReceiptItem,
+    ReceiptList,
+    Receipts,
     Send,
     Sent,
     ServerFrame,
@@ -54,6 +63,7 @@ from tidings.protocol.frames import (
     Typing,
 )
 from tidings.protocol.frames import Settings as SettingsFrame
+from tidings.services.groups import GroupOp, info_out
 from tidings.services.messaging import MAX_MENTIONS, conv_item, to_wire
 from tidings.session.context import Link, ServerContext
 from tidings.store.base import AppendResult
@@ -71,6 +81,8 @@ CAPS = [
     "convs",
     "settings",
     "presence",
+    "groups",
+    "receipts",
 ]
 ACK_COST = 0.05  # acks are nearly free against the rate limit (pings cost a read: 1)
 MAX_READS_INFLIGHT = 8
@@ -432,6 +444,60 @@ class Session:
         rows, badge = await self.ctx.messaging.conversation_list(self.uid, f.limit)
         self._reply(ConvList(f.id, [conv_item(self.uid, r) for r in rows], badge))
 
+    # ------------------------------------------------------------------ groups
+
+    async def _on_group(self, f: Group) -> None:
+        groups = self.ctx.groups
+        if f.op == "info":
+            if f.conv is None:
+                raise TidingsError("invalid", "`conv` names the group")
+            mine = await groups.member(self.uid, f.conv)
+            self._reply(GroupDone(f.id, f.conv, info_out(await groups.info(f.conv), mine)))
+            return
+        fields = {
+            "name": f.name,
+            "avatar": f.avatar,
+            "intro": f.intro,
+            "announcement": f.announcement,
+            "members_can_invite": f.members_can_invite,
+            "history_visible": f.history_visible,
+        }
+        req = GroupOp(
+            f.op,
+            f.conv,
+            f.users,
+            f.role,
+            f.duration_ms,
+            f.on,
+            {k: v for k, v in fields.items() if v is not None},
+            f.cid,
+        )
+        res = await groups.operate(self.uid, self.device, req)
+        me = await self.ctx.store.membership(res.info.conv, self.uid)
+        rec = res.record
+        self._reply(
+            GroupDone(
+                f.id,
+                res.info.conv,
+                info_out(res.info, me),
+                0 if rec is None else rec.seq,
+                "" if rec is None else str(rec.mid),
+                res.dup,
+            )
+        )
+
+    async def _on_members(self, f: Members) -> None:
+        await self.ctx.groups.member(self.uid, f.conv)
+        rows, nxt = await self.ctx.groups.members(f.conv, f.cursor, f.limit)
+        items = [MemberItem(r.uid, role_name(r.role), r.joined_ms, r.muted_until) for r in rows]
+        self._reply(MemberList(f.id, f.conv, items, nxt))
+
+    async def _on_receipts(self, f: Receipts) -> None:
+        await self.ctx.messaging.check_read(self.uid, f.conv)
+        counts = await self.ctx.groups.receipts(f.conv, f.seqs)
+        items = [ReceiptItem(c.seq, c.count, c.readers) for c in counts]
+        self._reply(ReceiptList(f.id, f.conv, items))
+
     # ------------------------------------------------------------------ reads
 
     async def _on_ping(self, f: Ping) -> None:
@@ -442,7 +508,9 @@ class Session:
         res = await self.ctx.messaging.sync(self.uid, f.since, f.have, f.limit, f.cv, f.tail)
         msgs = [to_wire(m) for m in res.msgs]
         states = [conv_item(self.uid, r, res.deletions.get(r.conv)) for r in res.states]
-        self._reply(Synced(f.id, res.convs, msgs, res.complete, str(res.wm), states, res.cv))
+        self._reply(
+            Synced(f.id, res.convs, msgs, res.complete, str(res.wm), states, res.cv, res.left)
+        )
 
     async def _on_history(self, f: History) -> None:
         rows, more = await self.ctx.messaging.history(self.uid, f.conv, f.before, f.limit)
@@ -510,4 +578,7 @@ _REQUESTS: dict[type, Callable[[Session, Any], Awaitable[None]]] = {
     SettingsFrame: Session._on_settings,
     PresenceQuery: Session._on_presence,
     Privacy: Session._on_privacy,
+    Group: Session._on_group,
+    Members: Session._on_members,
+    Receipts: Session._on_receipts,
 }

@@ -56,6 +56,7 @@ class NewMessage(msgspec.Struct, frozen=True):
     counted: bool = True  # counts toward unread (false for silent/not-counted and events)
     amend: Amend | None = None  # for recall/edit events: the change to the target entry
     reads: bool = True  # a device's own message: moves the sender's read position to it
+    privileged: bool = False  # the server API: group mutes do not apply (membership does)
     flags: int = 0
     mentions: tuple[str, ...] = ()
     reply_to: int | None = None
@@ -83,6 +84,7 @@ class MessageRecord(msgspec.Struct, frozen=True):
 
 
 EVENT_TYPES = frozenset({"recall", "edit"})  # entries that change an earlier one
+GROUP_EVENT = "group"  # the type of entries a group operation writes (not counted)
 
 
 def amend_target(rec: MessageRecord) -> int | None:
@@ -109,6 +111,7 @@ class ConvRow(msgspec.Struct, frozen=True):
     last_seq: int
     last_mid: int
     last_ts: int
+    floor: int = 0  # the member sees entries after this seq only (joined a group then)
 
 
 class ReadState(msgspec.Struct, frozen=True):
@@ -144,6 +147,70 @@ class ConvSummary(msgspec.Struct, frozen=True):
     peer_read_seq: int
     last: MessageRecord | None
     settings: ConvSettings = ConvSettings()
+    title: str = ""  # a group's name
+    size: int = 0  # a group's member count
+    floor: int = 0  # the member sees entries after this seq only
+
+
+class GroupChange(msgspec.Struct, frozen=True):
+    """One group operation, applied by the store's writer together with the entry that
+    records it (type ``group``) in the group's sequence. ``cid`` is the idempotency key:
+    the same (actor, cid) again answers the first result with ``dup``."""
+
+    conv: str
+    op: str  # create, add, remove, leave, role, transfer, mute, mute_all, profile
+    actor: str  # who acts: the entry's sender
+    dev: str  # the actor's device ("server" for the server API)
+    cid: str
+    users: tuple[str, ...] = ()  # the members acted on (create: the first members)
+    role: int = 0  # role: the new role
+    until_ms: int = 0  # mute: muted until (0: unmute)
+    fields: dict[str, Any] = {}  # create/profile: profile fields; mute_all: {"on": bool}
+    privileged: bool = False  # the server API: acts with the owner's rights
+    max_members: int = 100_000  # create: the group's size limit
+    history_visible: bool = False  # create: new members see entries from before joining
+
+
+class GroupInfo(msgspec.Struct, frozen=True):
+    conv: str
+    owner: str
+    name: str
+    avatar: str
+    intro: str
+    announcement: str
+    muted_all: bool
+    members_can_invite: bool
+    history_visible: bool
+    max_members: int
+    member_count: int
+    created_ms: int
+    last_seq: int = 0
+
+
+class MemberRecord(msgspec.Struct, frozen=True):
+    uid: str
+    role: int
+    muted_until: int
+    joined_seq: int  # the member sees entries after this seq (0: all history)
+    joined_ms: int
+    read_seq: int
+
+
+class GroupResult(msgspec.Struct, frozen=True):
+    """What a group operation did: its entry (None when nothing changed, e.g. adding
+    members who are all members already), the group now, and who joined or left."""
+
+    record: MessageRecord | None
+    info: GroupInfo
+    joined: tuple[str, ...] = ()
+    left: tuple[str, ...] = ()
+    dup: bool = False
+
+
+class ReadCount(msgspec.Struct, frozen=True):
+    seq: int
+    count: int  # members other than the sender whose read position is at or past seq
+    readers: list[str] | None = None  # who they are (small groups only)
 
 
 class AuthState(msgspec.Struct, frozen=True):
@@ -274,8 +341,10 @@ class Store(Protocol):
         """Submit for durable append; the future fails with TidingsError on refusal."""
         ...
 
-    async def history(self, conv: str, before: int, limit: int) -> list[MessageRecord]:
-        """Up to ``limit`` entries with seq < before (0: newest), in ascending seq order."""
+    async def history(
+        self, conv: str, before: int, limit: int, floor: int = 0
+    ) -> list[MessageRecord]:
+        """Up to ``limit`` entries with floor < seq < before (0: newest), ascending."""
         ...
 
     async def messages_after(self, conv: str, after: int, limit: int) -> list[MessageRecord]: ...
@@ -295,6 +364,39 @@ class Store(Protocol):
         ...
 
     async def is_member(self, conv: str, uid: str) -> bool: ...
+
+    # -- groups
+    def apply_group(self, change: GroupChange) -> asyncio.Future[GroupResult]:
+        """Check and apply a group operation with its entry, atomically, in commit order
+        with the group's messages; the future fails with TidingsError on refusal."""
+        ...
+
+    async def group_info(self, conv: str) -> GroupInfo | None: ...
+
+    async def membership(self, conv: str, uid: str) -> MemberRecord | None: ...
+
+    async def members_page(self, conv: str, after: str, limit: int) -> list[MemberRecord]:
+        """Members with user id above ``after``, ascending, at most ``limit``."""
+        ...
+
+    async def member_snapshot(self, conv: str) -> tuple[int, list[str]]:
+        """``(last_seq, member ids)`` as of one consistent point."""
+        ...
+
+    async def read_counts(self, conv: str, seqs: list[int], readers_up_to: int) -> list[ReadCount]:
+        """For each entry: how many members other than its sender have read it, and who
+        (only while the group has at most ``readers_up_to`` members)."""
+        ...
+
+    async def peek_read(self, uid: str, conv: str, seq: int) -> ReadState:
+        """What ``mark_read`` would do (nothing written): `changed` false if the position
+        is at or past ``seq`` already. TidingsError('forbidden') if not a member."""
+        ...
+
+    async def write_reads(self, reads: list[tuple[str, str, int]]) -> None:
+        """Advance many read positions (uid, conv, seq) in one write (never backwards),
+        logging each for the user's other devices; the coalesced path of large groups."""
+        ...
 
     async def conversation(self, conv: str) -> ConvRow | None: ...
 

@@ -28,16 +28,20 @@ from typing import Any, TypeVar
 import msgspec
 
 from tidings.clock import Clock
+from tidings.domain.groups import check_post, is_group
 from tidings.domain.ids import MAX_WORKER, MessageIdGenerator
 from tidings.protocol.errors import TidingsError
 from tidings.store.base import (
     EVENT_TYPES,
+    GROUP_EVENT,
     Amend,
     AppendResult,
     AuthState,
     ConvRow,
     ConvSettings,
     ConvSummary,
+    GroupChange,
+    GroupResult,
     MessageRecord,
     NewMessage,
     ReadState,
@@ -46,6 +50,7 @@ from tidings.store.base import (
     tombstone,
 )
 from tidings.store.migrations import apply_sqlite
+from tidings.store.sqlite_groups import SqliteGroups, not_member
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,6 +93,14 @@ class _MsgOp:
         self.fut = fut
 
 
+class _GroupOp:
+    __slots__ = ("change", "fut")
+
+    def __init__(self, change: GroupChange, fut: asyncio.Future[Any]) -> None:
+        self.change = change
+        self.fut = fut
+
+
 class _FnOp:
     __slots__ = ("fn", "fut")
 
@@ -103,7 +116,7 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-class SqliteStore:
+class SqliteStore(SqliteGroups):
     def __init__(
         self,
         path: str,
@@ -142,6 +155,7 @@ class SqliteStore:
         self.wal_restarts = 0
         self.batches = 0  # statistics: committed batches
         self.batched_ops = 0
+        self.rows_written = 0  # statistics: rows inserted, updated or deleted by commits
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -198,7 +212,7 @@ class SqliteStore:
 
     # ------------------------------------------------------------------ writer side
 
-    def _submit(self, op: _MsgOp | _FnOp) -> None:
+    def _submit(self, op: _MsgOp | _FnOp | _GroupOp) -> None:
         if self._closed:
             op.fut.set_exception(TidingsError("unavailable", "server is shutting down"))
             return
@@ -215,6 +229,12 @@ class SqliteStore:
         assert self._loop is not None
         fut: asyncio.Future[AppendResult] = self._loop.create_future()
         self._submit(_MsgOp(msg, fut))
+        return fut
+
+    def apply_group(self, change: GroupChange) -> asyncio.Future[GroupResult]:
+        assert self._loop is not None
+        fut: asyncio.Future[GroupResult] = self._loop.create_future()
+        self._submit(_GroupOp(change, fut))
         return fut
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -267,7 +287,7 @@ class SqliteStore:
             except RuntimeError:  # loop closed: nobody is waiting any more
                 return
 
-    def _deliver(self, batch: list[_MsgOp | _FnOp], results: list[Any]) -> None:
+    def _deliver(self, batch: list[_MsgOp | _FnOp | _GroupOp], results: list[Any]) -> None:
         self._pending -= len(batch)
         for op, res in zip(batch, results, strict=True):
             fut = op.fut
@@ -280,10 +300,11 @@ class SqliteStore:
         for listener in self._commit_listeners:
             listener()
 
-    def _run_batch(self, batch: list[_MsgOp | _FnOp]) -> list[Any]:
+    def _run_batch(self, batch: list[_MsgOp | _FnOp | _GroupOp]) -> list[Any]:
         conn = self._wconn
         assert conn is not None
         results: list[Any] = []
+        changes_before = conn.total_changes
         touched: dict[str, tuple[int, int, int, int]] = {}
         readers: dict[tuple[str, str], tuple[int, int]] = {}
         try:
@@ -295,6 +316,8 @@ class SqliteStore:
         for op in batch:
             if isinstance(op, _MsgOp):
                 results.append(self._append(conn, op.msg, touched, readers))
+            elif isinstance(op, _GroupOp):
+                results.append(self._group(conn, op.change, touched, readers))
             else:
                 results.append(self._call(conn, op.fn))
             if not conn.in_transaction:
@@ -320,6 +343,7 @@ class SqliteStore:
             return self._fail_batch(conn, len(batch), "storage commit failed")
         self.batches += 1
         self.batched_ops += len(batch)
+        self.rows_written += conn.total_changes - changes_before
         if len(self._seq) > 200_000:
             self._seq.clear()
         return results
@@ -377,6 +401,10 @@ class SqliteStore:
                 ).fetchone():
                     return self._duplicate(conn, msg)
                 return TidingsError("blocked", "the recipient does not accept your messages")
+            if msg.type != GROUP_EVENT and is_group(msg.conv):
+                refused = self._check_group_post(conn, msg)
+                if refused is not None:
+                    return refused
             if msg.amend is not None:
                 # Everything an event does (conversation creation included) is undone
                 # together if any part of it is refused or fails.
@@ -465,6 +493,29 @@ class SqliteStore:
         )
         return AppendResult(rec, False)
 
+    def _check_group_post(self, conn: sqlite3.Connection, msg: NewMessage) -> TidingsError | None:
+        row = conn.execute(
+            "SELECT m.role, m.muted_until, g.muted_all FROM groups g "
+            "LEFT JOIN members m ON m.conv = g.conv AND m.uid = ? WHERE g.conv = ?",
+            (msg.sender, msg.conv),
+        ).fetchone()
+        if row is None:
+            return TidingsError("not_found", "no such group")
+        if (
+            row[0] is None
+            and conn.execute(
+                "SELECT 1 FROM messages WHERE sender=? AND cid=?", (msg.sender, msg.cid)
+            ).fetchone()
+        ):
+            return None  # a retry of a message stored before the sender left: its answer
+        try:
+            check_post(
+                row[0], row[1] or 0, bool(row[2]), self.clock.now_ms(), privileged=msg.privileged
+            )
+        except TidingsError as exc:
+            return exc
+        return None
+
     @staticmethod
     def _undo(conn: sqlite3.Connection, savepoint: bool, err: TidingsError | None) -> TidingsError:
         """Roll an event's savepoint back (if the transaction still stands) and answer."""
@@ -544,6 +595,13 @@ class SqliteStore:
             [(msg.conv, m) for m in msg.members],
         )
         return None
+
+    @staticmethod
+    def _by_cid(conn: sqlite3.Connection, sender: str, cid: str) -> MessageRecord:
+        row = conn.execute(
+            f"SELECT {_READ_COLS} FROM messages WHERE sender=? AND cid=?", (sender, cid)
+        ).fetchone()
+        return _record(row)
 
     def _duplicate(self, conn: sqlite3.Connection, msg: NewMessage) -> AppendResult | TidingsError:
         row = conn.execute(
@@ -722,7 +780,7 @@ class SqliteStore:
                 (conv, uid),
             ).fetchone()
             if row is None:
-                raise TidingsError("forbidden", "not a member of this conversation")
+                raise not_member(conn, conv)
             read_seq, read_counted, last_seq, counted = row
             cached = self._seq.get(conv)  # appends of this batch are not in the row yet
             if cached is not None:
@@ -740,12 +798,14 @@ class SqliteStore:
                 (target, ctotal, conv, uid),
             )
             now = self.clock.now_ms()
-            # The other members' state changes too ("read up to N"): log it for them.
-            conn.execute(
-                "INSERT INTO user_changes (uid, conv, kind, value, ts) "
-                "SELECT uid, conv, 'peer_read', ?, ? FROM members WHERE conv=? AND uid != ?",
-                (target, now, conv, uid),
-            )
+            if conv.startswith("d:"):
+                # The other member's state changes too ("read up to N"): log it for them.
+                # (Groups show "read by N" on request instead: no row per member.)
+                conn.execute(
+                    "INSERT INTO user_changes (uid, conv, kind, value, ts) "
+                    "SELECT uid, conv, 'peer_read', ?, ? FROM members WHERE conv=? AND uid != ?",
+                    (target, now, conv, uid),
+                )
             cur = conn.execute(
                 "INSERT INTO user_changes (uid, conv, kind, value, ts) VALUES (?,?,?,?,?)",
                 (uid, conv, "read", target, now),
@@ -760,10 +820,11 @@ class SqliteStore:
     ) -> list[ConvSummary]:
         rows = conn.execute(
             "SELECT c.id, c.last_seq, c.last_mid, c.last_ts, c.counted - m.read_counted, "
-            "m.read_seq, (SELECT max(p.read_seq) FROM members p "
-            "             WHERE p.conv = c.id AND p.uid != m.uid), "
-            "m.muted, m.pinned, m.hidden_seq, m.draft "
+            "m.read_seq, CASE WHEN c.kind = 1 THEN (SELECT max(p.read_seq) FROM members p "
+            "             WHERE p.conv = c.id AND p.uid != m.uid) END, "
+            "m.muted, m.pinned, m.hidden_seq, m.draft, g.name, g.member_count, m.joined_seq "
             "FROM members m JOIN conversations c ON c.id = m.conv "
+            "LEFT JOIN groups g ON g.conv = c.id "
             f"WHERE m.uid=? AND c.last_seq > 0 {where} "
             "ORDER BY m.pinned DESC, c.last_ts DESC, c.id LIMIT ?",
             (uid, *params, limit),
@@ -771,7 +832,7 @@ class SqliteStore:
         out = []
         for row in rows:
             conv, last_seq, last_mid, last_ts, unread, read_seq, peer_read = row[:7]
-            muted, pinned, hidden_seq, draft = row[7:]
+            muted, pinned, hidden_seq, draft, title, size, floor = row[7:]
             found = conn.execute(
                 f"SELECT {_READ_COLS} FROM messages WHERE conv=? AND seq=?", (conv, last_seq)
             ).fetchone()
@@ -795,6 +856,9 @@ class SqliteStore:
                     read_seq if peer_read is None else peer_read,
                     last,
                     settings,
+                    title or "",
+                    size or 0,
+                    floor,
                 )
             )
         return out
@@ -866,7 +930,7 @@ class SqliteStore:
                 (conv, uid),
             ).fetchone()
             if row is None:
-                raise TidingsError("forbidden", "not a member of this conversation")
+                raise not_member(conn, conv)
             old_muted, old_pinned, hidden_seq, old_draft, last_seq = row
             cached = self._seq.get(conv)
             if cached is not None:
@@ -908,7 +972,7 @@ class SqliteStore:
                 (conv, uid),
             ).fetchone()
             if row is None:
-                raise TidingsError("forbidden", "not a member of this conversation")
+                raise not_member(conn, conv)
             cached = self._seq.get(conv)
             last_seq = cached[0] if cached is not None else row[0]
             done = []
@@ -1054,19 +1118,15 @@ class SqliteStore:
 
     # ------------------------------------------------------------------ messages
 
-    async def history(self, conv: str, before: int, limit: int) -> list[MessageRecord]:
+    async def history(
+        self, conv: str, before: int, limit: int, floor: int = 0
+    ) -> list[MessageRecord]:
         def op(conn: sqlite3.Connection) -> list[MessageRecord]:
-            if before > 0:
-                rows = conn.execute(
-                    f"SELECT {_READ_COLS} FROM messages WHERE conv=? AND seq<? "
-                    "ORDER BY seq DESC LIMIT ?",
-                    (conv, before, limit),
-                ).fetchall()
-            else:
-                rows = conn.execute(
-                    f"SELECT {_READ_COLS} FROM messages WHERE conv=? ORDER BY seq DESC LIMIT ?",
-                    (conv, limit),
-                ).fetchall()
+            rows = conn.execute(
+                f"SELECT {_READ_COLS} FROM messages WHERE conv=? AND seq<? AND seq>? "
+                "ORDER BY seq DESC LIMIT ?",
+                (conv, before if before > 0 else 2**63 - 1, floor, limit),
+            ).fetchall()
             return [_record(r) for r in reversed(rows)]
 
         return await self._read(op)
@@ -1096,7 +1156,7 @@ class SqliteStore:
     async def changed_conversations(self, uid: str, since_mid: int, limit: int) -> list[ConvRow]:
         def op(conn: sqlite3.Connection) -> list[ConvRow]:
             rows = conn.execute(
-                "SELECT c.id, c.last_seq, c.last_mid, c.last_ts FROM members m "
+                "SELECT c.id, c.last_seq, c.last_mid, c.last_ts, m.joined_seq FROM members m "
                 "JOIN conversations c ON c.id = m.conv "
                 "WHERE m.uid=? AND c.last_mid > ? ORDER BY c.last_mid LIMIT ?",
                 (uid, since_mid, limit),

@@ -1,0 +1,21 @@
+-- Groups: a conversation of kind 2 with a profile, roles and mutes. Each message is
+-- stored once; a member's cost is its `members` row (read position, settings, role).
+CREATE TABLE groups (
+    conv               TEXT PRIMARY KEY,          -- 'g:<id>', the conversation's id
+    owner              TEXT NOT NULL,
+    name               TEXT NOT NULL DEFAULT '',
+    avatar             TEXT NOT NULL DEFAULT '',
+    intro              TEXT NOT NULL DEFAULT '',
+    announcement       TEXT NOT NULL DEFAULT '',
+    muted_all          INTEGER NOT NULL DEFAULT 0,
+    members_can_invite INTEGER NOT NULL DEFAULT 1,
+    history_visible    INTEGER NOT NULL DEFAULT 0,  -- new members see entries before joining
+    max_members        INTEGER NOT NULL,
+    member_count       INTEGER NOT NULL DEFAULT 0,
+    created_ms         INTEGER NOT NULL
+) WITHOUT ROWID;
+ALTER TABLE members ADD COLUMN role INTEGER NOT NULL DEFAULT 0;         -- 0 member, 1 admin, 2 owner
+ALTER TABLE members ADD COLUMN muted_until INTEGER NOT NULL DEFAULT 0;  -- UTC ms; 0 not muted
+ALTER TABLE members ADD COLUMN joined_ms INTEGER NOT NULL DEFAULT 0;
+-- "Read by N": members of a conversation at or past a seq, without a scan of them all.
+CREATE INDEX members_by_read ON members (conv, read_seq);
