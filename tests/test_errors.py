@@ -457,3 +457,28 @@ async def test_blocked(harness: Harness) -> None:
     err(await raw.recv(), "blocked", 5)
     assert await message_count(harness) == 0
     await raw.close()
+
+
+async def test_group_errors(make_server: Any) -> None:
+    """A muted member's send is `muted` (nothing stored); an add past the group's limit
+    is `group_full` (nobody added); the server keeps serving."""
+    h = await make_server(group_max_members=3)
+    for u in ("alice", "bob", "carol", "dave"):
+        await h.user(u)
+    raw = await authed(h)
+    await raw.send({"t": "group", "id": 2, "op": "create", "users": ["bob"]})
+    conv = (await raw.until("group"))["conv"]
+    await raw.send(
+        {"t": "group", "id": 3, "op": "mute", "conv": conv, "users": ["bob"], "duration_ms": 60_000}
+    )
+    assert (await raw.until("group"))["seq"] == 2
+    bob = await authed(h, uid="bob")
+    await bob.send({"t": "send", "id": 4, "cid": "b1", "conv": conv, "body": {"text": "x"}})
+    err(await bob.until("error"), "muted", 4)
+    await raw.send({"t": "group", "id": 5, "op": "add", "conv": conv, "users": ["carol", "dave"]})
+    err(await raw.until("error"), "group_full", 5)
+    info = await h.server.store.group_info(conv)
+    assert info is not None and (info.last_seq, info.member_count) == (2, 2)
+    await raw.close()
+    await bob.close()
+    await still_serving(h)

@@ -161,7 +161,8 @@ async def test_roles_and_management_rights(harness: Harness) -> None:
     err(await ad.group("role", conv=conv, users=["mem"], role="admin"), "forbidden")
     err(await ad.group("transfer", conv=conv, users=["adm"]), "forbidden")
     err(await ad.group("remove", conv=conv, users=["owner"]), "forbidden")
-    err(await o.group("role", conv=conv, users=["owner"], role="member"), "invalid")  # self
+    err(await o.group("role", conv=conv, users=["owner"], role="member"), "forbidden")
+    err(await ad.group("mute", conv=conv, users=["adm"], duration_ms=9), "invalid")  # self
     err(await o.group("role", conv=conv, users=["adm"], role="owner"), "invalid")
     err(await o.group("leave", conv=conv), "forbidden")
     # Members may invite (the default); an admin removes a member.

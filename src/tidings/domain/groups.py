@@ -99,10 +99,10 @@ def check_over(op: str, actor: int, target: int | None, same_user: bool) -> None
     and nobody acts on themself this way."""
     if target is None:
         raise TidingsError("not_found", "that user is not a member of this group")
-    if same_user:
-        raise TidingsError("invalid", f"you cannot {op} yourself")
     if target == OWNER:
         raise TidingsError("forbidden", f"the owner cannot be the target of {op}")
+    if same_user:
+        raise TidingsError("invalid", f"you cannot {op} yourself")
     if target >= actor:
         raise TidingsError(
             "forbidden", f"you cannot {op} a member whose role is {role_name(target)}"
