@@ -7,8 +7,9 @@ positions, settings).
 Two users (alice with a phone and a desktop, bob with a phone: three devices) and a
 third user, carol, who only "speaks" through the server HTTP API, so that there are
 several conversations to order, pin, mute and hide, and entries that do not move a read
-position. One server and one event loop (in a thread) serve every example; each example
-uses fresh user names.
+position. Groups of the three are created, joined, left, managed (roles, mutes,
+removals) and talked in by the devices and the backend. One server and one event loop
+(in a thread) serve every example; each example uses fresh user names.
 """
 
 from __future__ import annotations
@@ -186,6 +187,8 @@ class Conversations(RuleBasedStateMachine):
         self.sent: dict[str, list[tuple[str, int]]] = {}  # conv -> (sender, seq) of messages
         self.recalled: set[tuple[str, int]] = set()
         self.cid = itertools.count()
+        # group -> member -> (role, muted, floor), as the server has it after each change
+        self.groups: dict[str, dict[str, tuple[str, bool, int]]] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -232,10 +235,18 @@ class Conversations(RuleBasedStateMachine):
         return [
             f"d:{min(uid, other)}|{max(uid, other)}",
             f"d:{min(uid, self.carol)}|{max(uid, self.carol)}",
+            *(g for g, members in sorted(self.groups.items()) if uid in members),
         ]
 
-    def _known(self, conv: str) -> list[tuple[str, int]]:
-        return self.sent.get(conv, [])
+    def _known(self, conv: str, uid: str | None = None) -> list[tuple[str, int]]:
+        """Entries of ``conv`` (those ``uid`` can see, when given: a group's from the
+        member's floor on)."""
+        floor = self.groups.get(conv, {}).get(uid or "", ("", False, 0))[2]
+        return [(s, q) for s, q in self.sent.get(conv, []) if q > floor]
+
+    def _muted(self, uid: str, conv: str) -> bool:
+        member = self.groups.get(conv, {}).get(uid)
+        return member is not None and member[1]
 
     def _device(self, data: st.DataObject, online: bool = True) -> str:
         pool = sorted(self.online if online else set(self.owner) - self.online)
@@ -254,18 +265,22 @@ class Conversations(RuleBasedStateMachine):
         self.sent.setdefault(sent.conv, []).append((uid, sent.seq))
         did("send")
 
-    @rule(to_alice=st.booleans(), system=st.booleans())
-    def carol_sends(self, to_alice: bool, system: bool) -> None:
-        """The backend sends on carol's behalf (server HTTP API): counted, but it moves
-        nobody's read position."""
+    @rule(to_alice=st.booleans(), system=st.booleans(), into_group=st.booleans())
+    def carol_sends(self, to_alice: bool, system: bool, into_group: bool) -> None:
+        """The backend sends on carol's behalf (server HTTP API), to alice or bob or to a
+        group carol is in: counted, but it moves nobody's read position."""
         to = self.alice if to_alice else self.bob
-        body = {
+        body: dict[str, Any] = {
             "from": self.carol,
             "to": to,
             "cid": f"carol-{next(self.cid)}",
             "type": "system" if system else "text",
             "body": {"text": "from the backend"},
         }
+        groups = sorted(g for g, members in self.groups.items() if self.carol in members)
+        if into_group and groups:
+            body["conv"] = groups[0]
+            del body["to"]
         srv = self.loop.server
 
         async def post() -> dict[str, Any]:
@@ -288,7 +303,7 @@ class Conversations(RuleBasedStateMachine):
     def mark_read(self, data: st.DataObject) -> None:
         dev = self._device(data)
         conv = data.draw(st.sampled_from(self._user_convs(self.owner[dev])), label="conv")
-        last = max((s for _, s in self._known(conv)), default=0)
+        last = max((s for _, s in self._known(conv, self.owner[dev])), default=0)
         if last == 0:
             return
         seq = data.draw(st.integers(1, last + 2), label="seq")  # past the end is capped
@@ -301,7 +316,8 @@ class Conversations(RuleBasedStateMachine):
         return [
             (conv, seq)
             for conv in self._user_convs(uid)
-            for sender, seq in self._known(conv)
+            if not self._muted(uid, conv)
+            for sender, seq in self._known(conv, uid)
             if sender == uid and (conv, seq) not in self.recalled
         ]
 
@@ -337,7 +353,7 @@ class Conversations(RuleBasedStateMachine):
     def delete_for_me(self, data: st.DataObject) -> None:
         dev = self._device(data)
         conv = data.draw(st.sampled_from(self._user_convs(self.owner[dev])), label="conv")
-        seqs = [s for _, s in self._known(conv)]
+        seqs = [s for _, s in self._known(conv, self.owner[dev])]
         if not seqs:
             return
         chosen = data.draw(st.lists(st.sampled_from(seqs), min_size=1, max_size=3), label="seqs")
@@ -361,7 +377,7 @@ class Conversations(RuleBasedStateMachine):
         draft: str | None,
     ) -> None:
         dev = self._device(data)
-        convs = [c for c in self._user_convs(self.owner[dev]) if self._known(c)]
+        convs = [c for c in self._user_convs(self.owner[dev]) if self._known(c, self.owner[dev])]
         if not convs:
             return
         conv = data.draw(st.sampled_from(convs), label="conv")
@@ -369,6 +385,130 @@ class Conversations(RuleBasedStateMachine):
             self.devices[dev].settings(conv, muted=muted, pinned=pinned, hidden=hidden, draft=draft)
         )
         did("settings")
+
+    # ------------------------------------------------------------------ groups
+
+    def _refresh(self, conv: str) -> None:
+        """The group's members, roles and mutes as the server now has them."""
+        store = self.loop.server.store
+        rows = self.run(store.members_page(conv, "", 100))
+        now = self.loop.server.clock.now_ms()
+        self.groups[conv] = {
+            r.uid: (("member", "admin", "owner")[r.role], r.muted_until > now, r.joined_seq)
+            for r in rows
+        }
+
+    def _group_event(self, conv: str, done: Any) -> None:
+        if done.seq:
+            self.sent.setdefault(conv, []).append(("event", done.seq))
+        self._refresh(conv)
+
+    def _actors(self, roles: tuple[str, ...]) -> list[tuple[str, str]]:
+        """(online device, group) pairs where the device's user has one of ``roles``."""
+        return [
+            (dev, g)
+            for dev in sorted(self.online)
+            for g, members in sorted(self.groups.items())
+            if members.get(self.owner[dev], ("", False, 0))[0] in roles
+        ]
+
+    def _targets(self, conv: str, actor: str) -> list[str]:
+        """Members the actor outranks (whom it may remove, mute or re-role)."""
+        rank = {"member": 0, "admin": 1, "owner": 2}
+        members = self.groups[conv]
+        mine = rank[members[actor][0]]
+        return sorted(u for u, (role, _, _) in members.items() if u != actor and rank[role] < mine)
+
+    @precondition(lambda self: bool(self.online) and len(self.groups) < 2)
+    @rule(data=st.data())
+    def group_create(self, data: st.DataObject) -> None:
+        dev = self._device(data)
+        uid = self.owner[dev]
+        others = [u for u in (self.alice, self.bob, self.carol) if u != uid]
+        chosen = data.draw(
+            st.lists(st.sampled_from(others), min_size=1, unique=True), label="members"
+        )
+        # Ids in creation order (a random id would change the order draws are made in).
+        gid = f"{self.alice}-{len(self.groups)}"
+        done = self.run(self.devices[dev].create_group(chosen, name=gid, conv=gid))
+        self._group_event(done.conv, done)
+        did("group_create")
+
+    def _can_add(self) -> bool:
+        return any(len(self.groups[g]) < 3 for _, g in self._actors(("member", "admin", "owner")))
+
+    @precondition(lambda self: self._can_add())
+    @rule(data=st.data())
+    def group_add(self, data: st.DataObject) -> None:
+        pairs = [
+            p for p in self._actors(("member", "admin", "owner")) if len(self.groups[p[1]]) < 3
+        ]
+        dev, conv = data.draw(st.sampled_from(pairs), label="actor")
+        outside = [u for u in (self.alice, self.bob, self.carol) if u not in self.groups[conv]]
+        user = data.draw(st.sampled_from(outside), label="user")
+        self._group_event(conv, self.run(self.devices[dev].add_members(conv, [user])))
+        did("group_add")
+
+    def _managing(self) -> list[tuple[str, str, str]]:
+        return [
+            (dev, g, t)
+            for dev, g in self._actors(("admin", "owner"))
+            for t in self._targets(g, self.owner[dev])
+        ]
+
+    @precondition(lambda self: bool(self._managing()))
+    @rule(data=st.data())
+    def group_remove(self, data: st.DataObject) -> None:
+        dev, conv, user = data.draw(st.sampled_from(self._managing()), label="removal")
+        self._group_event(conv, self.run(self.devices[dev].remove_members(conv, [user])))
+        did("group_remove")
+
+    @precondition(lambda self: bool(self._managing()))
+    @rule(data=st.data(), mute=st.booleans())
+    def group_mute(self, data: st.DataObject, mute: bool) -> None:
+        dev, conv, user = data.draw(st.sampled_from(self._managing()), label="mute")
+        c = self.devices[dev]
+        self._group_event(conv, self.run(c.mute_members(conv, [user], 3_600_000 if mute else 0)))
+        did("group_mute")
+
+    def _owning(self) -> list[tuple[str, str, str]]:
+        return [
+            (dev, g, t)
+            for dev, g in self._actors(("owner",))
+            for t in self._targets(g, self.owner[dev])
+        ]
+
+    @precondition(lambda self: bool(self._owning()))
+    @rule(data=st.data(), admin=st.booleans())
+    def group_role(self, data: st.DataObject, admin: bool) -> None:
+        dev, conv, user = data.draw(st.sampled_from(self._owning()), label="role")
+        role = "admin" if admin else "member"
+        self._group_event(conv, self.run(self.devices[dev].set_role(conv, [user], role)))
+        did("group_role")
+
+    @precondition(lambda self: bool(self._actors(("member", "admin"))))
+    @rule(data=st.data())
+    def group_leave(self, data: st.DataObject) -> None:
+        dev, conv = data.draw(st.sampled_from(self._actors(("member", "admin"))), label="leave")
+        self._group_event(conv, self.run(self.devices[dev].leave_group(conv)))
+        did("group_leave")
+
+    def _speakers(self) -> list[tuple[str, str]]:
+        return [
+            (dev, g)
+            for dev, g in self._actors(("member", "admin", "owner"))
+            if not self._muted(self.owner[dev], g)
+        ]
+
+    @precondition(lambda self: bool(self._speakers()))
+    @rule(data=st.data(), silent=st.booleans())
+    def group_send(self, data: st.DataObject, silent: bool) -> None:
+        dev, conv = data.draw(st.sampled_from(self._speakers()), label="speaker")
+        text = f"{dev} tells the group {next(self.cid)}"
+        c = self.devices[dev]
+        sent = self.run(c.send(conv=conv, text=text, flags=1 if silent else 0))
+        self.sent.setdefault(conv, []).append((self.owner[dev], sent.seq))
+        did("group_send")
 
     @precondition(lambda self: len(self.online) > 1)
     @rule(data=st.data())
@@ -390,6 +530,8 @@ class Conversations(RuleBasedStateMachine):
     # ------------------------------------------------------------------ the check
 
     async def _converged(self) -> None:
+        # Group read positions are written coalesced: write them before looking.
+        await self.loop.server.messaging.reads.flush()
         fresh: dict[str, dict[str, Any]] = {}
         url = f"ws://127.0.0.1:{self.loop.server.http_port}/v1/ws"
         for uid, token in self.probes.items():
@@ -438,6 +580,8 @@ def test_devices_converge_with_a_fresh_sync(served: Loop) -> None:
     print("actions that took effect:", checks)
     # The run means something only if every kind of action happened, many times over.
     actions = ("send", "carol_sends", "mark_read", "recall", "edit", "delete_for_me")
+    actions += ("group_create", "group_add", "group_remove", "group_mute", "group_role")
+    actions += ("group_leave", "group_send")
     for action in (*actions, "settings", "offline", "online"):
         assert checks.get(action, 0) >= 20, (action, checks)
     assert checks["compared"] >= EXAMPLES * STEPS // 2, checks

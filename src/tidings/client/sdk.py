@@ -43,9 +43,13 @@ from tidings.protocol.frames import (
     Delete,
     Deleted,
     Error,
+    Group,
+    GroupDone,
     Hello,
     History,
     Limits,
+    MemberList,
+    Members,
     Message,
     Ok,
     Page,
@@ -59,6 +63,9 @@ from tidings.protocol.frames import (
     Read,
     ReadEvent,
     Ready,
+    ReceiptItem,
+    ReceiptList,
+    Receipts,
     Send,
     Sent,
     ServerHello,
@@ -161,8 +168,17 @@ class PresenceChanged:
     users: list[PresenceItem]
 
 
+@dataclass(frozen=True)
+class LeftGroup:
+    """This user is no longer a member of group ``conv`` (removed, or left on another
+    device); what the device held of it is dropped from ``state``."""
+
+    conv: str
+
+
 Event = (
     StatesSynced
+    | LeftGroup
     | PresenceChanged
     | MessageEvent
     | Connected
@@ -486,6 +502,55 @@ class Client:
         assert isinstance(res, BlockList)
         return res.users
 
+    # ------------------------------------------------------------------ groups
+
+    async def group(self, op: str, conv: str | None = None, **fields: Any) -> GroupDone:
+        """Run a group operation (see docs/protocol.md, `group`); the answer has the
+        entry that records it (``seq`` 0: nothing changed) and the group now. A client id
+        is chosen once, so a retry after a throttling answer cannot apply it twice."""
+        fields.setdefault("cid", uuid.uuid4().hex)
+        res = await self._request(lambda rid: Group(rid, op, conv, **fields))
+        assert isinstance(res, GroupDone)
+        return res
+
+    async def create_group(
+        self, users: list[str], name: str | None = None, *, conv: str | None = None, **kw: Any
+    ) -> GroupDone:
+        """A new group with this user as owner; ``conv`` picks its id (else a new one)."""
+        return await self.group("create", conv, users=users, name=name, **kw)
+
+    async def add_members(self, conv: str, users: list[str]) -> GroupDone:
+        return await self.group("add", conv, users=users)
+
+    async def remove_members(self, conv: str, users: list[str]) -> GroupDone:
+        return await self.group("remove", conv, users=users)
+
+    async def leave_group(self, conv: str) -> GroupDone:
+        return await self.group("leave", conv)
+
+    async def set_role(self, conv: str, users: list[str], role: str) -> GroupDone:
+        """Make ``users`` "admin" or "member" (owner only)."""
+        return await self.group("role", conv, users=users, role=role)
+
+    async def mute_members(self, conv: str, users: list[str], duration_ms: int) -> GroupDone:
+        """Mute for ``duration_ms`` (0: lift the mute)."""
+        return await self.group("mute", conv, users=users, duration_ms=duration_ms)
+
+    async def group_info(self, conv: str) -> GroupDone:
+        return await self.group("info", conv)
+
+    async def members(self, conv: str, cursor: str = "", limit: int = 100) -> MemberList:
+        """A page of the member list; pass the answer's ``next`` for the next page."""
+        res = await self._request(lambda rid: Members(rid, conv, cursor, limit))
+        assert isinstance(res, MemberList)
+        return res
+
+    async def receipts(self, conv: str, seqs: list[int]) -> list[ReceiptItem]:
+        """ "Read by N" for entries of ``conv`` (and who, in small groups)."""
+        res = await self._request(lambda rid: Receipts(rid, conv, seqs))
+        assert isinstance(res, ReceiptList)
+        return res.receipts
+
     async def ping(self) -> Pong:
         res = await self._request(lambda rid: Ping(rid))
         assert isinstance(res, Pong)
@@ -662,7 +727,7 @@ class Client:
             if int(frame.wm) > int(self.since) or frame.cv > self.cv:
                 self.request_sync()
             self._resolve(frame.id, frame)
-        elif kind in (Ready, Synced, Page, Ok, BlockList):
+        elif kind in (Ready, Synced, Page, Ok, BlockList, GroupDone, MemberList, ReceiptList):
             self._resolve(frame.id, frame)
         elif kind is TypingEvent:
             self._events.put_nowait(TypingNotice(frame.conv, frame.sender))
@@ -781,8 +846,19 @@ class Client:
                 del buf2[stale]
             if not buf2:
                 del self._buffer[conv]
+        if conv not in self.state.convs:  # the entry ended this user's membership
+            self._write(Ack(conv, held))
+            self._forget(conv)
+            return
         self.held[conv] = held
         self._mark_ack(conv)
+
+    def _forget(self, conv: str) -> None:
+        """Drop a group this user is no longer a member of."""
+        self.state.drop(conv)
+        self.held.pop(conv, None)
+        self._buffer.pop(conv, None)
+        self._events.put_nowait(LeftGroup(conv))
 
     def _skipped(self, conv: str, base: int) -> None:
         buf = self._buffer.get(conv)
@@ -910,6 +986,8 @@ class Client:
                             break
                         continue
                     listed = None
+                    for conv in res.left:
+                        self._forget(conv)
                     for c in res.convs:
                         if c.base > self.held.get(c.conv, 0):
                             # Older entries were skipped (tail): start holding from here.

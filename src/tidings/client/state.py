@@ -18,6 +18,18 @@ from tidings.protocol.frames import ConvItem, Message
 
 AMEND_TYPES = frozenset({"recall", "edit"})
 SERVER_DEVICE = "server"  # device id of entries sent through the server HTTP API
+GROUP_EVENT = "group"  # entries of group operations (create, add, remove, leave, ...)
+
+
+def ends_membership(m: Message, user: str) -> bool:
+    """Is ``m`` the entry by which ``user`` was removed from, or left, its group?"""
+    if m.type != GROUP_EVENT or m.deleted:
+        return False
+    op = m.body.get("op")
+    if op == "leave":
+        return m.sender == user
+    users = m.body.get("users")
+    return op == "remove" and isinstance(users, list) and user in users
 
 
 def amend_target(m: Message) -> int | None:
@@ -83,6 +95,11 @@ class LocalState:
         self.convs.clear()
         self.messages.clear()
 
+    def drop(self, conv: str) -> None:
+        """Forget a conversation (a group this user is no longer a member of)."""
+        self.convs.pop(conv, None)
+        self.messages.pop(conv, None)
+
     def view(self, conv: str) -> ConversationView:
         v = self.convs.get(conv)
         if v is None:
@@ -136,6 +153,8 @@ class LocalState:
             held[m.seq] = m
             if target is not None and not m.deleted:
                 self._amend(m, target, held)
+        if v.last_seq == m.seq and ends_membership(m, self.user):
+            self.drop(m.conv)  # (an old removal on a history page is not the newest entry)
 
     def _moved(self, v: ConversationView, by: str, seq: int, read_n: int | None) -> None:
         """``by``'s read position in ``v`` is at least ``seq``."""
@@ -146,8 +165,8 @@ class LocalState:
                 v.read_n = read_n
             if v.conv == f"d:{by}|{by}" and seq > v.peer_read_seq:
                 v.peer_read_seq = seq  # notes to self: the only member is the peer too
-        elif seq > v.peer_read_seq:
-            v.peer_read_seq = seq
+        elif seq > v.peer_read_seq and not v.conv.startswith("g:"):
+            v.peer_read_seq = seq  # (groups count readers on request instead)
 
     def _amend(self, e: Message, target_seq: int, held: dict[int, Message]) -> None:
         target = held.get(target_seq)

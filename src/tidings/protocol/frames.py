@@ -326,7 +326,9 @@ class Synced(msgspec.Struct, frozen=True, tag="synced", tag_field="t"):
     wm: str
     states: list[ConvItem] = []  # state of conversations changed since cv or completed now
     cv: int = 0  # the change-log version to send next time
-    left: list[str] = []  # groups this user left or was removed from since cv: drop them
+    # Groups whose membership of this user ended since cv: drop what the device holds of
+    # them first; this answer's convs, msgs and states bring a new membership, if any.
+    left: list[str] = []
 
 
 class Page(msgspec.Struct, frozen=True, tag="page", tag_field="t"):

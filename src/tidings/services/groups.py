@@ -178,15 +178,11 @@ class Groups:
 
     async def change(self, change: GroupChange) -> GroupResult:
         """Apply a change; once committed (and not a retry) its entry goes to every member
-        online, those who joined by it included, those who left by it last of all."""
+        device online (the acting one too: the answer does not carry the entry), those
+        who joined by it included, those who left by it last of all."""
         res = await self.store.apply_group(change)
         if res.record is not None and not res.dup:
-            exclude = None if change.privileged else change.dev
-            self.bus.publish(
-                MessageEvent(
-                    res.record, (), exclude_device=exclude, joined=res.joined, left=res.left
-                )
-            )
+            self.bus.publish(MessageEvent(res.record, (), None, res.joined, res.left))
         return res
 
     async def operate(self, actor: str, device: str, req: GroupOp) -> GroupResult:

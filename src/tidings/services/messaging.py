@@ -507,9 +507,8 @@ class Messaging:
             complete = False
         wanted = list(dict.fromkeys([*changed, *done, *deletions]))
         states = await self.store.conversation_states(uid, wanted)
-        # A changed conversation with no state for this user: a group they left.
-        member_of = {st.conv for st in states}
-        left = [c for c in changed if c not in member_of and is_group(c)]
+        # Groups the user left since cv (perhaps to rejoin): the device drops what it held.
+        left = await self.store.left_since(uid, cv, new_cv)
         return SyncResult(
             convs,
             await self._mark_deleted(uid, msgs),

@@ -272,6 +272,11 @@ class Store(Protocol):
         after ``version``, oldest change first, and the newest version among them."""
         ...
 
+    async def left_since(self, uid: str, after: int, upto: int) -> list[str]:
+        """Groups whose membership of ``uid`` ended (removed or left) by a change with a
+        version in (after, upto], whether or not the user is a member again."""
+        ...
+
     async def user_version(self, uid: str) -> int:
         """The newest version of the user's change log (0 if none)."""
         ...

@@ -833,6 +833,7 @@ class SqliteStore(SqliteGroups):
         for row in rows:
             conv, last_seq, last_mid, last_ts, unread, read_seq, peer_read = row[:7]
             muted, pinned, hidden_seq, draft, title, size, floor = row[7:]
+            direct = title is None  # groups have no "read up to N" of a peer
             found = conn.execute(
                 f"SELECT {_READ_COLS} FROM messages WHERE conv=? AND seq=?", (conv, last_seq)
             ).fetchone()
@@ -853,7 +854,7 @@ class SqliteStore(SqliteGroups):
                     last_ts,
                     unread,
                     read_seq,
-                    read_seq if peer_read is None else peer_read,
+                    peer_read if peer_read is not None else read_seq if direct else 0,
                     last,
                     settings,
                     title or "",

@@ -370,6 +370,17 @@ class SqliteGroups:
 
     # ------------------------------------------------------------------ reads
 
+    async def left_since(self, uid: str, after: int, upto: int) -> list[str]:
+        def op(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT DISTINCT conv FROM user_changes WHERE uid=? AND version > ? "
+                "AND version <= ? AND kind='left' ORDER BY conv",
+                (uid, after, upto),
+            )
+            return [r[0] for r in rows]
+
+        return await self._read(op) if upto > after else []
+
     async def group_info(self, conv: str) -> GroupInfo | None:
         def op(conn: sqlite3.Connection) -> GroupInfo | None:
             row = conn.execute(
