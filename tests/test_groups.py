@@ -414,3 +414,18 @@ async def test_group_settings_and_delete_for_me(harness: Harness) -> None:
     page = await o.ask({"t": "history", "conv": conv})
     assert page["msgs"][-1]["deleted"] is True
     await o.raw.close()
+
+
+async def test_typing_in_small_groups(harness: Harness) -> None:
+    """Typing in a group reaches the other members' devices (not the typist's)."""
+    await users(harness, "o", "m")
+    o = await Dev.open(harness, "o")
+    m = await Dev.open(harness, "m")
+    conv = (await o.ok_group("create", users=["m"]))["conv"]
+    await o.raw.send({"t": "typing", "conv": conv})
+    got = await m.raw.until("typing")
+    assert got == {"t": "typing", "conv": conv, "from": "o"}
+    await o.drain()
+    assert not [e for e in o.events if e["t"] == "typing"]
+    await o.raw.close()
+    await m.raw.close()

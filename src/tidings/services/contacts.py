@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from tidings.bus.base import Bus, TypingNotice
 from tidings.clock import Clock
+from tidings.domain.groups import check_group_conv, is_group
 from tidings.domain.ids import normalize_user_id
 from tidings.domain.permissions import member_pair
 from tidings.protocol.errors import TidingsError
 from tidings.store.base import Store
+
+TYPING_GROUP_MAX = 200  # larger groups show no typing indicators (too many to tell)
 
 
 class Contacts:
@@ -30,7 +33,20 @@ class Contacts:
 
     async def typing(self, uid: str, conv: str) -> None:
         """Relay a typing notice to the other member of a 1:1 conversation, unless that
-        member blocks ``uid``. Nothing is stored."""
+        member blocks ``uid``; in groups of up to TYPING_GROUP_MAX members, to the other
+        members. Nothing is stored."""
+        if is_group(conv):
+            check_group_conv(conv)
+            info = await self.store.group_info(conv)
+            if info is None or info.member_count > TYPING_GROUP_MAX:
+                return
+            _, members = await self.store.member_snapshot(conv)
+            if uid not in members:
+                raise TidingsError("forbidden", "not a member of this group")
+            others = tuple(m for m in members if m != uid)
+            if others:
+                self.bus.publish(TypingNotice(conv, uid, others))
+            return
         pair = member_pair(uid, conv)
         peer = pair[1] if pair[0] == uid else pair[0]
         if peer == uid or await self.store.is_blocked(peer, uid):
