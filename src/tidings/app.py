@@ -19,6 +19,7 @@ from tidings.clock import Clock, SystemClock
 from tidings.config import Settings
 from tidings.gateway import tcp, websocket
 from tidings.gateway.hub import Hub
+from tidings.gateway.rooms import RoomHub
 from tidings.gateway.tls import server_context
 from tidings.protocol import close
 from tidings.services.accounts import Accounts
@@ -26,6 +27,7 @@ from tidings.services.contacts import Contacts
 from tidings.services.groups import Groups, MemberCache
 from tidings.services.messaging import Messaging
 from tidings.services.presence import Presence
+from tidings.services.rooms import Rooms
 from tidings.services.secrets import load_or_create
 from tidings.session.context import ServerContext
 from tidings.session.gate import WriteGate
@@ -71,6 +73,8 @@ class Server:
         self.contacts = Contacts(self.store, self.bus, self.clock)
         self.groups = Groups(self.store, self.bus, self.clock, s)
         self.hub.members = MemberCache(self.store)
+        self.rooms = Rooms(self.bus, self.clock, s)
+        self.hub.rooms = RoomHub(self.clock, s)
         self.presence = Presence(self.store, self.clock, self.hub.is_online)
         self.hub.presence = self.presence
         self.hub.presence_batch_s = s.presence_batch_ms / 1000
@@ -85,11 +89,18 @@ class Server:
             contacts=self.contacts,
             presence=self.presence,
             groups=self.groups,
+            rooms=self.rooms,
             registry=self.hub,
             server_name=f"tidings/{__version__}",
         )
         self.api = HttpApi(
-            self.accounts, self.messaging, self.contacts, self.groups, lambda: self.hub.online
+            self.accounts,
+            self.messaging,
+            self.contacts,
+            self.groups,
+            self.rooms,
+            self.hub.rooms.online,
+            lambda: self.hub.online,
         )
         self._runner: web.AppRunner | None = None
         self._tcp_server: asyncio.AbstractServer | None = None

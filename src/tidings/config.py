@@ -47,6 +47,16 @@ class Settings:
     group_history_visible: bool = False  # new members see entries from before they joined
     group_receipt_list_max: int = 200  # "read by" lists readers up to this group size
     group_read_flush_ms: int = 1_000  # group read positions are written this often (max kept)
+    # live rooms
+    room_tick_ms: int = 100  # a room's posts go out once per tick (at most 100 ms)
+    room_render_per_s: float = 50.0  # posts a viewer gets per second; chat beyond is sampled
+    room_ring_size: int = 20  # recent posts a viewer gets on joining (0: none)
+    room_chat_per_s: float = 20.0  # per-user rate limits, per room
+    room_high_per_s: float = 10.0
+    room_likes_per_s: float = 20.0
+    room_online_interval_ms: int = 5_000  # how often the online count goes out
+    room_max_body_bytes: int = 1_024
+    rooms_per_session: int = 5
     history_page_max: int = 100
     sync_page_max: int = 500
     # delivery
@@ -68,6 +78,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.login_policy not in LOGIN_POLICIES:
             raise ValueError(f"login_policy must be one of {sorted(LOGIN_POLICIES)}")
+        if not 1 <= self.room_tick_ms <= 100:
+            raise ValueError("room_tick_ms must be 1..100")
 
     @property
     def tls(self) -> bool:

@@ -15,11 +15,13 @@ from tidings import __version__
 from tidings.api import models as m
 from tidings.domain.groups import group_id, is_group, role_name
 from tidings.domain.ids import direct_members, normalize_user_id, validate_client_id
+from tidings.domain.rooms import check_room
 from tidings.protocol.errors import TidingsError
 from tidings.services.accounts import Accounts, IssuedToken
 from tidings.services.contacts import Contacts
 from tidings.services.groups import GroupOp, Groups, info_out
 from tidings.services.messaging import Messaging, conv_item, to_wire
+from tidings.services.rooms import Rooms
 from tidings.store.base import GroupResult, UserRecord
 
 log = logging.getLogger(__name__)
@@ -89,8 +91,12 @@ class HttpApi:
         messaging: Messaging,
         contacts: Contacts,
         groups: Groups,
+        rooms: Rooms,
+        room_online: Callable[[str], int],
         online: Callable[[], int],
     ) -> None:
+        self.rooms = rooms
+        self.room_online = room_online
         self.accounts = accounts
         self.messaging = messaging
         self.contacts = contacts
@@ -270,6 +276,23 @@ class HttpApi:
                 "admin",
                 response=m.ReceiptsOut,
                 query=(("seqs", "comma-separated seqs (at most 100)"),),
+            ),
+            Route(
+                "POST",
+                "/v1/rooms/{rid}/messages",
+                self.room_post,
+                "Post to a live room (kind admin or gift: never sampled away; at most once)",
+                "admin",
+                m.RoomPostIn,
+                status=202,
+            ),
+            Route(
+                "GET",
+                "/v1/rooms/{rid}",
+                self.room_info,
+                "A live room's online count on this node",
+                "admin",
+                response=m.RoomOut,
             ),
             Route(
                 "POST",
@@ -537,3 +560,19 @@ class HttpApi:
             raise TidingsError("invalid", "seqs must be comma-separated integers") from None
         counts = await self.groups.receipts(info.conv, seqs)
         return 200, m.ReceiptsOut([m.ReceiptItem(c.seq, c.count, c.readers) for c in counts])
+
+    # ------------------------------------------------------------------ live rooms
+
+    @staticmethod
+    def _room(raw: str) -> str:
+        return check_room(raw if raw.startswith("r:") else "r:" + raw)
+
+    async def room_post(self, request: web.Request, body: m.RoomPostIn) -> tuple[int, None]:
+        sender = normalize_user_id(body.sender) if body.sender else "server"
+        room = self._room(request.match_info["rid"])
+        self.rooms.post(sender, room, body.kind, body.body, server=True)
+        return 202, None
+
+    async def room_info(self, request: web.Request, _: None) -> tuple[int, m.RoomOut]:
+        room = self._room(request.match_info["rid"])
+        return 200, m.RoomOut(room, self.room_online(room))

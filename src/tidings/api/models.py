@@ -168,3 +168,17 @@ class MembersOut(msgspec.Struct, frozen=True):
 
 class ReceiptsOut(msgspec.Struct, frozen=True):
     receipts: list[ReceiptItem]
+
+
+class RoomPostIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A post from the app backend to a live room: ``admin`` and ``gift`` go in the high
+    lane (never sampled away), ``chat`` in the low one."""
+
+    body: dict[str, Any]
+    kind: str = "admin"
+    sender: str | None = msgspec.field(default=None, name="from")
+
+
+class RoomOut(msgspec.Struct, frozen=True):
+    room: str
+    online: int  # viewers on this node

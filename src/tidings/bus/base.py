@@ -8,7 +8,7 @@ bus reconnect) and syncs; the store, not the bus, is the source of truth.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -84,6 +84,17 @@ class SessionStarted(msgspec.Struct, frozen=True, tag="session"):
     session: str
 
 
+class RoomEvent(msgspec.Struct, frozen=True, tag="room"):
+    """A post to live room ``room`` (each node with viewers in it batches it into its next
+    tick); at most once."""
+
+    room: str
+    sender: str
+    kind: str
+    body: dict[str, Any]
+    ts: int
+
+
 BusEvent = (
     MessageEvent
     | RevokeEvent
@@ -92,6 +103,7 @@ BusEvent = (
     | SettingsNotice
     | SessionStarted
     | DeletedNotice
+    | RoomEvent
 )
 Handler = Callable[[BusEvent], None]
 

@@ -6,7 +6,18 @@ import asyncio
 from typing import Any
 
 from tidings.protocol import close
+from tidings.protocol.frames import ServerFrame
+from tidings.session.context import Link
 from tidings.session.session import Session
+
+
+def encoded_for(frame: ServerFrame, link: Link, cache: dict[tuple[str, str], bytes]) -> bytes:
+    """``frame`` framed for ``link``, encoded once per (codec, framing) in ``cache``."""
+    key = (link.codec.name, link.framing)
+    data = cache.get(key)
+    if data is None:
+        data = cache[key] = link.frame(link.codec.encode(frame))
+    return data
 
 
 class BoundedWriter:

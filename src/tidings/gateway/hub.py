@@ -12,12 +12,15 @@ from tidings.bus.base import (
     MessageEvent,
     ReadNotice,
     RevokeEvent,
+    RoomEvent,
     SessionStarted,
     SettingsNotice,
     TypingNotice,
 )
 from tidings.clock import Clock
 from tidings.domain.groups import is_group
+from tidings.gateway.bounded import encoded_for
+from tidings.gateway.rooms import RoomHub
 from tidings.protocol import close
 from tidings.protocol.frames import (
     Deleted,
@@ -51,6 +54,7 @@ class Hub:
         self.publish = publish  # the bus, for events other nodes must see
         self.presence: Presence | None = None
         self.members: MemberCache | None = None  # group member sets, for fan-out
+        self.rooms: RoomHub | None = None  # live rooms' viewers and ticks
         self.presence_batch_s = 1.0
         self._presence_changed: dict[str, bool] = {}
         self._presence_task: asyncio.Task[None] | None = None
@@ -78,7 +82,21 @@ class Hub:
                 SessionStarted(session.uid, session.device, session.platform, session.session_id)
             )
 
+    def join_room(self, session: Session, room: str) -> int:
+        assert self.rooms is not None
+        return self.rooms.join(session, room)
+
+    def greet_room(self, session: Session, room: str) -> None:
+        if self.rooms is not None:
+            self.rooms.greet(session, room)
+
+    def leave_room(self, session: Session, room: str) -> None:
+        if self.rooms is not None:
+            self.rooms.leave(session, room)
+
     def unregister(self, session: Session) -> None:
+        if session.rooms and self.rooms is not None:
+            self.rooms.leave_all(session)
         self.pending.discard(session)
         group = self.by_user.get(session.uid)
         if group is not None and session in group:
@@ -102,6 +120,9 @@ class Hub:
     def handle(self, event: BusEvent) -> None:
         if isinstance(event, MessageEvent):
             self._fan_out(event)
+        elif isinstance(event, RoomEvent):
+            if self.rooms is not None:
+                self.rooms.post(event)
         elif isinstance(event, RevokeEvent):
             self._revoke(event)
         elif isinstance(event, TypingNotice):
@@ -154,22 +175,10 @@ class Hub:
         """The acting user's sessions other than the device that acted."""
         return [s for s in self.by_user.get(event.uid, ()) if s.device != event.device]
 
-    @staticmethod
-    def _encoded(
-        frame: ServerFrame, session: Session, cache: dict[tuple[str, str], bytes]
-    ) -> bytes:
-        """``frame`` framed for the session's link, encoded once per (codec, framing)."""
-        link = session.link
-        key = (link.codec.name, link.framing)
-        data = cache.get(key)
-        if data is None:
-            data = cache[key] = link.frame(link.codec.encode(frame))
-        return data
-
     def _write_all(self, frame: ServerFrame, sessions: list[Session]) -> None:
         cache: dict[tuple[str, str], bytes] = {}
         for s in sessions:
-            s.link.write(self._encoded(frame, s, cache))
+            s.link.write(encoded_for(frame, s.link, cache))
 
     def _fan_out(self, event: MessageEvent) -> None:
         if is_group(event.record.conv) and self.members is not None:
@@ -197,7 +206,7 @@ class Hub:
         push = Push(to_wire(rec))
         cache: dict[tuple[str, str], bytes] = {}
         for s in targets:
-            s.push(rec.conv, rec.seq, self._encoded(push, s, cache))
+            s.push(rec.conv, rec.seq, encoded_for(push, s.link, cache))
         self.pushes += len(targets)
 
     def _revoke(self, event: RevokeEvent) -> None:
@@ -211,6 +220,8 @@ class Hub:
 
     def start(self) -> None:
         self._sweeper = asyncio.ensure_future(self._sweep_forever())
+        if self.rooms is not None:
+            self.rooms.start()
         if self.presence is not None:
             self._presence_task = asyncio.ensure_future(self._presence_forever())
 
@@ -251,6 +262,8 @@ class Hub:
                 s.close(close.INTERNAL, "internal error")
 
     async def stop(self) -> None:
+        if self.rooms is not None:
+            await self.rooms.stop()
         if self._presence_task is not None:
             self._presence_task.cancel()
         if self._sweeper is not None:

@@ -217,6 +217,29 @@ class Members(msgspec.Struct, frozen=True, tag="members", tag_field="t"):
     limit: int = 100
 
 
+class Join(msgspec.Struct, frozen=True, tag="join", tag_field="t"):
+    """Enter a live room (``r:…``): its posts come in `room` frames while in it."""
+
+    id: int
+    room: str
+
+
+class Leave(msgspec.Struct, frozen=True, tag="leave", tag_field="t"):
+    id: int
+    room: str
+
+
+class RoomSend(msgspec.Struct, frozen=True, tag="rsend", tag_field="t"):
+    """Post to a room: ``kind`` chat (sampled when the room is busy), gift (never
+    dropped) or like (counted). With ``id`` the server answers `ok` or an error; without,
+    only errors (id 0)."""
+
+    room: str
+    kind: str = "chat"
+    body: dict[str, Any] = {}
+    id: int = 0
+
+
 class Receipts(msgspec.Struct, frozen=True, tag="receipts", tag_field="t"):
     """How many members have read each entry ("read by N"), and who in small groups."""
 
@@ -245,6 +268,9 @@ ClientFrame = (
     | Group
     | Members
     | Receipts
+    | Join
+    | Leave
+    | RoomSend
 )
 CLIENT_TYPES = frozenset(
     {
@@ -267,6 +293,9 @@ CLIENT_TYPES = frozenset(
         "group",
         "members",
         "receipts",
+        "join",
+        "leave",
+        "rsend",
     }
 )
 
@@ -497,6 +526,35 @@ class ReceiptItem(msgspec.Struct, frozen=True, omit_defaults=True):
     readers: list[str] | None = None  # who (groups up to the server's listing size)
 
 
+class RoomMsg(msgspec.Struct, frozen=True):
+    sender: str = msgspec.field(name="from")
+    kind: str  # chat, gift, admin
+    body: dict[str, Any]
+    ts: int  # server time, UTC ms
+
+
+class Joined(msgspec.Struct, frozen=True, tag="joined", tag_field="t"):
+    """Answer to ``join``: the room's approximate online count. The ring of recent posts
+    follows as a `room` frame."""
+
+    id: int
+    room: str
+    online: int
+
+
+class RoomFrame(msgspec.Struct, frozen=True, tag="room", tag_field="t", omit_defaults=True):
+    """A room's tick: its posts (high lane first), likes counted, chat posts sampled away
+    (``dropped``), and now and then the approximate online count. The same bytes go to
+    every viewer."""
+
+    room: str
+    msgs: list[RoomMsg] = []
+    likes: int = 0
+    dropped: int = 0
+    online: int = 0
+    recent: bool = False  # the ring of recent posts, for a viewer that just joined
+
+
 class ReceiptList(msgspec.Struct, frozen=True, tag="receipts", tag_field="t"):
     id: int
     conv: str
@@ -525,4 +583,6 @@ ServerFrame = (
     | GroupDone
     | MemberList
     | ReceiptList
+    | Joined
+    | RoomFrame
 )

@@ -13,6 +13,7 @@ from tidings.services.contacts import Contacts
 from tidings.services.groups import Groups
 from tidings.services.messaging import Messaging
 from tidings.services.presence import Presence
+from tidings.services.rooms import Rooms
 from tidings.session.gate import WriteGate
 from tidings.store.base import Store
 
@@ -59,6 +60,16 @@ class Registry(Protocol):
         """Watch an unauthenticated session for the auth timeout."""
         ...
 
+    def join_room(self, session: Session, room: str) -> int:
+        """Enter a live room on this node; its approximate online count."""
+        ...
+
+    def greet_room(self, session: Session, room: str) -> None:
+        """Write the room's recent posts to a viewer that just joined."""
+        ...
+
+    def leave_room(self, session: Session, room: str) -> None: ...
+
 
 @dataclass
 class ServerContext:
@@ -72,4 +83,5 @@ class ServerContext:
     contacts: Contacts
     presence: Presence
     groups: Groups
+    rooms: Rooms
     server_name: str = "tidings"

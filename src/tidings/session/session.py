@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tidings.domain.groups import role_name
+from tidings.domain.rooms import check_room
 from tidings.protocol import PROTOCOL_VERSION, close
 from tidings.protocol.codec import FrameError
 from tidings.protocol.errors import TidingsError
@@ -36,6 +37,9 @@ from tidings.protocol.frames import (
     GroupDone,
     Hello,
     History,
+    Join,
+    Joined,
+    Leave,
     Limits,
     MemberItem,
     MemberList,
@@ -53,6 +57,7 @@ from tidings.protocol.frames import (
     ReceiptItem,
     ReceiptList,
     Receipts,
+    RoomSend,
     Send,
     Sent,
     ServerFrame,
@@ -83,6 +88,7 @@ CAPS = [
     "presence",
     "groups",
     "receipts",
+    "rooms",
 ]
 ACK_COST = 0.05  # acks are nearly free against the rate limit (pings cost a read: 1)
 MAX_READS_INFLIGHT = 8
@@ -116,6 +122,7 @@ class Session:
         self.rtx_due = 0.0
         self.retransmits = 0  # statistics
         self._typing_at: dict[str, float] = {}
+        self.rooms: set[str] = set()  # live rooms this session is in
 
     # ------------------------------------------------------------------ start / stop
 
@@ -206,6 +213,11 @@ class Session:
             return
         if kind is Send:
             self._on_send(frame)  # type: ignore[arg-type]
+        elif kind in _ROOM_FRAMES:
+            try:
+                _ROOM_FRAMES[kind](self, frame)
+            except TidingsError as exc:
+                self._error(rid, exc)
         elif kind is Typing:
             self._on_typing(frame, now)  # type: ignore[arg-type]
         elif kind is Hello:
@@ -444,6 +456,27 @@ class Session:
         rows, badge = await self.ctx.messaging.conversation_list(self.uid, f.limit)
         self._reply(ConvList(f.id, [conv_item(self.uid, r) for r in rows], badge))
 
+    # ------------------------------------------------------------------ live rooms
+
+    def _on_join(self, f: Join) -> None:
+        room = check_room(f.room)
+        if room not in self.rooms and len(self.rooms) >= self._s.rooms_per_session:
+            raise TidingsError("forbidden", f"at most {self._s.rooms_per_session} rooms at once")
+        online = self.ctx.registry.join_room(self, room)
+        self._reply(Joined(f.id, room, online))
+        self.ctx.registry.greet_room(self, room)
+
+    def _on_leave(self, f: Leave) -> None:
+        self.ctx.registry.leave_room(self, check_room(f.room))
+        self._reply(Ok(f.id))
+
+    def _on_room_send(self, f: RoomSend) -> None:
+        if f.room not in self.rooms:
+            raise TidingsError("forbidden", "join the room first")
+        self.ctx.rooms.post(self.uid, f.room, f.kind, f.body)
+        if f.id:
+            self._reply(Ok(f.id))
+
     # ------------------------------------------------------------------ groups
 
     async def _on_group(self, f: Group) -> None:
@@ -564,6 +597,13 @@ class Session:
     def _error(self, rid: int, err: TidingsError) -> None:
         self._reply(Error(err.code, err.message, err.retryable, rid, err.retry_after_ms))
 
+
+# Live-room frames, answered at once (nothing is stored).
+_ROOM_FRAMES: dict[type, Callable[[Session, Any], None]] = {
+    Join: Session._on_join,
+    Leave: Session._on_leave,
+    RoomSend: Session._on_room_send,
+}
 
 # Requests answered asynchronously (a store read or write), by frame type.
 _REQUESTS: dict[type, Callable[[Session, Any], Awaitable[None]]] = {

@@ -1,0 +1,147 @@
+"""Live rooms at the gateway: who is in which room on this node (memory only), and one
+frame per room per tick, encoded once per (codec, framing) and written as the same bytes
+to every viewer (ARCHITECTURE.md invariant 6). A viewer that does not read fills its
+send buffer and is disconnected by its link; it never holds the room up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import TYPE_CHECKING
+
+from tidings.bus.base import RoomEvent
+from tidings.clock import Clock
+from tidings.config import Settings
+from tidings.domain.rooms import Lanes, RoomPost
+from tidings.gateway.bounded import encoded_for
+from tidings.protocol.frames import RoomFrame, RoomMsg
+
+if TYPE_CHECKING:
+    from tidings.session.session import Session
+
+log = logging.getLogger(__name__)
+
+
+def _wire(p: RoomPost) -> RoomMsg:
+    return RoomMsg(p.sender, p.kind, p.body, p.ts)
+
+
+class Room:
+    __slots__ = ("lanes", "name", "online_due", "ring_cache", "viewers")
+
+    def __init__(self, name: str, lanes: Lanes) -> None:
+        self.name = name
+        self.lanes = lanes
+        self.viewers: set[Session] = set()
+        self.online_due = 0.0
+        self.ring_cache: tuple[int, dict[tuple[str, str], bytes]] = (-1, {})
+
+
+class RoomHub:
+    def __init__(self, clock: Clock, settings: Settings, rng: random.Random | None = None) -> None:
+        self.clock = clock
+        self.s = settings
+        self.tick_s = settings.room_tick_ms / 1000
+        self.rooms: dict[str, Room] = {}
+        self._rng = rng
+        self._task: asyncio.Task[None] | None = None
+        self.deliveries = 0  # statistics: posts written to viewers (post x viewer)
+        self.frames = 0  # room frames written (frame x viewer)
+        self.ticks = 0
+
+    # ------------------------------------------------------------------ membership
+
+    def join(self, session: Session, name: str) -> int:
+        """Put ``session`` in room ``name``; the room's online count here."""
+        room = self.rooms.get(name)
+        if room is None:
+            s = self.s
+            lanes = Lanes(s.room_render_per_s, self.tick_s, s.room_ring_size, self._rng)
+            room = self.rooms[name] = Room(name, lanes)
+        room.viewers.add(session)
+        session.rooms.add(name)
+        return len(room.viewers)
+
+    def greet(self, session: Session, name: str) -> None:
+        """Write the room's ring of recent posts to a viewer that just joined (encoded
+        once per ring version and codec, however many join)."""
+        room = self.rooms.get(name)
+        if room is None or not room.lanes.ring:
+            return
+        version, cache = room.ring_cache
+        if version != room.lanes.ring_version:
+            cache = {}
+            room.ring_cache = (room.lanes.ring_version, cache)
+        frame = RoomFrame(name, [_wire(p) for p in room.lanes.ring], recent=True)
+        session.link.write(encoded_for(frame, session.link, cache))
+
+    def leave(self, session: Session, name: str) -> None:
+        session.rooms.discard(name)
+        room = self.rooms.get(name)
+        if room is not None:
+            room.viewers.discard(session)
+            if not room.viewers:
+                del self.rooms[name]  # what was pending is for nobody here
+
+    def leave_all(self, session: Session) -> None:
+        for name in list(session.rooms):
+            self.leave(session, name)
+
+    def online(self, name: str) -> int:
+        room = self.rooms.get(name)
+        return 0 if room is None else len(room.viewers)
+
+    # ------------------------------------------------------------------ posts and ticks
+
+    def post(self, event: RoomEvent) -> None:
+        room = self.rooms.get(event.room)
+        if room is None:  # no viewer on this node
+            return
+        if event.kind == "like":
+            room.lanes.like()
+        else:
+            room.lanes.post(RoomPost(event.sender, event.kind, event.body, event.ts))
+
+    def tick(self, now: float) -> None:
+        """Send every room's batch (and, when due, its online count)."""
+        self.ticks += 1
+        interval = self.s.room_online_interval_ms / 1000
+        for room in list(self.rooms.values()):
+            online = 0
+            if now >= room.online_due:
+                online = len(room.viewers)
+                room.online_due = now + interval
+            batch = room.lanes.take()
+            if batch is None and not online:
+                continue
+            msgs = [] if batch is None else [_wire(p) for p in (*batch.high, *batch.low)]
+            frame = RoomFrame(
+                room.name,
+                msgs,
+                0 if batch is None else batch.likes,
+                0 if batch is None else batch.dropped,
+                online,
+            )
+            cache: dict[tuple[str, str], bytes] = {}
+            viewers = list(room.viewers)
+            for s in viewers:
+                s.link.write(encoded_for(frame, s.link, cache))
+            self.frames += len(viewers)
+            self.deliveries += len(msgs) * len(viewers)
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            try:
+                self.tick(self.clock.monotonic())
+            except Exception:
+                log.exception("room tick failed")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
