@@ -19,6 +19,7 @@ from tidings.bus.base import RoomEvent
 from tidings.config import Settings
 from tidings.domain.rooms import Lanes, RateLimits, RoomPost, check_room
 from tidings.gateway.rooms import RoomHub
+from tidings.protocol import close
 from tidings.protocol.codec import Codec
 from tidings.protocol.errors import TidingsError
 
@@ -120,35 +121,42 @@ def test_room_ids() -> None:
 # ------------------------------------------------------------------ gateway fan-out
 
 
+class FakeTransport:
+    def __init__(self, full: bool) -> None:
+        self.writes: list[bytes] = []
+        self.full = full  # a viewer that does not read: its buffer only grows
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def get_write_buffer_size(self) -> int:
+        return 1 << 30 if self.full else 0
+
+
 class FakeLink:
     framing = "ws"
     peer = "test"
+    max_buffer = 1 << 20
 
     def __init__(self, codec: Codec, full: bool = False) -> None:
         self.codec = codec
-        self.writes: list[bytes] = []
-        self.full = full
-        self.session: Any = None
+        self.transport = FakeTransport(full)
+        self.writes = self.transport.writes
 
     def frame(self, payload: bytes) -> bytes:
         return b"F" + payload
-
-    def write(self, data: bytes) -> None:
-        if self.full:  # a viewer that does not read: its link closes the session
-            self.session.close()
-            return
-        self.writes.append(data)
 
 
 class FakeSession:
     def __init__(self, hub: RoomHub, codec: Codec, full: bool = False) -> None:
         self.link = FakeLink(codec, full)
-        self.link.session = self
         self.rooms: set[str] = set()
         self.hub = hub
+        self.closed: int | None = None
 
-    def close(self) -> None:
-        self.hub.leave_all(self)
+    def close(self, code: int, reason: str) -> None:
+        self.closed = code
+        self.hub.leave_all(self)  # type: ignore[arg-type]
 
 
 class ManualTime:
@@ -178,6 +186,7 @@ def test_tick_writes_the_same_bytes_to_every_viewer() -> None:
     first = {id(v.link.writes[0]) for v in viewers}
     assert len(first) == 2  # one per codec
     assert "r:show" not in slow.rooms and hub.online("r:show") == 8
+    assert slow.closed == close.SLOW_CONSUMER
     clock.t = 0.1
     hub.post(RoomEvent("r:show", "a", "gift", {"g": 1}, 1))
     hub.post(RoomEvent("r:show", "b", "chat", {"text": "hi"}, 2))

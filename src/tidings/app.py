@@ -100,6 +100,7 @@ class Server:
             self.groups,
             self.rooms,
             self.hub.rooms.online,
+            self.hub.rooms.stats,
             lambda: self.hub.online,
         )
         self._runner: web.AppRunner | None = None

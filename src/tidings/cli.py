@@ -86,11 +86,13 @@ def cmd_admin_key(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from tidings.bench import direct, sync
+    from tidings.bench import direct, fanout, sync
 
     _install_uvloop()
     if args.scenario == "sync":
         return sync.main(args)
+    if args.scenario in ("room", "group"):
+        return fanout.main(args, args.scenario)
     return direct.main(args)
 
 
@@ -121,10 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="load benchmarks")
     bsub = bench.add_subparsers(dest="scenario", required=True)
-    from tidings.bench import direct, sync
+    from tidings.bench import direct, fanout, sync
 
     direct.add_arguments(bsub.add_parser("direct", help="durable 1:1 messaging, open loop"))
     sync.add_arguments(bsub.add_parser("sync", help="a device back after missing messages"))
+    fanout.add_room_arguments(bsub.add_parser("room", help="a live room's fan-out"))
+    fanout.add_group_arguments(bsub.add_parser("group", help="a large group's fan-out"))
     bench.set_defaults(func=cmd_bench)
     return p
 

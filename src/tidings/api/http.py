@@ -93,10 +93,12 @@ class HttpApi:
         groups: Groups,
         rooms: Rooms,
         room_online: Callable[[str], int],
+        room_stats: Callable[[], tuple[int, int, int, int, int]],
         online: Callable[[], int],
     ) -> None:
         self.rooms = rooms
         self.room_online = room_online
+        self.room_stats = room_stats
         self.accounts = accounts
         self.messaging = messaging
         self.contacts = contacts
@@ -365,7 +367,7 @@ class HttpApi:
 
     async def health(self, request: web.Request, _: None) -> tuple[int, m.Health]:
         pending = self.messaging.store.backlog()
-        return 200, m.Health("ok", __version__, self.online(), pending)
+        return 200, m.Health("ok", __version__, self.online(), pending, *self.room_stats())
 
     async def put_user(self, request: web.Request, body: m.PutUser) -> tuple[int, m.UserOut]:
         user, created = await self.accounts.put_user(

@@ -27,6 +27,11 @@ class Health(msgspec.Struct, frozen=True):
     version: str
     online: int  # authenticated device sessions on this process
     pending_writes: int  # writes queued for the store, not yet committed
+    room_viewers: int = 0  # viewers in live rooms on this process
+    room_ticks: int = 0  # room ticks run since start (statistics)
+    room_ticks_late: int = 0  # ticks that started more than a tick period late
+    room_deliveries: int = 0  # room posts written to viewers since start
+    room_tick_ms: int = 0  # wall time spent in room ticks since start
 
 
 class PutUser(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -38,6 +38,7 @@ from tidings.services.presence import Presence
 from tidings.session.session import Session
 
 log = logging.getLogger(__name__)
+FULL_SWEEP_EVERY = 4  # a full sweep (idle timeouts, token expiry) every 4 rounds: 1 s
 
 
 class Hub:
@@ -60,6 +61,8 @@ class Hub:
         self._presence_task: asyncio.Task[None] | None = None
         self.by_user: dict[str, set[Session]] = {}
         self.pending: set[Session] = set()  # not yet authenticated
+        self.busy: set[Session] = set()  # with pushes waiting for an ack (retransmit timers)
+        self._sweeps = 0
         self._sweeper: asyncio.Task[None] | None = None
         self.pushes = 0
 
@@ -252,9 +255,21 @@ class Hub:
             await asyncio.sleep(self.sweep_interval_s)
             self.sweep()
 
+    def watch(self, session: Session) -> None:
+        """``session`` has pushes waiting for an ack: sweep it at every round."""
+        self.busy.add(session)
+
     def sweep(self) -> None:
+        """Every round: sessions authenticating or holding unacked pushes (auth timeout,
+        retransmits); every FULL_SWEEP_EVERY rounds, all of them (idle, token expiry)."""
         now = self.clock.monotonic()
-        for s in self.sessions():
+        self._sweeps += 1
+        if self._sweeps % FULL_SWEEP_EVERY == 0:
+            targets = self.sessions()
+        else:
+            targets = [*self.pending, *self.busy]
+        self.busy = {s for s in self.busy if s.unacked_count and s.state == "ready"}
+        for s in targets:
             try:
                 s.tick(now)
             except Exception:

@@ -8,13 +8,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 from tidings.bus.base import RoomEvent
 from tidings.clock import Clock
 from tidings.config import Settings
 from tidings.domain.rooms import Lanes, RoomPost
 from tidings.gateway.bounded import encoded_for
+from tidings.protocol import close
 from tidings.protocol.frames import RoomFrame, RoomMsg
 
 if TYPE_CHECKING:
@@ -23,17 +25,40 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _write_all(viewers: list[Session], data: bytes) -> None:
+    """The hot loop: the same bytes to every viewer, straight to each transport (every
+    link is a BoundedWriter); those whose send buffer overflows are closed after it."""
+    slow = []
+    for s in viewers:
+        link: Any = s.link
+        t = link.transport
+        if t is None:
+            continue
+        t.write(data)
+        if t.get_write_buffer_size() > link.max_buffer:
+            slow.append(s)
+    for s in slow:
+        s.close(close.SLOW_CONSUMER, "send buffer full")
+
+
+def _key(session: Session) -> tuple[str, str]:
+    link = session.link
+    return (link.codec.name, link.framing)
+
+
 def _wire(p: RoomPost) -> RoomMsg:
     return RoomMsg(p.sender, p.kind, p.body, p.ts)
 
 
 class Room:
-    __slots__ = ("lanes", "name", "online_due", "ring_cache", "viewers")
+    __slots__ = ("groups", "lanes", "name", "online_due", "ring_cache", "viewers")
 
     def __init__(self, name: str, lanes: Lanes) -> None:
         self.name = name
         self.lanes = lanes
         self.viewers: set[Session] = set()
+        # The viewers by (codec, framing): each group gets one encoding per tick.
+        self.groups: dict[tuple[str, str], set[Session]] = {}
         self.online_due = 0.0
         self.ring_cache: tuple[int, dict[tuple[str, str], bytes]] = (-1, {})
 
@@ -49,6 +74,8 @@ class RoomHub:
         self.deliveries = 0  # statistics: posts written to viewers (post x viewer)
         self.frames = 0  # room frames written (frame x viewer)
         self.ticks = 0
+        self.late_ticks = 0  # ticks that began more than a period after they were due
+        self.tick_time_s = 0.0  # wall time spent in ticks
 
     # ------------------------------------------------------------------ membership
 
@@ -60,6 +87,7 @@ class RoomHub:
             lanes = Lanes(s.room_render_per_s, self.tick_s, s.room_ring_size, self._rng)
             room = self.rooms[name] = Room(name, lanes)
         room.viewers.add(session)
+        room.groups.setdefault(_key(session), set()).add(session)
         session.rooms.add(name)
         return len(room.viewers)
 
@@ -81,12 +109,21 @@ class RoomHub:
         room = self.rooms.get(name)
         if room is not None:
             room.viewers.discard(session)
+            group = room.groups.get(_key(session))
+            if group is not None:
+                group.discard(session)
             if not room.viewers:
                 del self.rooms[name]  # what was pending is for nobody here
 
     def leave_all(self, session: Session) -> None:
         for name in list(session.rooms):
             self.leave(session, name)
+
+    def stats(self) -> tuple[int, int, int, int, int]:
+        """(viewers, ticks, late ticks, deliveries, ms spent in ticks) on this process."""
+        viewers = sum(len(r.viewers) for r in self.rooms.values())
+        busy = int(self.tick_time_s * 1000)
+        return viewers, self.ticks, self.late_ticks, self.deliveries, busy
 
     def online(self, name: str) -> int:
         room = self.rooms.get(name)
@@ -123,23 +160,35 @@ class RoomHub:
                 0 if batch is None else batch.dropped,
                 online,
             )
-            cache: dict[tuple[str, str], bytes] = {}
-            viewers = list(room.viewers)
-            for s in viewers:
-                s.link.write(encoded_for(frame, s.link, cache))
-            self.frames += len(viewers)
-            self.deliveries += len(msgs) * len(viewers)
+            for group in list(room.groups.values()):
+                if not group:
+                    continue
+                viewers = list(group)
+                _write_all(viewers, encoded_for(frame, viewers[0].link, {}))
+                self.frames += len(viewers)
+                self.deliveries += len(msgs) * len(viewers)
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
+        # Ticks on a fixed schedule (the time a tick takes does not stretch the period);
+        # a tick that is late by more than a period is skipped, not bunched.
+        due = self.clock.monotonic()
         while True:
-            await asyncio.sleep(self.tick_s)
+            due += self.tick_s
+            now = self.clock.monotonic()
+            if due < now:
+                if now - due > self.tick_s:
+                    self.late_ticks += 1
+                due = now
+            await asyncio.sleep(due - now)
+            t0 = time.perf_counter()
             try:
                 self.tick(self.clock.monotonic())
             except Exception:
                 log.exception("room tick failed")
+            self.tick_time_s += time.perf_counter() - t0
 
     async def stop(self) -> None:
         if self._task is not None:

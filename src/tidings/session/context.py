@@ -60,6 +60,10 @@ class Registry(Protocol):
         """Watch an unauthenticated session for the auth timeout."""
         ...
 
+    def watch(self, session: Session) -> None:
+        """The session holds unacked pushes: check its retransmit timer often."""
+        ...
+
     def join_room(self, session: Session, room: str) -> int:
         """Enter a live room on this node; its approximate online count."""
         ...

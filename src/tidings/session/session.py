@@ -350,6 +350,8 @@ class Session:
             q = self.unacked[conv] = deque()
         q.append((seq, framed))
         self.unacked_count += 1
+        if self.unacked_count == 1:
+            self.ctx.registry.watch(self)
         if self.unacked_count > self._s.max_unacked:
             self.close(close.SLOW_CONSUMER, "too many unacknowledged pushes")
             return
