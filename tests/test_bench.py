@@ -132,3 +132,88 @@ def test_bench_sync_refuses_bad_arguments() -> None:
         timeout=60,
     )
     assert proc.returncode == 2 and "--conversations out of range" in proc.stderr
+
+
+KEYS = ("deliveries_per_s", "deliveries_per_server_cpu_s", "p50_ms", "p99_ms", "lost_high_priority")
+
+
+def test_bench_room_small_run(tmp_path: Path) -> None:
+    """`tidings bench room` runs a small room end to end: every viewer is in, every
+    post is timed at the sampled viewers, no gift is lost, the JSON has the keys."""
+    out = tmp_path / "room.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tidings",
+            "bench",
+            "room",
+            "--viewers",
+            "60",
+            "--senders",
+            "3",
+            "--rate",
+            "40",
+            "--duration",
+            "2",
+            "--sample",
+            "10",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    assert all(r[k] is not None for k in KEYS), r
+    assert r["connected"] == 60 and r["alive_at_end"] == 60
+    assert r["lost_high_priority"] == 0 and r["high_priority_sent"] == 8
+    # 40 posts/s stays under the render budget: every viewer gets every post.
+    assert r["delivered"] == 60 * r["posts_sent"]
+    assert "lost high" in proc.stdout
+
+
+def test_bench_group_small_run(tmp_path: Path) -> None:
+    """`tidings bench group` builds a group through the bulk API and every online
+    member gets every stored message."""
+    out = tmp_path / "group.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tidings",
+            "bench",
+            "group",
+            "--members",
+            "300",
+            "--online",
+            "50",
+            "--rate",
+            "10",
+            "--duration",
+            "2",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    assert all(r[k] is not None for k in KEYS), r
+    assert r["messages_stored"] == 20 and r["members_counted"] == 50
+    assert r["missing_deliveries"] == 0 and r["delivered"] == 50 * 20
+
+
+def test_bench_room_refuses_bad_arguments() -> None:
+    for bad in (["--viewers", "0"], ["--rate", "-1"], ["--high-share", "2"], ["--tick-ms", "500"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "tidings", "bench", "room", *bad],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode != 0 and "must be in" in proc.stderr, (bad, proc.stderr)
