@@ -23,19 +23,21 @@ if TYPE_CHECKING:
     from tidings.session.session import Session
 
 log = logging.getLogger(__name__)
+SLOW_CHECK_EVERY = 10  # ticks between looks at the viewers' send buffers
 
 
-def _write_all(viewers: list[Session], data: bytes) -> None:
-    """The hot loop: the same bytes to every viewer, straight to each transport (every
-    link is a BoundedWriter); those whose send buffer overflows are closed after it."""
+def _write_all(viewers: dict[Session, Any], data: bytes, limit: int, check: bool) -> None:
+    """The hot loop: the same bytes straight to every viewer's transport. With ``check``
+    (about once a second) viewers whose send buffer is over ``limit`` are closed after
+    the loop: a viewer that does not read costs at most a second of frames."""
+    if not check:
+        for t in viewers.values():
+            t.write(data)
+        return
     slow = []
-    for s in viewers:
-        link: Any = s.link
-        t = link.transport
-        if t is None:
-            continue
+    for s, t in viewers.items():
         t.write(data)
-        if t.get_write_buffer_size() > link.max_buffer:
+        if t.get_write_buffer_size() > limit:
             slow.append(s)
     for s in slow:
         s.close(close.SLOW_CONSUMER, "send buffer full")
@@ -57,8 +59,9 @@ class Room:
         self.name = name
         self.lanes = lanes
         self.viewers: set[Session] = set()
-        # The viewers by (codec, framing): each group gets one encoding per tick.
-        self.groups: dict[tuple[str, str], set[Session]] = {}
+        # The viewers by (codec, framing), each with its transport: each group gets one
+        # encoding per tick, written in one tight loop.
+        self.groups: dict[tuple[str, str], dict[Session, Any]] = {}
         self.online_due = 0.0
         self.ring_cache: tuple[int, dict[tuple[str, str], bytes]] = (-1, {})
 
@@ -81,13 +84,16 @@ class RoomHub:
 
     def join(self, session: Session, name: str) -> int:
         """Put ``session`` in room ``name``; the room's online count here."""
+        link: Any = session.link  # every link is a BoundedWriter: it has its transport
         room = self.rooms.get(name)
+        if link.transport is None:  # the connection is gone already
+            return 0 if room is None else len(room.viewers)
         if room is None:
             s = self.s
             lanes = Lanes(s.room_render_per_s, self.tick_s, s.room_ring_size, self._rng)
             room = self.rooms[name] = Room(name, lanes)
         room.viewers.add(session)
-        room.groups.setdefault(_key(session), set()).add(session)
+        room.groups.setdefault(_key(session), {})[session] = link.transport
         session.rooms.add(name)
         return len(room.viewers)
 
@@ -111,7 +117,7 @@ class RoomHub:
             room.viewers.discard(session)
             group = room.groups.get(_key(session))
             if group is not None:
-                group.discard(session)
+                group.pop(session, None)
             if not room.viewers:
                 del self.rooms[name]  # what was pending is for nobody here
 
@@ -142,6 +148,7 @@ class RoomHub:
 
     def tick(self, now: float) -> None:
         """Send every room's batch (and, when due, its online count)."""
+        check = self.ticks % SLOW_CHECK_EVERY == 0
         self.ticks += 1
         interval = self.s.room_online_interval_ms / 1000
         for room in list(self.rooms.values()):
@@ -163,10 +170,11 @@ class RoomHub:
             for group in list(room.groups.values()):
                 if not group:
                     continue
-                viewers = list(group)
-                _write_all(viewers, encoded_for(frame, viewers[0].link, {}))
-                self.frames += len(viewers)
-                self.deliveries += len(msgs) * len(viewers)
+                first = next(iter(group))
+                data = encoded_for(frame, first.link, {})
+                _write_all(group, data, self.s.send_buffer_bytes, check)
+                self.frames += len(group)
+                self.deliveries += len(msgs) * len(group)
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
