@@ -18,6 +18,7 @@ import contextlib
 import os
 import select
 import socket
+import struct
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -32,6 +33,7 @@ FROM = b'"from":'
 HIGH = b'"kind":"gift"'
 TAIL = 24  # bytes kept between reads so a marker split by a read is counted once
 BATCH = 250  # connections set up at a time
+SO_TIMESTAMPNS = 35  # Linux: receive timestamps in ns (not in the socket module)
 ACK_EVERY_S = 0.2  # group members acknowledge pushes at most this often (cumulative)
 
 
@@ -130,6 +132,9 @@ def _setup(cfg: dict[str, Any], why: list[str]) -> tuple[list[Viewer], int, floa
                 sock.close()
                 continue
             v = Viewer(sock, sampled=i % every == 0)
+            if v.sampled:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.setblocking(False)
             if rest:
                 _consume(v, bytes(rest), 0, None)
@@ -137,7 +142,14 @@ def _setup(cfg: dict[str, Any], why: list[str]) -> tuple[list[Viewer], int, floa
     return viewers, failed, time.monotonic() - t0
 
 
-def _consume(v: Viewer, data: bytes, now_us: int, hist: Histogram | None) -> None:
+def _consume(
+    v: Viewer,
+    data: bytes,
+    now_us: int,
+    hist: Histogram | None,
+    kernel_us: int = 0,
+    khist: Histogram | None = None,
+) -> None:
     if v.reader is None:
         chunk = v.tail + data
         v.delivered += chunk.count(FROM) - v.tail.count(FROM)
@@ -155,6 +167,8 @@ def _consume(v: Viewer, data: bytes, now_us: int, hist: Histogram | None) -> Non
                     v.high += 1
                 if hist is not None and m.body.t0 > TIMED_AFTER_US[0]:
                     hist.record(max(0, now_us - m.body.t0))
+                    if khist is not None and kernel_us:
+                        khist.record(max(0, kernel_us - m.body.t0))
         elif frame.t == "push" and frame.m is not None:
             e = frame.m
             if e.seq not in v.seqs:
@@ -162,6 +176,8 @@ def _consume(v: Viewer, data: bytes, now_us: int, hist: Histogram | None) -> Non
                 v.delivered += 1
                 if hist is not None and e.body.t0 > TIMED_AFTER_US[0]:
                     hist.record(max(0, now_us - e.body.t0))
+                    if khist is not None and kernel_us:
+                        khist.record(max(0, kernel_us - e.body.t0))
             v.acks[e.conv] = max(v.acks.get(e.conv, 0), e.seq)
 
 
@@ -175,10 +191,20 @@ def _flush_acks(viewers: list[Viewer]) -> None:
             v.acks.clear()
 
 
-def _read(v: Viewer, hist: Histogram) -> bool:
-    """Read what is there; False once the connection is gone."""
+def _read(v: Viewer, hist: Histogram, khist: Histogram) -> bool:
+    """Read what is there; False once the connection is gone. Timed viewers also get
+    the kernel's arrival time of the data (SO_TIMESTAMPNS): the delay without this
+    process's own scheduling delay on a busy load-generator core."""
+    kernel_us = 0
     try:
-        data = v.sock.recv(1 << 18)
+        if v.sampled:
+            data, anc, _, _ = v.sock.recvmsg(1 << 18, 64)
+            for level, kind, raw in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(raw) >= 16:
+                    sec, nsec = struct.unpack_from("qq", raw)
+                    kernel_us = sec * 1_000_000 + nsec // 1000
+        else:
+            data = v.sock.recv(1 << 18)
     except BlockingIOError:
         return True
     except OSError:
@@ -186,11 +212,17 @@ def _read(v: Viewer, hist: Histogram) -> bool:
     if not data:
         v.alive = False
         return False
-    _consume(v, data, time.time_ns() // 1000, hist)
+    _consume(v, data, time.time_ns() // 1000, hist, kernel_us, khist)
     return True
 
 
-def _loop(viewers: list[Viewer], until: float, bulk_interval_s: float, hist: Histogram) -> None:
+def _loop(
+    viewers: list[Viewer],
+    until: float,
+    bulk_interval_s: float,
+    hist: Histogram,
+    khist: Histogram,
+) -> None:
     quick, bulk = select.epoll(), select.epoll()
     by_fd: dict[int, Viewer] = {}
     for v in viewers:
@@ -207,7 +239,7 @@ def _loop(viewers: list[Viewer], until: float, bulk_interval_s: float, hist: His
             # The timed (sampled) viewers first and often, so their delays are the
             # server's, not this process's.
             for fd, _ in quick.poll(0 if ready else 0.005):
-                if not _read(by_fd[fd], hist):
+                if not _read(by_fd[fd], hist, khist):
                     quick.unregister(fd)
             if now >= next_ack:
                 next_ack = now + ACK_EVERY_S
@@ -216,7 +248,7 @@ def _loop(viewers: list[Viewer], until: float, bulk_interval_s: float, hist: His
                 next_bulk = now + bulk_interval_s
                 ready = [fd for fd, _ in bulk.poll(0)]
             for fd in ready[-BULK_SLICE:]:
-                if not _read(by_fd[fd], hist):
+                if not _read(by_fd[fd], hist, khist):
                     bulk.unregister(fd)
             del ready[-BULK_SLICE:]
         # Drain what is still on its way (the server may be behind), until quiet.
@@ -226,7 +258,7 @@ def _loop(viewers: list[Viewer], until: float, bulk_interval_s: float, hist: His
             for ep in (quick, bulk):
                 for fd, _ in ep.poll(0.05):
                     got = True
-                    if not _read(by_fd[fd], hist):
+                    if not _read(by_fd[fd], hist, khist):
                         ep.unregister(fd)
             if got:
                 quiet_since = time.monotonic()
@@ -244,10 +276,11 @@ def viewers_main(conn: Connection, cfg: dict[str, Any]) -> None:
         conn.send(("ready", info))
         kind, until_wall = conn.recv()
         assert kind == "go"
-        hist = Histogram()
+        hist, khist = Histogram(), Histogram()
         TIMED_AFTER_US[0] = time.time_ns() // 1000
         cpu0 = time.process_time()
-        _loop(viewers, time.monotonic() + (until_wall - time.time()), cfg["bulk_interval_s"], hist)
+        until = time.monotonic() + (until_wall - time.time())
+        _loop(viewers, until, cfg["bulk_interval_s"], hist, khist)
         conn.send(
             (
                 "result",
@@ -260,6 +293,7 @@ def viewers_main(conn: Connection, cfg: dict[str, Any]) -> None:
                     "high_per_viewer": [v.high for v in viewers if v.alive],
                     "received_per_member": [len(v.seqs) for v in viewers if v.alive],
                     "hist": hist.to_dict(),
+                    "kernel_hist": khist.to_dict(),
                     "cpu_s": time.process_time() - cpu0,
                     "timed_frames": sum(v.frames for v in viewers if v.sampled),
                     "timed_dropped": sum(v.dropped for v in viewers if v.sampled),
