@@ -43,7 +43,7 @@ from tidings.client.state import LocalState
 from tidings.protocol.frames import ConvItem, Message
 
 T = TypeVar("T")
-EXAMPLES = 100  # examples of up to STEPS actions each; every step checks every online device
+EXAMPLES = 150  # examples of up to STEPS actions each; every step checks every online device
 STEPS = 30
 SETTLE_S = 5.0  # how long devices get to converge after a step before it is a failure
 
@@ -419,7 +419,7 @@ class Conversations(RuleBasedStateMachine):
         mine = rank[members[actor][0]]
         return sorted(u for u, (role, _, _) in members.items() if u != actor and rank[role] < mine)
 
-    @precondition(lambda self: bool(self.online) and len(self.groups) < 2)
+    @precondition(lambda self: bool(self.online) and len(self.groups) < 3)
     @rule(data=st.data())
     def group_create(self, data: st.DataObject) -> None:
         dev = self._device(data)
@@ -433,6 +433,36 @@ class Conversations(RuleBasedStateMachine):
         done = self.run(self.devices[dev].create_group(chosen, name=gid, conv=gid))
         self._group_event(done.conv, done)
         did("group_create")
+
+    @precondition(lambda self: len(self.groups) < 3)
+    @rule(data=st.data())
+    def backend_creates_group(self, data: st.DataObject) -> None:
+        """The app backend creates a group owned by carol with alice and/or bob in it
+        (server HTTP API): they are plain members there."""
+        chosen = data.draw(
+            st.lists(st.sampled_from([self.alice, self.bob]), min_size=1, unique=True),
+            label="members",
+        )
+        gid = f"{self.alice}-{len(self.groups)}"
+        body = {"owner": self.carol, "id": gid, "members": chosen, "name": "backend"}
+        srv = self.loop.server
+
+        async def post() -> dict[str, Any]:
+            url = f"http://127.0.0.1:{srv.http_port}/v1/groups"
+            headers = {"Authorization": f"Bearer {srv.admin_key}"}
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(url, json=body, headers=headers) as resp,
+            ):
+                assert resp.status == 201, await resp.text()
+                out: dict[str, Any] = await resp.json()
+                return out
+
+        made = self.run(post())
+        conv = made["info"]["conv"]
+        self.sent.setdefault(conv, []).append(("event", made["seq"]))
+        self._refresh(conv)
+        did("backend_group")
 
     def _can_add(self) -> bool:
         return any(len(self.groups[g]) < 3 for _, g in self._actors(("member", "admin", "owner")))
@@ -478,13 +508,20 @@ class Conversations(RuleBasedStateMachine):
             for t in self._targets(g, self.owner[dev])
         ]
 
-    @precondition(lambda self: bool(self._owning()))
-    @rule(data=st.data(), admin=st.booleans())
-    def group_role(self, data: st.DataObject, admin: bool) -> None:
+    def _set_role(self, data: st.DataObject, role: str) -> None:
         dev, conv, user = data.draw(st.sampled_from(self._owning()), label="role")
-        role = "admin" if admin else "member"
         self._group_event(conv, self.run(self.devices[dev].set_role(conv, [user], role)))
         did("group_role")
+
+    @precondition(lambda self: bool(self._owning()))
+    @rule(data=st.data())
+    def group_promote(self, data: st.DataObject) -> None:
+        self._set_role(data, "admin")
+
+    @precondition(lambda self: bool(self._owning()))
+    @rule(data=st.data())
+    def group_demote(self, data: st.DataObject) -> None:
+        self._set_role(data, "member")
 
     @precondition(lambda self: bool(self._actors(("member", "admin"))))
     @rule(data=st.data())
@@ -581,7 +618,7 @@ def test_devices_converge_with_a_fresh_sync(served: Loop) -> None:
     # The run means something only if every kind of action happened, many times over.
     actions = ("send", "carol_sends", "mark_read", "recall", "edit", "delete_for_me")
     actions += ("group_create", "group_add", "group_remove", "group_mute", "group_role")
-    actions += ("group_leave", "group_send")
+    actions += ("group_leave", "group_send", "backend_group")
     for action in (*actions, "settings", "offline", "online"):
         assert checks.get(action, 0) >= 20, (action, checks)
     assert checks["compared"] >= EXAMPLES * STEPS // 2, checks

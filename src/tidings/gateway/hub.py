@@ -38,7 +38,7 @@ from tidings.services.presence import Presence
 from tidings.session.session import Session
 
 log = logging.getLogger(__name__)
-FULL_SWEEP_EVERY = 4  # a full sweep (idle timeouts, token expiry) every 4 rounds: 1 s
+FULL_SWEEP_EVERY = 4  # each session's idle timeout and token expiry: every 4 rounds (1 s)
 
 
 class Hub:
@@ -261,13 +261,12 @@ class Hub:
 
     def sweep(self) -> None:
         """Every round: sessions authenticating or holding unacked pushes (auth timeout,
-        retransmits); every FULL_SWEEP_EVERY rounds, all of them (idle, token expiry)."""
+        retransmits), and a 1/FULL_SWEEP_EVERY share of all the others in turn (idle,
+        token expiry), so each is seen about once a second and no round is long."""
         now = self.clock.monotonic()
         self._sweeps += 1
-        if self._sweeps % FULL_SWEEP_EVERY == 0:
-            targets = self.sessions()
-        else:
-            targets = [*self.pending, *self.busy]
+        share = self.sessions()[self._sweeps % FULL_SWEEP_EVERY :: FULL_SWEEP_EVERY]
+        targets = {*self.pending, *self.busy, *share}
         self.busy = {s for s in self.busy if s.unacked_count and s.state == "ready"}
         for s in targets:
             try:
