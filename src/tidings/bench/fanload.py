@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import socket
 import struct
@@ -34,7 +35,10 @@ HIGH = b'"kind":"gift"'
 TAIL = 24  # bytes kept between reads so a marker split by a read is counted once
 BATCH = 250  # connections set up at a time
 SO_TIMESTAMPNS = 35  # Linux: receive timestamps in ns (not in the socket module)
-ACK_EVERY_S = 0.2  # group members acknowledge pushes at most this often (cumulative)
+ACK_EVERY_S = 0.5  # group members acknowledge pushes at most this often (cumulative)
+PUSH_RE = re.compile(rb'"t":"push","m":\{"conv":"([^"]+)","seq":(\d+)')
+PUSH_TAIL = 200  # bytes kept between reads (longer than a push's head)
+GROUP = [False]  # this process's viewers are group members (pushes to acknowledge)
 
 
 class _Body(msgspec.Struct, frozen=True):
@@ -152,6 +156,19 @@ def _consume(
 ) -> None:
     if v.reader is None:
         chunk = v.tail + data
+        if GROUP[0]:
+            # Pushes: the (conv, seq) pairs, de-duplicated by seq; a pair cut by a read
+            # boundary is found again with the tail (the set keeps it once).
+            for conv, seq in PUSH_RE.findall(chunk):
+                n = int(seq)
+                if n not in v.seqs:
+                    v.seqs.add(n)
+                    v.delivered += 1
+                key = conv.decode()
+                if n > v.acks.get(key, 0):
+                    v.acks[key] = n
+            v.tail = chunk[-PUSH_TAIL:]
+            return
         v.delivered += chunk.count(FROM) - v.tail.count(FROM)
         v.high += chunk.count(HIGH) - v.tail.count(HIGH)
         v.tail = chunk[-TAIL:]
@@ -270,6 +287,7 @@ def _loop(
 def viewers_main(conn: Connection, cfg: dict[str, Any]) -> None:
     try:
         _pin(cfg.get("cores", []))
+        GROUP[0] = not cfg.get("room")
         why: list[str] = []
         viewers, failed, setup_s = _setup(cfg, why)
         info = {"connected": len(viewers), "failed": failed, "setup_s": setup_s, "why": why}

@@ -85,16 +85,17 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_room_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
+    p.add_argument("--sample", type=int, default=200, help="viewers that time every post")
     p.add_argument("--viewers", type=int, default=2_000, help="viewers in the room (2000)")
     p.add_argument("--high-share", type=float, default=0.1, help="share of gifts (0.1)")
     p.add_argument("--tick-ms", type=int, default=100, help="the server's room tick (100)")
     p.add_argument("--render", type=float, default=50.0, help="posts/s a viewer gets (50)")
-    p.add_argument("--sample", type=int, default=200, help="viewers that time every post")
     p.add_argument("--flash", action="store_true", help="viewers join while posts flow")
 
 
 def add_group_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
+    p.add_argument("--sample", type=int, default=200, help="members that time every message")
     p.set_defaults(senders=1, rate=5.0)
     p.add_argument("--members", type=int, default=10_000, help="group members (10000)")
     p.add_argument("--online", type=int, default=5_000, help="members connected (5000)")
@@ -119,7 +120,7 @@ class Plan:
             self.high_every = max(1, round(1 / _bounded("--high-share", args.high_share, 0.01, 1)))
             self.tick_ms = _bounded("--tick-ms", args.tick_ms, 1, 100)
             self.render = _bounded("--render", args.render, 1.0, 1e6)
-            self.sample = _bounded("--sample", args.sample, 0, self.viewers)
+            self.sample = min(_bounded("--sample", args.sample, 0, MAX_CONNECTIONS), self.viewers)
             self.flash: bool = args.flash
             self.members = self.viewers
             connections = self.viewers
@@ -127,6 +128,7 @@ class Plan:
             self.members = _bounded("--members", args.members, 2, 1_000_000)
             self.online = _bounded("--online", args.online, 1, self.members - 1)
             connections = self.online
+            self.sample = min(_bounded("--sample", args.sample, 0, MAX_CONNECTIONS), self.online)
             if self.senders + self.online > self.members:
                 raise SystemExit("--senders + --online must not exceed --members")
         cpus = sorted(os.sched_getaffinity(0))
@@ -269,7 +271,7 @@ def _viewer_cfgs(plan: Plan, tokens: list[str], port: int, target: str) -> list[
     cfgs = []
     per = math.ceil(len(tokens) / plan.procs)
     room = plan.scenario == "room"
-    sample_every = max(1, plan.connections // plan.sample) if room and plan.sample else 1
+    sample_every = max(1, plan.connections // plan.sample) if plan.sample else 1
     # A fresh source block per run: the last run's connections may linger in TIME_WAIT.
     block = (secrets.randbelow(250) + 1, secrets.randbelow(256))
     for i in range(plan.procs):
@@ -284,12 +286,12 @@ def _viewer_cfgs(plan: Plan, tokens: list[str], port: int, target: str) -> list[
                 "source": f"127.{block[0]}.{block[1]}.{2 + i}",
                 "tokens": part,
                 "room": target if room else None,
-                "sample_every": sample_every if room else 1,
+                "sample_every": sample_every,
                 "bulk_interval_s": 0.5,
                 "cores": cores,
             }
         )
-    if room and not plan.sample:
+    if not plan.sample:
         for c in cfgs:
             c["sample_every"] = 10**9
     return cfgs
