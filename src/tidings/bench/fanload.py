@@ -58,6 +58,7 @@ class _RoomMsg(msgspec.Struct):
 
 class _Frame(msgspec.Struct):
     t: str
+    ts: int = 0
     m: _Entry | None = None
     msgs: list[_RoomMsg] = []
     dropped: int = 0
@@ -67,6 +68,8 @@ _decode = msgspec.json.Decoder(_Frame).decode
 # Posts sent before this process started reading (its set-up reads nothing) would time
 # the load generator, not the server: only later ones are timed.
 TIMED_AFTER_US = [0]
+QUEUED = Histogram()  # post sent -> its tick began (timed viewers, rooms)
+WIRE = Histogram()  # tick began -> the frame arrived in the viewer's kernel
 BULK_SLICE = 200  # bulk reads between two looks at the timed viewers
 QUIET_S = 0.5  # the end: read until nothing came for this long ...
 DRAIN_CAP_S = 15.0  # ... or this long at most
@@ -178,6 +181,13 @@ def _consume(
         if frame.t == "room":
             v.frames += 1
             v.dropped += frame.dropped
+            if frame.ts and frame.msgs and hist is not None and khist is not None:
+                # Where the time goes: post -> tick (queued at the server), tick -> arrival.
+                for m in frame.msgs:
+                    if m.body.t0 > TIMED_AFTER_US[0]:
+                        QUEUED.record(max(0, frame.ts * 1000 - m.body.t0))
+                if kernel_us:
+                    WIRE.record(max(0, kernel_us - frame.ts * 1000))
             for m in frame.msgs:
                 v.delivered += 1
                 if m.kind == "gift":
@@ -312,6 +322,8 @@ def viewers_main(conn: Connection, cfg: dict[str, Any]) -> None:
                     "received_per_member": [len(v.seqs) for v in viewers if v.alive],
                     "hist": hist.to_dict(),
                     "kernel_hist": khist.to_dict(),
+                    "queued_hist": QUEUED.to_dict(),
+                    "wire_hist": WIRE.to_dict(),
                     "cpu_s": time.process_time() - cpu0,
                     "timed_frames": sum(v.frames for v in viewers if v.sampled),
                     "timed_dropped": sum(v.dropped for v in viewers if v.sampled),

@@ -386,10 +386,18 @@ def _figures(
     cpu1: tuple[float, float] | None,
     flash: bool,
 ) -> None:
-    hist, khist = Histogram(), Histogram()
+    hist, khist, queued, wire = Histogram(), Histogram(), Histogram(), Histogram()
     for r in results:
         hist.merge(Histogram.from_dict(r["hist"]))
         khist.merge(Histogram.from_dict(r["kernel_hist"]))
+        queued.merge(Histogram.from_dict(r["queued_hist"]))
+        wire.merge(Histogram.from_dict(r["wire_hist"]))
+    if queued.count and wire.count:
+        # Rooms: the delay split at the tick (server clock = client clock on one box).
+        report["queued_p50_ms"] = round(queued.percentile(50) / 1000, 1)
+        report["queued_p99_ms"] = round(queued.percentile(99) / 1000, 1)
+        report["tick_to_arrival_p50_ms"] = round(wire.percentile(50) / 1000, 1)
+        report["tick_to_arrival_p99_ms"] = round(wire.percentile(99) / 1000, 1)
     delivered = sum(r["delivered"] for r in results)
     cpu = sum(cpu1) - sum(cpu0) if cpu0 and cpu1 else None
     report.update(

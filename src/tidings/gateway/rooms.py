@@ -150,6 +150,7 @@ class RoomHub:
         """Send every room's batch (and, when due, its online count)."""
         check = self.ticks % SLOW_CHECK_EVERY == 0
         self.ticks += 1
+        now_ms = self.clock.now_ms()
         interval = self.s.room_online_interval_ms / 1000
         for room in list(self.rooms.values()):
             online = 0
@@ -166,6 +167,7 @@ class RoomHub:
                 0 if batch is None else batch.likes,
                 0 if batch is None else batch.dropped,
                 online,
+                ts=now_ms,
             )
             for group in list(room.groups.values()):
                 if not group:

@@ -553,6 +553,7 @@ class RoomFrame(msgspec.Struct, frozen=True, tag="room", tag_field="t", omit_def
     dropped: int = 0
     online: int = 0
     recent: bool = False  # the ring of recent posts, for a viewer that just joined
+    ts: int = 0  # server time of the tick, UTC ms
 
 
 class ReceiptList(msgspec.Struct, frozen=True, tag="receipts", tag_field="t"):
