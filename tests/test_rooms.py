@@ -203,6 +203,7 @@ def test_tick_writes_the_same_bytes_to_every_viewer() -> None:
             {"from": "b", "kind": "chat", "body": {"text": "hi"}, "ts": 2},
         ],
         "likes": 1,
+        "ts": 100,  # the tick's server time (the injected clock's)
     }
     assert hub.deliveries == 2 * 8
     clock.t = 0.2
