@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from tests.conftest import Harness, ManualClock
 from tests.rawclient import Raw
 from tests.test_errors import err
+from tidings.protocol.errors import TidingsError
 
 
 class Dev:
@@ -429,3 +432,116 @@ async def test_typing_in_small_groups(harness: Harness) -> None:
     assert not [e for e in o.events if e["t"] == "typing"]
     await o.raw.close()
     await m.raw.close()
+
+
+async def test_membership_entries_cannot_be_edited_or_recalled(harness: Harness) -> None:
+    """The author of a membership entry cannot rewrite or blank it."""
+    await users(harness, "o", "m", "x")
+    o = await Dev.open(harness, "o")
+    conv = (await o.ok_group("create", users=["m"]))["conv"]
+    add = await o.ok_group("add", conv=conv, users=["x"])
+    forged = {"seq": add["seq"], "body": {"op": "remove", "by": "o", "users": ["m"]}}
+    err(
+        await o.ask({"t": "send", "conv": conv, "cid": "e1", "type": "edit", "body": forged}),
+        "forbidden",
+    )
+    rec = {"t": "send", "conv": conv, "cid": "r1", "type": "recall", "body": {"seq": add["seq"]}}
+    err(await o.ask(rec), "forbidden")
+    page = await o.ask({"t": "history", "conv": conv})
+    assert page["msgs"][-1]["body"]["op"] == "add"
+    assert "edit_version" not in page["msgs"][-1] and "recalled" not in page["msgs"][-1]
+    await o.raw.close()
+
+
+async def test_retry_of_a_stored_message_after_a_mute_answers_dup(harness: Harness) -> None:
+    """A member's send that was stored, retried after they were muted, gets its first
+    answer (`dup`), not `muted`."""
+    await users(harness, "o", "m")
+    o = await Dev.open(harness, "o")
+    m = await Dev.open(harness, "m")
+    conv = (await o.ok_group("create", users=["m"]))["conv"]
+    first = await m.send(conv, "hello", "same-cid")
+    await o.ok_group("mute", conv=conv, users=["m"], duration_ms=60_000)
+    again = await m.send(conv, "hello", "same-cid")
+    assert (again["t"], again["seq"], again["dup"]) == ("sent", first["seq"], True)
+    err(await m.send(conv, "new one", "other-cid"), "muted")
+    await o.raw.close()
+    await m.raw.close()
+
+
+async def test_create_without_an_id_is_idempotent_on_its_cid(harness: Harness) -> None:
+    """With no group id, the id derives from (creator, cid): a retry answers `dup`."""
+    await users(harness, "o", "m")
+    o = await Dev.open(harness, "o")
+    first = await o.ok_group("create", users=["m"], cid="make-it")
+    again = await o.ok_group("create", users=["m"], cid="make-it")
+    assert (again["conv"], again["seq"], again["dup"]) == (first["conv"], 1, True)
+    other = await o.ok_group("create", users=["m"], cid="another")
+    assert other["conv"] != first["conv"]
+    await o.raw.close()
+
+
+async def test_receipts_leave_out_members_added_later_even_with_visible_history(
+    make_server: Any,
+) -> None:
+    """A member added after an entry is not one of its readers, history visible or not;
+    large groups get fewer seqs per receipts request."""
+    h = await make_server(group_history_visible=True)
+    await users(h, "o", "r", "late")
+    o = await Dev.open(h, "o")
+    r = await Dev.open(h, "r")
+    conv = (await o.ok_group("create", users=["r"]))["conv"]
+    sent = await o.send(conv, "before", "b1")
+    await r.ask({"t": "read", "conv": conv, "seq": sent["seq"]})
+    await o.ok_group("add", conv=conv, users=["late"])
+    await h.server.messaging.reads.flush()
+    got = await o.ask({"t": "receipts", "conv": conv, "seqs": [sent["seq"]]})
+    assert got["receipts"] == [{"seq": sent["seq"], "count": 1, "readers": ["r"]}]
+    with pytest.raises(TidingsError) as caught:
+        await h.server.groups.receipts(conv, list(range(1, 22)), size=100_000)
+    assert caught.value.code == "invalid"
+    await o.raw.close()
+    await r.raw.close()
+
+
+async def test_removed_then_readded_member_rebuilds_the_group_from_sync(make_server: Any) -> None:
+    """With visible history, a new device of a member who was removed and added back
+    syncs the whole group, the old removal included, and keeps it."""
+    h = await make_server(group_history_visible=True)
+    await users(h, "o", "b")
+    o = await Dev.open(h, "o")
+    conv = (await o.ok_group("create", users=["b"]))["conv"]
+    await o.send(conv, "one", "c1")
+    await o.ok_group("remove", conv=conv, users=["b"])
+    await o.ok_group("add", conv=conv, users=["b"])
+    await o.send(conv, "two", "c2")
+    c = await h.client("b", "fresh", keep_messages=True)
+    await c.sync_now()
+    view = c.state.convs.get(conv)
+    assert view is not None and view.last_seq == 5
+    assert sorted(c.state.messages[conv]) == [1, 2, 3, 4, 5]
+    assert c.held[conv] == 5
+    await o.raw.close()
+
+
+async def test_member_cache_keeps_entries_from_before_a_join_from_the_new_member() -> None:
+    """An entry that waited for the member set to load goes to the members of its time,
+    not to one added after it (whose add the snapshot already holds)."""
+    from tidings.bus.base import MessageEvent
+    from tidings.services.groups import MemberCache
+    from tidings.store.base import MessageRecord
+
+    class Store:
+        async def member_snapshot(self, conv: str) -> tuple[int, list[tuple[str, int]]]:
+            return 11, [("o", 0), ("m", 0), ("eve", 10)]
+
+    cache = MemberCache(Store())  # type: ignore[arg-type]
+    got: list[tuple[int, set[str]]] = []
+
+    def rec(seq: int) -> MessageRecord:
+        return MessageRecord("g:x", seq, seq, "o", "d", f"c{seq}", "text", {}, 0)
+
+    cache.handle(MessageEvent(rec(10), ()), lambda e, users: got.append((e.record.seq, set(users))))
+    cache.handle(MessageEvent(rec(12), ()), lambda e, users: got.append((e.record.seq, set(users))))
+    await asyncio.sleep(0.05)
+    assert got == [(10, {"o", "m"}), (12, {"o", "m", "eve"})]

@@ -560,7 +560,7 @@ class HttpApi:
             seqs = [int(x) for x in raw.split(",") if x.strip()]
         except ValueError:
             raise TidingsError("invalid", "seqs must be comma-separated integers") from None
-        counts = await self.groups.receipts(info.conv, seqs)
+        counts = await self.groups.receipts(info.conv, seqs, info.member_count)
         return 200, m.ReceiptsOut([m.ReceiptItem(c.seq, c.count, c.readers) for c in counts])
 
     # ------------------------------------------------------------------ live rooms

@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from tidings.client.state import LocalState
+from tidings.client.state import LocalState, ends_membership
 from tidings.client.transport import ClientConn, connect
 from tidings.protocol import PROTOCOL_VERSION, close
 from tidings.protocol.frames import (
@@ -817,7 +817,9 @@ class Client:
             p.future.set_result(s)
         self._pump()
 
-    def _on_message(self, m: Message, echo: bool) -> None:
+    def _on_message(self, m: Message, echo: bool, live: bool = True) -> None:
+        """An entry from a push or an own send (``live``), or from a sync answer (where
+        ``left`` says which groups the user is out of)."""
         conv = m.conv
         held = self.held.get(conv, 0)
         if m.seq <= held:
@@ -846,8 +848,10 @@ class Client:
                 del buf2[stale]
             if not buf2:
                 del self._buffer[conv]
-        if conv not in self.state.convs:  # the entry ended this user's membership
-            self._write(Ack(conv, held))
+        view = self.state.convs.get(conv)
+        last = None if view is None else view.last
+        if live and last is not None and ends_membership(last, self.user):
+            self._write(Ack(conv, held))  # removed, or left on another device
             self._forget(conv)
             return
         self.held[conv] = held
@@ -994,7 +998,8 @@ class Client:
                             self.held[c.conv] = c.base
                             self._skipped(c.conv, c.base)
                     for m in sorted(res.msgs, key=lambda m: (m.conv, m.seq)):
-                        self._on_message(m, echo=m.sender == self.user and m.dev == self.device)
+                        echo = m.sender == self.user and m.dev == self.device
+                        self._on_message(m, echo, live=False)
                     for item in res.states:
                         self.state.apply_state(item, res.cv)
                     if res.states:

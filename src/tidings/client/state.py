@@ -153,8 +153,6 @@ class LocalState:
             held[m.seq] = m
             if target is not None and not m.deleted:
                 self._amend(m, target, held)
-        if v.last_seq == m.seq and ends_membership(m, self.user):
-            self.drop(m.conv)  # (an old removal on a history page is not the newest entry)
 
     def _moved(self, v: ConversationView, by: str, seq: int, read_n: int | None) -> None:
         """``by``'s read position in ``v`` is at least ``seq``."""

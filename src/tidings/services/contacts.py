@@ -40,7 +40,8 @@ class Contacts:
             info = await self.store.group_info(conv)
             if info is None or info.member_count > TYPING_GROUP_MAX:
                 return
-            _, members = await self.store.member_snapshot(conv)
+            _, snapshot = await self.store.member_snapshot(conv)
+            members = [m for m, _ in snapshot]
             if uid not in members:
                 raise TidingsError("forbidden", "not a member of this group")
             others = tuple(m for m in members if m != uid)

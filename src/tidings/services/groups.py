@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import secrets
 from collections import OrderedDict
@@ -38,7 +39,8 @@ from tidings.store.base import GroupChange, GroupInfo, GroupResult, MemberRecord
 log = logging.getLogger(__name__)
 MAX_MUTE_MS = 366 * 24 * 3600 * 1000
 MEMBERS_PAGE_MAX = 500
-RECEIPTS_MAX = 100  # seqs in one receipts request
+RECEIPTS_MAX = 100  # seqs in one receipts request ...
+RECEIPT_ROWS_MAX = 2_000_000  # ... and at most this many member rows counted (100k: 20 seqs)
 _TEXT_LIMITS = {
     "name": MAX_NAME_BYTES,
     "avatar": MAX_AVATAR_BYTES,
@@ -132,7 +134,13 @@ class Groups:
             validate_client_id(req.cid)
         cid = req.cid or "g-" + secrets.token_hex(12)
         if req.op == "create":
-            conv = group_id(req.conv)
+            if req.conv is None and req.cid is not None:
+                # No id given: one derived from the idempotency key, so that a retry
+                # names the same group (and answers `dup`).
+                digest = hashlib.sha256(f"{actor}\0{req.cid}".encode()).digest()
+                conv = group_id(base64.urlsafe_b64encode(digest[:15]).decode())
+            else:
+                conv = group_id(req.conv)
         else:
             if req.conv is None:
                 raise TidingsError("invalid", "`conv` names the group")
@@ -217,9 +225,12 @@ class Groups:
         rows = rows[:limit]
         return rows, (_cursor(rows[-1].uid) if more and rows else "")
 
-    async def receipts(self, conv: str, seqs: list[int]) -> list[ReadCount]:
-        if not 1 <= len(seqs) <= RECEIPTS_MAX:
-            raise TidingsError("invalid", f"give 1 to {RECEIPTS_MAX} seqs")
+    async def receipts(self, conv: str, seqs: list[int], size: int = 0) -> list[ReadCount]:
+        """ "Read by N" for up to RECEIPTS_MAX entries; a group of ``size`` members gets
+        fewer per request (each count walks the readers in the index)."""
+        most = max(1, min(RECEIPTS_MAX, RECEIPT_ROWS_MAX // max(size, 1)))
+        if not 1 <= len(seqs) <= most:
+            raise TidingsError("invalid", f"give 1 to {most} seqs")
         if any(not 1 <= s < 2**63 for s in seqs):
             raise TidingsError("invalid", "seqs must be 1..2^63-1")
         return await self.store.read_counts(conv, seqs, self.settings.group_receipt_list_max)
@@ -237,7 +248,8 @@ class MemberCache:
     def __init__(self, store: Store, max_members: int = 2_000_000) -> None:
         self.store = store
         self.max_members = max_members
-        self._sets: OrderedDict[str, tuple[int, set[str]]] = OrderedDict()  # conv -> (seq, ids)
+        # conv -> (the snapshot's seq, member ids, the seq before each later member's add)
+        self._sets: OrderedDict[str, tuple[int, set[str], dict[str, int]]] = OrderedDict()
         self._waiting: dict[str, list[MessageEvent]] = {}
         self._held = 0
         self._loading: set[asyncio.Task[None]] = set()
@@ -264,15 +276,26 @@ class MemberCache:
         self._apply(conv, got, event, deliver)
 
     def _apply(
-        self, conv: str, got: tuple[int, set[str]], event: MessageEvent, deliver: Deliver
+        self,
+        conv: str,
+        got: tuple[int, set[str], dict[str, int]],
+        event: MessageEvent,
+        deliver: Deliver,
     ) -> None:
-        snapshot_seq, ids = got
-        if event.record.seq > snapshot_seq and event.joined:
+        snapshot_seq, ids, added = got
+        seq = event.record.seq
+        if seq <= snapshot_seq:
+            # An entry that waited for the snapshot: the members then, not those added
+            # after it (they must not get what came before they joined).
+            then = {u for u in ids if added.get(u, 0) < seq} if added else ids
+            deliver(event, then.union(event.left) if event.left else then)
+            return
+        if event.joined:
             before = len(ids)
             ids.update(event.joined)
             self._held += len(ids) - before
         deliver(event, ids.union(event.left) if event.left else ids)
-        if event.record.seq > snapshot_seq and event.left:
+        if event.left:
             before = len(ids)
             ids.difference_update(event.left)
             self._held -= before - len(ids)
@@ -285,11 +308,11 @@ class MemberCache:
             self._waiting.pop(conv, None)  # devices find the entries on their next sync
             return
         self.loads += 1
-        got = (seq, set(uids))
+        got = (seq, {u for u, _ in uids}, {u: a for u, a in uids if a > 0})
         self._sets[conv] = got
         self._held += len(uids)
         for event in self._waiting.pop(conv, []):
             self._apply(conv, got, event, deliver)
         while self._held > self.max_members and len(self._sets) > 1:
-            _, (_, dropped) = self._sets.popitem(last=False)
+            _, (_, dropped, _) = self._sets.popitem(last=False)
             self._held -= len(dropped)

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tidings.domain.groups import role_name
+from tidings.domain.groups import is_group, role_name
 from tidings.domain.rooms import check_room
 from tidings.protocol import PROTOCOL_VERSION, close
 from tidings.protocol.codec import FrameError
@@ -529,7 +529,8 @@ class Session:
 
     async def _on_receipts(self, f: Receipts) -> None:
         await self.ctx.messaging.check_read(self.uid, f.conv)
-        counts = await self.ctx.groups.receipts(f.conv, f.seqs)
+        size = (await self.ctx.groups.info(f.conv)).member_count if is_group(f.conv) else 2
+        counts = await self.ctx.groups.receipts(f.conv, f.seqs, size)
         items = [ReceiptItem(c.seq, c.count, c.readers) for c in counts]
         self._reply(ReceiptList(f.id, f.conv, items))
 

@@ -384,8 +384,9 @@ class Store(Protocol):
         """Members with user id above ``after``, ascending, at most ``limit``."""
         ...
 
-    async def member_snapshot(self, conv: str) -> tuple[int, list[str]]:
-        """``(last_seq, member ids)`` as of one consistent point."""
+    async def member_snapshot(self, conv: str) -> tuple[int, list[tuple[str, int]]]:
+        """``(last_seq, [(member id, seq before its add entry)])`` as of one consistent
+        point."""
         ...
 
     async def read_counts(self, conv: str, seqs: list[int], readers_up_to: int) -> list[ReadCount]:

@@ -501,18 +501,17 @@ class SqliteStore(SqliteGroups):
         ).fetchone()
         if row is None:
             return TidingsError("not_found", "no such group")
-        if (
-            row[0] is None
-            and conn.execute(
-                "SELECT 1 FROM messages WHERE sender=? AND cid=?", (msg.sender, msg.cid)
-            ).fetchone()
-        ):
-            return None  # a retry of a message stored before the sender left: its answer
         try:
             check_post(
                 row[0], row[1] or 0, bool(row[2]), self.clock.now_ms(), privileged=msg.privileged
             )
         except TidingsError as exc:
+            # A retry of a message stored before the sender left or was muted still gets
+            # its original answer.
+            if conn.execute(
+                "SELECT 1 FROM messages WHERE sender=? AND cid=?", (msg.sender, msg.cid)
+            ).fetchone():
+                return None
             return exc
         return None
 
@@ -542,6 +541,10 @@ class SqliteStore(SqliteGroups):
         sender, ts, recalled, mtype, dev = row
         if sender != msg.sender or mtype == "system" or dev == "server":
             return TidingsError("forbidden", f"only the sender can {amend.action} a message")
+        if mtype == GROUP_EVENT:
+            return TidingsError(
+                "forbidden", f"a group's membership entries cannot be {amend.action}ed"
+            )
         if mtype in EVENT_TYPES:
             return TidingsError("invalid", f"an event entry cannot be {amend.action}ed")
         if recalled:

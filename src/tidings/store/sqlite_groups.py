@@ -345,9 +345,9 @@ class SqliteGroups:
         # add entry (seq + 1) onwards.
         floor = 0 if info.history_visible else seq
         conn.executemany(
-            "INSERT INTO members (conv, uid, role, joined_seq, joined_ms, read_seq, read_counted) "
-            "VALUES (?,?,?,?,?,?,?)",
-            [(conv, u, MEMBER, floor, now, seq, counted) for u in new],
+            "INSERT INTO members (conv, uid, role, joined_seq, joined_ms, read_seq, read_counted, "
+            "added_seq) VALUES (?,?,?,?,?,?,?,?)",
+            [(conv, u, MEMBER, floor, now, seq, counted, seq) for u in new],
         )
         conn.execute(
             "UPDATE groups SET member_count = member_count + ? WHERE conv=?", (len(new), conv)
@@ -411,13 +411,18 @@ class SqliteGroups:
 
         return await self._read(op)
 
-    async def member_snapshot(self, conv: str) -> tuple[int, list[str]]:
-        def op(conn: sqlite3.Connection) -> tuple[int, list[str]]:
+    async def member_snapshot(self, conv: str) -> tuple[int, list[tuple[str, int]]]:
+        def op(conn: sqlite3.Connection) -> tuple[int, list[tuple[str, int]]]:
             conn.execute("BEGIN")  # one snapshot for both reads
             try:
                 row = conn.execute("SELECT last_seq FROM conversations WHERE id=?", (conv,))
                 found = row.fetchone()
-                uids = [r[0] for r in conn.execute("SELECT uid FROM members WHERE conv=?", (conv,))]
+                uids = [
+                    (r[0], r[1])
+                    for r in conn.execute(
+                        "SELECT uid, added_seq FROM members WHERE conv=?", (conv,)
+                    )
+                ]
             finally:
                 conn.execute("COMMIT")
             return (found[0] if found else 0), uids
@@ -437,7 +442,7 @@ class SqliteGroups:
                     raise TidingsError("not_found", f"no entry {seq} in this conversation")
                 (count,) = conn.execute(
                     "SELECT count(*) FROM members WHERE conv=? AND read_seq >= ? AND uid != ? "
-                    "AND joined_seq < ?",
+                    "AND added_seq < ?",
                     (conv, seq, row[0], seq),
                 ).fetchone()
                 readers = None
@@ -446,7 +451,7 @@ class SqliteGroups:
                         r[0]
                         for r in conn.execute(
                             "SELECT uid FROM members WHERE conv=? AND read_seq >= ? AND uid != ? "
-                            "AND joined_seq < ? ORDER BY uid",
+                            "AND added_seq < ? ORDER BY uid",
                             (conv, seq, row[0], seq),
                         )
                     ]

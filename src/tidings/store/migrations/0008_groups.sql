@@ -17,5 +17,9 @@ CREATE TABLE groups (
 ALTER TABLE members ADD COLUMN role INTEGER NOT NULL DEFAULT 0;         -- 0 member, 1 admin, 2 owner
 ALTER TABLE members ADD COLUMN muted_until INTEGER NOT NULL DEFAULT 0;  -- UTC ms; 0 not muted
 ALTER TABLE members ADD COLUMN joined_ms INTEGER NOT NULL DEFAULT 0;
--- "Read by N": members of a conversation at or past a seq, without a scan of them all.
-CREATE INDEX members_by_read ON members (conv, read_seq);
+-- The seq before the member's add entry (0 for the first members). Unlike joined_seq,
+-- the floor of what the member sees, this stays put when history is visible: entries
+-- from before it are not "read by" the member.
+ALTER TABLE members ADD COLUMN added_seq INTEGER NOT NULL DEFAULT 0;
+-- "Read by N": members of a conversation at or past a seq, counted from the index alone.
+CREATE INDEX members_by_read ON members (conv, read_seq, added_seq);
