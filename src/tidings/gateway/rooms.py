@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SLOW_CHECK_EVERY = 10  # ticks between looks at the viewers' send buffers
+LATE_READ_S = 0.002  # the least pause between two ticks (for the loop to read posts)
 
 
 def _write_all(viewers: dict[Session, Any], data: bytes, limit: int, check: bool) -> None:
@@ -183,15 +184,18 @@ class RoomHub:
 
     async def _run(self) -> None:
         # Ticks on a fixed schedule (the time a tick takes does not stretch the period);
-        # a tick that is late by more than a period is skipped, not bunched.
+        # a tick that is late by more than a period is skipped, not bunched. A late tick
+        # still waits LATE_READ_S: the posts that came in while the last one was being
+        # written must be read off their sockets first, or the tick goes out empty and
+        # they wait a whole period more.
         due = self.clock.monotonic()
         while True:
             due += self.tick_s
             now = self.clock.monotonic()
-            if due < now:
+            if due < now + LATE_READ_S:
                 if now - due > self.tick_s:
                     self.late_ticks += 1
-                due = now
+                due = now + LATE_READ_S
             await asyncio.sleep(due - now)
             t0 = time.perf_counter()
             try:
