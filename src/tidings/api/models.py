@@ -6,9 +6,9 @@ from typing import Any
 
 import msgspec
 
-from tidings.protocol.frames import ConvItem, GroupInfo, MemberItem, Message, ReceiptItem
-
-__all__ = ["MemberItem", "ReceiptItem"]
+from tidings.protocol.frames import ConvItem, GroupInfo, Message
+from tidings.protocol.frames import MemberItem as MemberItem  # re-exported: API bodies
+from tidings.protocol.frames import ReceiptItem as ReceiptItem
 
 
 class ErrorBody(msgspec.Struct, frozen=True):
