@@ -230,6 +230,19 @@ class Conversations(RuleBasedStateMachine):
         if self.devices:
             self.run(self._teardown())
 
+    async def _backend(self, path: str, body: dict[str, Any], status: int) -> dict[str, Any]:
+        """A POST of the app backend to the server HTTP API (admin key)."""
+        srv = self.loop.server
+        url = f"http://127.0.0.1:{srv.http_port}{path}"
+        headers = {"Authorization": f"Bearer {srv.admin_key}"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(url, json=body, headers=headers) as resp,
+        ):
+            assert resp.status == status, await resp.text()
+            out: dict[str, Any] = await resp.json()
+            return out
+
     def _user_convs(self, uid: str) -> list[str]:
         other = self.bob if uid == self.alice else self.alice
         return [
@@ -281,31 +294,24 @@ class Conversations(RuleBasedStateMachine):
         if into_group and groups:
             body["conv"] = groups[0]
             del body["to"]
-        srv = self.loop.server
-
-        async def post() -> dict[str, Any]:
-            url = f"http://127.0.0.1:{srv.http_port}/v1/messages"
-            headers = {"Authorization": f"Bearer {srv.admin_key}"}
-            async with (
-                aiohttp.ClientSession() as http,
-                http.post(url, json=body, headers=headers) as resp,
-            ):
-                assert resp.status == 200, await resp.text()
-                out: dict[str, Any] = await resp.json()
-                return out
-
-        out = self.run(post())
+        out = self.run(self._backend("/v1/messages", body, 200))
         self.sent.setdefault(out["conv"], []).append((self.carol, out["seq"]))
         did("carol_sends")
 
-    @precondition(lambda self: bool(self.online))
+    def _readable(self) -> list[tuple[str, str]]:
+        """(online device, conversation with entries its user can see)."""
+        return [
+            (dev, conv)
+            for dev in sorted(self.online)
+            for conv in self._user_convs(self.owner[dev])
+            if self._known(conv, self.owner[dev])
+        ]
+
+    @precondition(lambda self: bool(self._readable()))
     @rule(data=st.data())
     def mark_read(self, data: st.DataObject) -> None:
-        dev = self._device(data)
-        conv = data.draw(st.sampled_from(self._user_convs(self.owner[dev])), label="conv")
-        last = max((s for _, s in self._known(conv, self.owner[dev])), default=0)
-        if last == 0:
-            return
+        dev, conv = data.draw(st.sampled_from(self._readable()), label="conversation")
+        last = max(s for _, s in self._known(conv, self.owner[dev]))
         seq = data.draw(st.integers(1, last + 2), label="seq")  # past the end is capped
         self.run(self.devices[dev].mark_read(conv, seq))
         did("mark_read")
@@ -445,20 +451,7 @@ class Conversations(RuleBasedStateMachine):
         )
         gid = f"{self.alice}-{len(self.groups)}"
         body = {"owner": self.carol, "id": gid, "members": chosen, "name": "backend"}
-        srv = self.loop.server
-
-        async def post() -> dict[str, Any]:
-            url = f"http://127.0.0.1:{srv.http_port}/v1/groups"
-            headers = {"Authorization": f"Bearer {srv.admin_key}"}
-            async with (
-                aiohttp.ClientSession() as http,
-                http.post(url, json=body, headers=headers) as resp,
-            ):
-                assert resp.status == 201, await resp.text()
-                out: dict[str, Any] = await resp.json()
-                return out
-
-        made = self.run(post())
+        made = self.run(self._backend("/v1/groups", body, 201))
         conv = made["info"]["conv"]
         self.sent.setdefault(conv, []).append(("event", made["seq"]))
         self._refresh(conv)

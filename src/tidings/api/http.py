@@ -19,7 +19,7 @@ from tidings.domain.rooms import check_room
 from tidings.protocol.errors import TidingsError
 from tidings.services.accounts import Accounts, IssuedToken
 from tidings.services.contacts import Contacts
-from tidings.services.groups import GroupOp, Groups, info_out
+from tidings.services.groups import GroupOp, Groups, info_out, profile_of
 from tidings.services.messaging import Messaging, conv_item, to_wire
 from tidings.services.rooms import Rooms
 from tidings.store.base import GroupResult, UserRecord
@@ -489,19 +489,11 @@ class HttpApi:
         self, request: web.Request, body: m.CreateGroup
     ) -> tuple[int, m.GroupOut]:
         owner = normalize_user_id(body.owner)
-        fields = {
-            "name": body.name,
-            "avatar": body.avatar,
-            "intro": body.intro,
-            "announcement": body.announcement,
-            "members_can_invite": body.members_can_invite,
-            "history_visible": body.history_visible,
-        }
         req = GroupOp(
             "create",
             body.id,
             body.members,
-            fields={k: v for k, v in fields.items() if v is not None},
+            fields=profile_of(body),
             cid=body.key,
             max_members=body.max_members,
         )
@@ -525,14 +517,6 @@ class HttpApi:
     async def group_op(self, request: web.Request, body: m.GroupOpIn) -> tuple[int, m.GroupOut]:
         if body.op in ("create", "info"):
             raise TidingsError("invalid", f"use the /v1/groups routes to {body.op} a group")
-        fields = {
-            "name": body.name,
-            "avatar": body.avatar,
-            "intro": body.intro,
-            "announcement": body.announcement,
-            "members_can_invite": body.members_can_invite,
-            "history_visible": body.history_visible,
-        }
         req = GroupOp(
             body.op,
             None,
@@ -540,7 +524,7 @@ class HttpApi:
             body.role,
             body.duration_ms,
             body.on,
-            {k: v for k, v in fields.items() if v is not None},
+            profile_of(body),
             body.key,
         )
         return 200, self._group_out(await self._server_op(request.match_info["gid"], body.by, req))

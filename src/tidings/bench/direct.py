@@ -113,12 +113,12 @@ class Plan:
             raise SystemExit(f"--rate: give 1 to {MAX_STEPS} rates")
         if any(not 0 < r <= MAX_RATE for r in self.rates):
             raise SystemExit(f"--rate: each rate must be in (0, {MAX_RATE}]")
-        self.pairs = _bounded("--pairs", args.pairs, 1, MAX_PAIRS)
-        self.duration = _bounded("--duration", args.duration, 1.0, MAX_DURATION_S)
-        self.warmup = _bounded("--warmup", args.warmup, 0.0, MAX_WARMUP_S)
-        self.grace = _bounded("--grace", args.grace, 0.0, MAX_GRACE_S)
-        self.size = _bounded("--size", args.size, 1, MAX_TEXT_BYTES)
-        self.pause = _bounded("--pause", args.pause, 0.0, 60.0)
+        self.pairs = bounded("--pairs", args.pairs, 1, MAX_PAIRS)
+        self.duration = bounded("--duration", args.duration, 1.0, MAX_DURATION_S)
+        self.warmup = bounded("--warmup", args.warmup, 0.0, MAX_WARMUP_S)
+        self.grace = bounded("--grace", args.grace, 0.0, MAX_GRACE_S)
+        self.size = bounded("--size", args.size, 1, MAX_TEXT_BYTES)
+        self.pause = bounded("--pause", args.pause, 0.0, 60.0)
         for r in self.rates:
             if r * (self.warmup + self.duration) > MAX_MESSAGES_PER_STEP:
                 raise SystemExit(f"rate {r:g} x {self.warmup + self.duration:g}s is too many")
@@ -131,7 +131,7 @@ class Plan:
         self.server_cores = cpus[:1] if self.pin else []
         self.client_cores = cpus[1:] if self.pin else []
         default_procs = max(1, len(self.client_cores) or len(cpus))
-        self.procs = _bounded("--procs", args.procs or default_procs, 1, MAX_PROCS)
+        self.procs = bounded("--procs", args.procs or default_procs, 1, MAX_PROCS)
         self.procs = min(self.procs, self.pairs)
         self.url: str | None = args.url
         self.admin_key: str = args.admin_key or os.environ.get("TIDINGS_ADMIN_KEY", "")
@@ -177,7 +177,7 @@ class Plan:
         }
 
 
-def _bounded(name: str, value: Any, lo: Any, hi: Any) -> Any:
+def bounded(name: str, value: Any, lo: Any, hi: Any) -> Any:
     if not lo <= value <= hi:
         raise SystemExit(f"{name}: must be in [{lo}, {hi}], got {value}")
     return value
@@ -186,7 +186,7 @@ def _bounded(name: str, value: Any, lo: Any, hi: Any) -> Any:
 # ------------------------------------------------------------------ one rate
 
 
-def _recv(conn: Connection, deadline: float, want: str) -> Any:
+def recv_from(conn: Connection, deadline: float, want: str) -> Any:
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -214,7 +214,7 @@ def run_rate(plan: Plan, target: Target, rate: float, step: int) -> dict[str, An
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         for _, conn in workers:
-            _recv(conn, deadline, "ready")
+            recv_from(conn, deadline, "ready")
         t0 = time.monotonic() + START_DELAY_S
         for _, conn in workers:
             conn.send(("go", t0))
@@ -225,7 +225,7 @@ def run_rate(plan: Plan, target: Target, rate: float, step: int) -> dict[str, An
         backlog = _watch_backlog(target.base_url, we)
         after = snapshot(target.pid)
         deadline = we + plan.grace + 60
-        results = [_recv(conn, deadline, "result") for _, conn in workers]
+        results = [recv_from(conn, deadline, "result") for _, conn in workers]
     finally:
         for proc, conn in workers:
             if proc.is_alive():

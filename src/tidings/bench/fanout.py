@@ -35,6 +35,7 @@ from typing import Any
 
 import aiohttp
 
+from tidings.bench.direct import bounded, recv_from
 from tidings.bench.fanload import senders_main, viewers_main
 from tidings.bench.hist import Histogram
 from tidings.bench.local import LOOPBACK, LocalServer, create_users
@@ -101,34 +102,28 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--online", type=int, default=5_000, help="members connected (5000)")
 
 
-def _bounded(name: str, value: Any, lo: Any, hi: Any) -> Any:
-    if not lo <= value <= hi:
-        raise SystemExit(f"{name}: must be in [{lo}, {hi}], got {value}")
-    return value
-
-
 class Plan:
     def __init__(self, args: argparse.Namespace, scenario: str) -> None:
         self.scenario = scenario
-        self.senders = _bounded("--senders", args.senders, 1, MAX_SENDERS)
-        self.rate = _bounded("--rate", args.rate, 0.1, MAX_RATE)
-        self.duration = _bounded("--duration", args.duration, 1.0, MAX_DURATION_S)
+        self.senders = bounded("--senders", args.senders, 1, MAX_SENDERS)
+        self.rate = bounded("--rate", args.rate, 0.1, MAX_RATE)
+        self.duration = bounded("--duration", args.duration, 1.0, MAX_DURATION_S)
         if self.rate * self.duration > 2_000_000:
             raise SystemExit("--rate x --duration: at most 2,000,000 posts")
         if scenario == "room":
-            self.viewers = _bounded("--viewers", args.viewers, 1, MAX_CONNECTIONS)
-            self.high_every = max(1, round(1 / _bounded("--high-share", args.high_share, 0.01, 1)))
-            self.tick_ms = _bounded("--tick-ms", args.tick_ms, 1, 100)
-            self.render = _bounded("--render", args.render, 1.0, 1e6)
-            self.sample = min(_bounded("--sample", args.sample, 0, MAX_CONNECTIONS), self.viewers)
+            self.viewers = bounded("--viewers", args.viewers, 1, MAX_CONNECTIONS)
+            self.high_every = max(1, round(1 / bounded("--high-share", args.high_share, 0.01, 1)))
+            self.tick_ms = bounded("--tick-ms", args.tick_ms, 1, 100)
+            self.render = bounded("--render", args.render, 1.0, 1e6)
+            self.sample = min(bounded("--sample", args.sample, 0, MAX_CONNECTIONS), self.viewers)
             self.flash: bool = args.flash
             self.members = self.viewers
             connections = self.viewers
         else:
-            self.members = _bounded("--members", args.members, 2, 1_000_000)
-            self.online = _bounded("--online", args.online, 1, self.members - 1)
+            self.members = bounded("--members", args.members, 2, 1_000_000)
+            self.online = bounded("--online", args.online, 1, self.members - 1)
             connections = self.online
-            self.sample = min(_bounded("--sample", args.sample, 0, MAX_CONNECTIONS), self.online)
+            self.sample = min(bounded("--sample", args.sample, 0, MAX_CONNECTIONS), self.online)
             if self.senders + self.online > self.members:
                 raise SystemExit("--senders + --online must not exceed --members")
         cpus = sorted(os.sched_getaffinity(0))
@@ -136,7 +131,7 @@ class Plan:
         self.server_cores = cpus[:1] if self.pin else []
         self.client_cores = cpus[1:] if self.pin else []
         need = math.ceil(connections / PER_PROC)
-        self.procs = _bounded("--procs", args.procs or need, need, 64)
+        self.procs = bounded("--procs", args.procs or need, need, 64)
         self.connections = connections
         self.json_path: str | None = args.json_path
         self.server_settings = dict(SERVER_SETTINGS)
@@ -180,22 +175,6 @@ class Plan:
 
 
 # ------------------------------------------------------------------ processes
-
-
-def _recv(conn: Connection, deadline: float, want: str) -> Any:
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RuntimeError(f"a load generator did not answer {want!r} in time")
-        if conn.poll(min(left, 1.0)):
-            try:
-                kind, payload = conn.recv()
-            except EOFError:
-                raise RuntimeError(f"a load generator died before {want!r}") from None
-            if kind == "error":
-                raise RuntimeError(f"load generator failed:\n{payload}")
-            if kind == want:
-                return payload
 
 
 Worker = tuple[multiprocessing.process.BaseProcess, Connection]
@@ -332,7 +311,7 @@ def run(plan: Plan) -> dict[str, Any]:
         }
         senders = _spawn(senders_main, scfg)
         workers.append(senders)
-        _recv(senders[1], time.monotonic() + READY_TIMEOUT_S, "ready")
+        recv_from(senders[1], time.monotonic() + READY_TIMEOUT_S, "ready")
         flash = plan.scenario == "room" and plan.flash
         rss_before = _rss_kb(server.pid)
         cfgs = _viewer_cfgs(plan, viewer_tokens, server.port, target)
@@ -342,7 +321,7 @@ def run(plan: Plan) -> dict[str, Any]:
         t_join = time.monotonic()
         viewers = [_spawn(viewers_main, c) for c in cfgs]
         workers += viewers
-        ready = [_recv(c, time.monotonic() + READY_TIMEOUT_S, "ready") for _, c in viewers]
+        ready = [recv_from(c, time.monotonic() + READY_TIMEOUT_S, "ready") for _, c in viewers]
         join_s = time.monotonic() - t_join
         rss_joined = _rss_kb(server.pid)
         if not flash:
@@ -356,8 +335,8 @@ def run(plan: Plan) -> dict[str, Any]:
         time.sleep(max(0.0, start_wall + plan.duration + 0.5 - time.time()))
         cpu1 = proc_cpu_s(server.pid)
         rss_end = _rss_kb(server.pid)
-        results = [_recv(c, time.monotonic() + 120, "result") for _, c in viewers]
-        sent = _recv(senders[1], time.monotonic() + 120, "result")
+        results = [recv_from(c, time.monotonic() + 120, "result") for _, c in viewers]
+        sent = recv_from(senders[1], time.monotonic() + 120, "result")
     finally:
         _stop(workers)
         code = server.stop()

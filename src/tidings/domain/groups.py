@@ -31,6 +31,14 @@ OPS = frozenset(
         "profile",
     }
 )
+PROFILE_FIELDS = (
+    "name",
+    "avatar",
+    "intro",
+    "announcement",
+    "members_can_invite",
+    "history_visible",
+)
 MAX_NAME_BYTES = 128
 MAX_AVATAR_BYTES = 1024
 MAX_INTRO_BYTES = 2048

@@ -25,6 +25,7 @@ from tidings.domain.groups import (
     MAX_NAME_BYTES,
     MAX_REMOVE,
     OPS,
+    PROFILE_FIELDS,
     check_group_conv,
     check_text,
     group_id,
@@ -61,6 +62,12 @@ class GroupOp(msgspec.Struct, frozen=True):
     fields: dict[str, Any] = {}  # profile fields given (name, avatar, intro, ...)
     cid: str | None = None
     max_members: int | None = None  # create only (the server API)
+
+
+def profile_of(request: Any) -> dict[str, Any]:
+    """The profile fields a request (protocol frame or API body) gives, absent ones left out."""
+    values = {k: getattr(request, k, None) for k in PROFILE_FIELDS}
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def info_out(info: GroupInfo, me: MemberRecord | None = None) -> f.GroupInfo:
@@ -290,6 +297,8 @@ class MemberCache:
             then = {u for u in ids if added.get(u, 0) < seq} if added else ids
             deliver(event, then.union(event.left) if event.left else then)
             return
+        if added:  # entries come in commit order: none older than the snapshot is left
+            added.clear()
         if event.joined:
             before = len(ids)
             ids.update(event.joined)

@@ -68,7 +68,7 @@ from tidings.protocol.frames import (
     Typing,
 )
 from tidings.protocol.frames import Settings as SettingsFrame
-from tidings.services.groups import GroupOp, info_out
+from tidings.services.groups import GroupOp, info_out, profile_of
 from tidings.services.messaging import MAX_MENTIONS, conv_item, to_wire
 from tidings.session.context import Link, ServerContext
 from tidings.store.base import AppendResult
@@ -489,14 +489,6 @@ class Session:
             mine = await groups.member(self.uid, f.conv)
             self._reply(GroupDone(f.id, f.conv, info_out(await groups.info(f.conv), mine)))
             return
-        fields = {
-            "name": f.name,
-            "avatar": f.avatar,
-            "intro": f.intro,
-            "announcement": f.announcement,
-            "members_can_invite": f.members_can_invite,
-            "history_visible": f.history_visible,
-        }
         req = GroupOp(
             f.op,
             f.conv,
@@ -504,7 +496,7 @@ class Session:
             f.role,
             f.duration_ms,
             f.on,
-            {k: v for k, v in fields.items() if v is not None},
+            profile_of(f),
             f.cid,
         )
         res = await groups.operate(self.uid, self.device, req)

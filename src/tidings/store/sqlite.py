@@ -50,7 +50,7 @@ from tidings.store.base import (
     tombstone,
 )
 from tidings.store.migrations import apply_sqlite
-from tidings.store.sqlite_groups import SqliteGroups, not_member
+from tidings.store.sqlite_groups import SqliteGroups, not_member, read_target
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -777,25 +777,11 @@ class SqliteStore(SqliteGroups):
 
     async def mark_read(self, uid: str, conv: str, seq: int) -> ReadState:
         def op(conn: sqlite3.Connection) -> ReadState:
-            row = conn.execute(
-                "SELECT m.read_seq, m.read_counted, c.last_seq, c.counted FROM members m "
-                "JOIN conversations c ON c.id = m.conv WHERE m.conv=? AND m.uid=?",
-                (conv, uid),
-            ).fetchone()
-            if row is None:
-                raise not_member(conn, conv)
-            read_seq, read_counted, last_seq, counted = row
-            cached = self._seq.get(conv)  # appends of this batch are not in the row yet
-            if cached is not None:
-                last_seq, counted = cached
-            target = min(seq, last_seq)
-            if target <= read_seq:
-                return ReadState(
-                    conv, uid, read_seq, counted - read_counted, False, read_n=read_counted
-                )
-            (ctotal,) = conn.execute(
-                "SELECT ctotal FROM messages WHERE conv=? AND seq=?", (conv, target)
-            ).fetchone()
+            # The writer's counters: appends of this batch are not in the row yet.
+            state = read_target(conn, uid, conv, seq, self._seq.get(conv))
+            if not state.changed:
+                return state
+            target, ctotal = state.read_seq, state.read_n
             conn.execute(
                 "UPDATE members SET read_seq=?, read_counted=? WHERE conv=? AND uid=?",
                 (target, ctotal, conv, uid),
@@ -813,8 +799,7 @@ class SqliteStore(SqliteGroups):
                 "INSERT INTO user_changes (uid, conv, kind, value, ts) VALUES (?,?,?,?,?)",
                 (uid, conv, "read", target, now),
             )
-            version = int(cur.lastrowid or 0)
-            return ReadState(conv, uid, target, counted - ctotal, True, version, ctotal)
+            return msgspec.structs.replace(state, version=int(cur.lastrowid or 0))
 
         return await self._write(op)
 

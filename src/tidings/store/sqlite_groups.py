@@ -17,6 +17,7 @@ from tidings.domain.groups import (
     EVENT_USERS_SHOWN,
     MEMBER,
     OWNER,
+    PROFILE_FIELDS,
     SERVER,
     check_manage,
     check_over,
@@ -45,7 +46,6 @@ _INFO_COLS = (
     "g.conv, g.owner, g.name, g.avatar, g.intro, g.announcement, g.muted_all, "
     "g.members_can_invite, g.history_visible, g.max_members, g.member_count, g.created_ms"
 )
-_PROFILE = ("name", "avatar", "intro", "announcement", "members_can_invite", "history_visible")
 _MEMBER_COLS = "uid, role, muted_until, joined_seq, joined_ms, read_seq"
 
 Touched = dict[str, tuple[int, int, int, int]]
@@ -81,6 +81,31 @@ def not_member(conn: sqlite3.Connection, conv: str) -> TidingsError:
     if conn.execute("SELECT 1 FROM conversations WHERE id=?", (conv,)).fetchone() is None:
         return TidingsError("not_found", "no such conversation")
     return TidingsError("forbidden", "not a member of this conversation")
+
+
+def read_target(
+    conn: sqlite3.Connection, uid: str, conv: str, seq: int, newest: tuple[int, int] | None
+) -> ReadState:
+    """Where reading ``conv`` up to ``seq`` puts ``uid``'s position (capped at the last
+    seq, never backwards; ``newest``: the writer's (last seq, counted) when it knows
+    newer ones than the row), nothing written: ``changed`` false if it stays."""
+    row = conn.execute(
+        "SELECT m.read_seq, m.read_counted, c.last_seq, c.counted FROM members m "
+        "JOIN conversations c ON c.id = m.conv WHERE m.conv=? AND m.uid=?",
+        (conv, uid),
+    ).fetchone()
+    if row is None:
+        raise not_member(conn, conv)
+    read_seq, read_counted, last_seq, counted = row
+    if newest is not None:
+        last_seq, counted = newest
+    target = min(seq, last_seq)
+    if target <= read_seq:
+        return ReadState(conv, uid, read_seq, counted - read_counted, False, 0, read_counted)
+    (ctotal,) = conn.execute(
+        "SELECT ctotal FROM messages WHERE conv=? AND seq=?", (conv, target)
+    ).fetchone()
+    return ReadState(conv, uid, target, counted - ctotal, True, 0, ctotal)
 
 
 class SqliteGroups:
@@ -220,7 +245,9 @@ class SqliteGroups:
             body.update(on=on)
         elif ch.op == "profile":
             current = msgspec.structs.asdict(info)
-            changed = {k: v for k, v in ch.fields.items() if k in _PROFILE and current[k] != v}
+            changed = {
+                k: v for k, v in ch.fields.items() if k in PROFILE_FIELDS and current[k] != v
+            }
             if not changed:
                 return GroupResult(None, info)
             sets = ", ".join(f"{k}=?" for k in changed)
@@ -461,26 +488,8 @@ class SqliteGroups:
         return await self._read(op)
 
     async def peek_read(self, uid: str, conv: str, seq: int) -> ReadState:
-        def op(conn: sqlite3.Connection) -> ReadState:
-            row = conn.execute(
-                "SELECT m.read_seq, m.read_counted, c.last_seq, c.counted FROM members m "
-                "JOIN conversations c ON c.id = m.conv WHERE m.conv=? AND m.uid=?",
-                (conv, uid),
-            ).fetchone()
-            if row is None:
-                raise not_member(conn, conv)
-            read_seq, read_counted, last_seq, counted = row
-            target = min(seq, last_seq)
-            if target <= read_seq:
-                return ReadState(
-                    conv, uid, read_seq, counted - read_counted, False, 0, read_counted
-                )
-            (ctotal,) = conn.execute(
-                "SELECT ctotal FROM messages WHERE conv=? AND seq=?", (conv, target)
-            ).fetchone()
-            return ReadState(conv, uid, target, counted - ctotal, True, 0, ctotal)
-
-        return await self._read(op)
+        # The committed view: the writer's in-memory counters are not the readers' to see.
+        return await self._read(lambda conn: read_target(conn, uid, conv, seq, None))
 
     async def write_reads(self, reads: list[tuple[str, str, int]]) -> None:
         def op(conn: sqlite3.Connection) -> None:
