@@ -32,6 +32,7 @@ from tidings.services.secrets import load_or_create
 from tidings.session.context import ServerContext
 from tidings.session.gate import WriteGate
 from tidings.store.sqlite import SqliteStore
+from tidings.web import install as install_web
 
 log = logging.getLogger(__name__)
 WORKER_LEASE_TTL_MS = 60_000
@@ -120,6 +121,7 @@ class Server:
 
         app.router.add_get("/v1/openapi.json", openapi_doc)
         app.router.add_get("/v1/ws", websocket.make_handler(self.ctx))
+        install_web(app)
         return app
 
     async def start(self) -> None:
