@@ -8,12 +8,17 @@ need_apt=()
 python3 -c "import ensurepip" 2>/dev/null || need_apt+=(python3-venv)
 command -v git >/dev/null || need_apt+=(git)
 command -v ss >/dev/null || need_apt+=(iproute2)
+# The browser the end-to-end tests drive (Playwright never downloads one here).
+[ -x /usr/bin/chromium ] || need_apt+=(chromium fonts-dejavu-core)
 if [ ${#need_apt[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+
+echo "== browser: playwright $(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("playwright"))'), $(/usr/bin/chromium --version 2>/dev/null)"
 
 echo "== ruff"
 .venv/bin/ruff check src tests

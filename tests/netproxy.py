@@ -17,6 +17,7 @@ class _Pipe:
         self.client = client
         self.upstream: asyncio.StreamWriter | None = None
         self.blackholed = False
+        self.replies_muted = False  # drop only what the server sends
 
     def abort(self) -> None:
         for w in (self.client, self.upstream):
@@ -55,6 +56,12 @@ class Proxy:
         for p in self.pipes:
             p.blackholed = True
 
+    def mute_replies(self) -> None:
+        """Let every live connection's client bytes through to the server but drop the
+        server's answers (a request that lands but whose answer is lost)."""
+        for p in self.pipes:
+            p.replies_muted = True
+
     def blackhole_one(self, index: int = 0) -> None:
         pipes = list(self.pipes)
         if pipes:
@@ -90,7 +97,7 @@ class Proxy:
                     if not pipe.blackholed:
                         return
                     await asyncio.sleep(3600)
-                if pipe.blackholed:
+                if pipe.blackholed or (pipe.replies_muted and dst is pipe.client):
                     continue
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)

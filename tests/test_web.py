@@ -1,0 +1,300 @@
+"""The web app end to end: Playwright drives Debian's Chromium (headless) against a real
+`tidings serve` process, several browser contexts being several people and devices.
+
+Screenshots of the main screens go to test-artifacts/web/ (not committed)."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from playwright.async_api import Browser, async_playwright, expect
+
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, Tab, new_tab
+from tests.procserver import ServerProcess
+from tidings.client import Client
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = ServerProcess(str(tmp_path_factory.mktemp("web") / "data")).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        print(f"Chromium {b.version} at {CHROMIUM}")
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+def base_of(srv: ServerProcess) -> str:
+    return f"http://127.0.0.1:{srv.port}/"
+
+
+def server_send(srv: ServerProcess, sender: str, to: str, text: str, cid: str) -> Any:
+    body = {"from": sender, "to": to, "cid": cid, "body": {"text": text}}
+    return srv.http("POST", "/v1/messages", body)
+
+
+async def test_app_is_served_locally(server: ServerProcess) -> None:
+    """`/`, the app's modules and the SDK come from the server itself, with a CSP that
+    allows nothing from elsewhere; unknown or escaping paths are 404."""
+    base = base_of(server)
+    for path, ctype in (
+        ("", "text/html"),
+        ("app/app.js", "text/javascript"),
+        ("app/room.js", "text/javascript"),
+        ("app/style.css", "text/css"),
+        ("sdk/tidings.js", "text/javascript"),
+    ):
+        with urllib.request.urlopen(base + path, timeout=5) as r:
+            assert r.headers["Content-Type"].startswith(ctype), (path, r.headers)
+            csp = r.headers["Content-Security-Policy"]
+            assert "default-src 'self'" in csp and "script-src 'self'" in csp
+            text = r.read().decode()
+            assert "http://" not in text.replace("http://127.0.0.1", "") or path == ""
+    for bad in ("app/nope.js", "app/../__init__.py", "sdk/%2e%2e/__init__.py"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(base + bad, timeout=5)
+        assert err.value.code == 404, bad
+
+
+async def test_two_users_chat_and_a_second_device(browser: Browser, server: ServerProcess) -> None:
+    """Alice and Bob chat both ways; Alice's second device (another browser) sees the same
+    messages and read state; typing, presence, ticks, edit and recall; Bob on a phone."""
+    base = base_of(server)
+    alice = await (await new_tab(browser, base)).sign_up("alice")
+    bob = await (await new_tab(browser, base, PHONE)).sign_up("bob")
+    alice2 = await (await new_tab(browser, base)).sign_in("alice")
+    await expect(alice2.page.locator("#empty-list")).to_be_visible()
+
+    await alice.chat_with("bob")
+    await alice.send("hello bob")
+    # Stored: no longer pending; Bob's phone has it unread.
+    await expect(alice.msg("hello bob").locator(".ticks")).not_to_have_attribute(
+        "data-state", "pending"
+    )
+    await expect(bob.conv("alice").locator(".badge")).to_have_text("1")
+    await expect(bob.conv("alice").locator(".conv-last")).to_have_text("hello bob")
+    await bob.shot("phone-list")
+    # Alice's second device: the conversation, no unread (she wrote it).
+    await expect(alice2.conv("bob").locator(".conv-last")).to_have_text("hello bob")
+    await expect(alice2.conv("bob").locator(".badge")).to_have_count(0)
+
+    await bob.open_conv("alice")
+    await expect(bob.msg("hello bob")).to_be_visible()
+    await expect(alice.msg("hello bob").locator(".ticks")).to_have_attribute("data-state", "read")
+    await expect(alice.page.locator("#chat-sub")).to_have_text("online")
+
+    await bob.page.fill("#text", "typing away")
+    await expect(alice.page.locator("#chat-sub")).to_have_text("bob is typing…")
+    await bob.send("hi alice")
+    await expect(alice.msg("hi alice")).to_be_visible()
+    # Alice reads it on her open chat; her second device learns it was read there.
+    await expect(alice2.conv("bob").locator(".conv-last")).to_have_text("hi alice")
+    await expect(alice2.conv("bob").locator(".badge")).to_have_count(0)
+    await expect(bob.msg("hi alice").locator(".ticks")).to_have_attribute("data-state", "read")
+
+    # Edit, then recall: every device applies them.
+    await alice.msg("hello bob").hover()
+    await alice.msg("hello bob").locator("button.edit").click()
+    await alice.page.fill("#text", "hello bob, edited")
+    await alice.page.press("#text", "Enter")
+    await expect(bob.msg("hello bob, edited").locator(".edited")).to_be_visible()
+    await alice2.open_conv("bob")
+    await expect(alice2.msg("hello bob, edited")).to_be_visible()
+    await expect(alice2.msg("hi alice")).to_be_visible()
+    await alice.shot("chat-desktop")
+    await bob.shot("chat-phone")
+    await alice.msg("hello bob, edited").hover()
+    await alice.msg("hello bob, edited").locator("button.recall").click()
+    for tab in (alice, alice2, bob):
+        await expect(tab.msg("(message recalled)")).to_be_visible()
+        await expect(tab.page.locator("#message-list .msg")).to_have_count(2)
+    for tab in (alice, alice2, bob):
+        tab.assert_no_errors()
+
+
+async def test_offline_return_reload_and_history_paging(
+    browser: Browser, server: ServerProcess
+) -> None:
+    """Carol closes her browser; Dan writes; Carol signs in again later and finds it
+    all, unread. A reload keeps the history, and scrolling up pages older entries in."""
+    base = base_of(server)
+    carol = await (await new_tab(browser, base)).sign_up("carol")
+    dan = await (await new_tab(browser, base)).sign_up("dan")
+    await carol.page.context.close()  # offline
+
+    # Older history, through the server API, so the chat has more than a page of it.
+    for i in range(80):
+        server_send(server, "dan", "carol", f"backlog {i:03d}", f"backlog-{i}")
+    await expect(dan.conv("carol").locator(".conv-last")).to_have_text("backlog 079")
+    await dan.open_conv("carol")
+    for i in range(3):
+        await dan.send(f"while you were away {i}")
+    await expect(dan.page.locator(".ticks[data-state=pending]")).to_have_count(0)
+
+    carol = await (await new_tab(browser, base)).sign_in("carol")
+    await expect(carol.conv("dan").locator(".badge")).to_have_text("83")
+    await carol.open_conv("dan")
+    await expect(carol.msg("while you were away 2")).to_be_visible()
+    await expect(carol.conv("dan").locator(".badge")).to_have_count(0)
+    await carol.page.reload()
+    await expect(carol.page.locator("#chat-title")).to_have_text("dan")
+    for i in range(3):
+        await expect(carol.msg(f"while you were away {i}")).to_be_visible()
+    # The tab synced only the newest entries (tail); scrolling up brings the rest.
+    first = carol.msg("backlog 000")
+    for _ in range(20):
+        if await first.count():
+            break
+        await carol.page.eval_on_selector("#messages", "e => { e.scrollTop = 0; }")
+        await asyncio.sleep(0.3)
+    await expect(first).to_have_count(1)
+    await expect(carol.page.locator("#history-status")).to_have_text("Start of the conversation")
+    await expect(carol.page.locator("#message-list .msg")).to_have_count(83)
+    await expect(dan.msg("while you were away 2").locator(".ticks")).to_have_attribute(
+        "data-state", "read"
+    )
+    carol.assert_no_errors()
+    dan.assert_no_errors()
+
+
+async def test_group_of_three(browser: Browser, server: ServerProcess) -> None:
+    """Erin creates a group with Finn and Gus; everyone chats; "read by N"; adding a
+    member shows as an event in every member's chat."""
+    base = base_of(server)
+    erin = await (await new_tab(browser, base)).sign_up("erin")
+    finn = await (await new_tab(browser, base)).sign_up("finn")
+    gus = await (await new_tab(browser, base, PHONE)).sign_up("gus")
+    await (await new_tab(browser, base)).sign_up("hal")
+
+    await erin.page.click("#new-group")
+    await erin.page.fill("#group-name", "Trip")
+    await erin.page.fill("#group-members", "finn, gus")
+    await erin.page.click("#group-form button[type=submit]")
+    await expect(erin.page.locator("#chat-title")).to_have_text("Trip")
+    await expect(erin.page.locator("#chat-sub")).to_have_text("3 members")
+    await erin.send("who is in?")
+    await expect(erin.msg("who is in?").locator(".readby")).to_have_text("read by 0")
+    for tab in (finn, gus):
+        await expect(tab.conv("Trip").locator(".badge")).to_have_text("1")
+        await tab.open_conv("Trip")
+        await expect(tab.page.locator("#message-list .event")).to_have_text(
+            "erin created the group Trip"
+        )
+        await expect(tab.msg("who is in?")).to_be_visible()
+    await finn.send("me!")
+    await gus.send("me too")
+    for tab in (erin, finn, gus):
+        await expect(tab.msg("me!")).to_be_visible()
+        await expect(tab.msg("me too")).to_be_visible()
+    await expect(erin.msg("who is in?").locator(".readby")).to_have_text("read by 2")
+    await expect(gus.msg("me!").locator(".from")).to_have_text("finn")
+
+    await erin.page.fill("#add-member-user", "hal")
+    await erin.page.click("#add-member button")
+    for tab in (erin, finn, gus):
+        await expect(
+            tab.page.locator("#message-list .event", has_text="erin added hal")
+        ).to_be_visible()
+    await expect(erin.page.locator("#chat-sub")).to_have_text("4 members")
+    await erin.shot("group")
+    await gus.shot("group-phone")
+    for tab in (erin, finn, gus):
+        tab.assert_no_errors()
+
+
+async def test_live_room_danmaku_from_python_sdk(browser: Browser, server: ServerProcess) -> None:
+    """A viewer in the browser watches danmaku and gifts posted by a Python-SDK client,
+    and what the browser posts reaches the Python viewer."""
+    base = base_of(server)
+    ivy = await (await new_tab(browser, base)).sign_up("ivy")
+    await ivy.page.fill("#join-room-id", "launch")
+    await ivy.page.click("#join-room button")
+    await expect(ivy.page.locator("#room-title")).to_have_text("launch")
+
+    token = server.token("jay", "py-1")
+    async with Client(f"ws://127.0.0.1:{server.port}/v1/ws", token) as jay:
+        joined = await jay.join_room("r:launch")
+        assert joined.online == 2
+        seen: list[str] = []
+
+        async def watch() -> None:
+            async for ev in jay.events():
+                for m in getattr(ev, "msgs", []):
+                    seen.append(f"{m.sender}:{m.body.get('text')}")
+
+        watcher = asyncio.ensure_future(watch())
+        await jay.room_send("r:launch", "chat", text="hello from python")
+        await jay.room_send("r:launch", "gift", body={"gift": "rocket"})
+        layer = ivy.page.locator("#danmaku .danmaku")
+        await expect(layer.filter(has_text="jay: hello from python")).to_have_count(1)
+        await expect(ivy.page.locator("#gifts li").first).to_have_text("🎁 jay sent rocket")
+        await expect(ivy.page.locator("#room-online")).to_have_text("2")
+        await ivy.page.fill("#room-text", "hi from the browser")
+        await ivy.page.press("#room-text", "Enter")
+        for _ in range(100):
+            if "ivy:hi from the browser" in seen:
+                break
+            await asyncio.sleep(0.05)
+        assert "ivy:hi from the browser" in seen
+        await ivy.shot("live-room")
+        watcher.cancel()
+    ivy.assert_no_errors()
+
+
+async def test_connection_lost_banner_and_recovery(browser: Browser, tmp_path: Path) -> None:
+    """The server stops: both apps say the connection is down; a message written then
+    waits; the server comes back: the apps say so, the message goes out, nothing is
+    lost or doubled."""
+    srv = ServerProcess(str(tmp_path / "data")).start()
+    try:
+        base = base_of(srv)
+        kate = await (await new_tab(browser, base)).sign_up("kate")
+        leo = await (await new_tab(browser, base)).sign_up("leo")
+        await kate.chat_with("leo")
+        await kate.send("before the outage")
+        await expect(leo.conv("kate")).to_be_visible()
+        await leo.open_conv("kate")
+
+        assert srv.terminate() == 0
+        for tab in (kate, leo):
+            await expect(tab.page.locator("#banner")).to_have_text("Connection lost. Reconnecting…")
+        await kate.send("written while down")
+        await expect(kate.msg("written while down").locator(".ticks")).to_have_attribute(
+            "data-state", "pending"
+        )
+        await kate.shot("connection-lost")
+
+        srv.start()
+        for tab in (kate, leo):
+            await expect(tab.page.locator("#banner")).to_have_text("Connected again.")
+        await expect(leo.msg("written while down")).to_have_count(1)
+        await expect(kate.msg("written while down").locator(".ticks")).to_have_attribute(
+            "data-state", "read"
+        )
+        texts = [m["body"]["text"] for m in srv.history("d:kate|leo")]
+        assert texts == ["before the outage", "written while down"]
+        for tab in (kate, leo):
+            await expect(tab.page.locator("#message-list .msg")).to_have_count(2)
+            await expect(tab.page.locator("#banner")).to_be_hidden()
+            tab.assert_no_errors()
+    finally:
+        srv.stop()
