@@ -3,7 +3,7 @@ chat app at ``/`` (plain ES modules, no build step, nothing fetched from elsewhe
 
 from __future__ import annotations
 
-import mimetypes
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -16,37 +16,45 @@ CSP = (
     "connect-src 'self' ws: wss:; media-src 'self' blob:; object-src 'none'; "
     "base-uri 'none'; frame-ancestors 'none'"
 )
-TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".svg": "image/svg+xml"}
+TYPES = {
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".html": "text/html",
+    ".svg": "image/svg+xml",
+}
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    # Revalidate every time: a server upgrade must not leave an old app in a cache.
+    "Cache-Control": "no-cache",
+}
 
 
-def _file(path: Path) -> web.Response:
-    ctype = TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    headers = {
-        "Content-Security-Policy": CSP,
-        "X-Content-Type-Options": "nosniff",
-        # Revalidate every time: a server upgrade must not leave an old app in a cache.
-        "Cache-Control": "no-cache",
+def _load(root: Path) -> dict[str, tuple[bytes, str]]:
+    """Every servable file under ``root`` by its name, read once: only these names exist,
+    so no request path can reach anything else."""
+    return {
+        p.name: (p.read_bytes(), TYPES[p.suffix])
+        for p in sorted(root.iterdir())
+        if p.is_file() and p.suffix in TYPES
     }
-    return web.Response(body=path.read_bytes(), content_type=ctype, charset="utf-8", headers=headers)
 
 
-def _serve(root: Path):  # type: ignore[no-untyped-def]
-    base = root.resolve()
-
+def _serve(files: dict[str, tuple[bytes, str]]) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        rel = request.match_info["name"]
-        target = (base / rel).resolve()
-        if base not in target.parents or not target.is_file():
+        found = files.get(request.match_info.get("name", ""))
+        if found is None:
             raise web.HTTPNotFound(text="not found")
-        return _file(target)
+        body, ctype = found
+        return web.Response(body=body, content_type=ctype, charset="utf-8", headers=HEADERS)
 
     return handler
 
 
 def install(app: web.Application) -> None:
-    async def index(_: web.Request) -> web.Response:
-        return _file(HERE / "static" / "index.html")
-
-    app.router.add_get("/", index)
     for prefix, root in ROOTS.items():
-        app.router.add_get(prefix + "{name:.+}", _serve(root))
+        files = _load(root)
+        app.router.add_get(prefix + "{name}", _serve(files))
+        if prefix == "/app/":
+            index = _serve({"": files["index.html"]})
+            app.router.add_get("/", index)
