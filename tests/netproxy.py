@@ -34,8 +34,9 @@ class Proxy:
         self.port = 0
         self.connections = 0
 
-    async def start(self) -> Proxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> Proxy:
+        """Listen on ``port`` (0: a free one; the same port again after ``stop()``)."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

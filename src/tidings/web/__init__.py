@@ -56,5 +56,6 @@ def install(app: web.Application) -> None:
         files = _load(root)
         app.router.add_get(prefix + "{name}", _serve(files))
         if prefix == "/app/":
-            index = _serve({"": files["index.html"]})
-            app.router.add_get("/", index)
+            app.router.add_get("/", _serve({"": files["index.html"]}))
+            # What a browser asks for on pages without an icon link (the SDK's users).
+            app.router.add_get("/favicon.ico", _serve({"": files["icon.svg"]}))
