@@ -18,6 +18,11 @@ class _Pipe:
         self.upstream: asyncio.StreamWriter | None = None
         self.blackholed = False
         self.replies_muted = False  # drop only what the server sends
+        self.head = b""  # the first bytes the client sent (tells a WebSocket upgrade apart)
+
+    @property
+    def is_websocket(self) -> bool:
+        return b"upgrade: websocket" in self.head.lower()
 
     def abort(self) -> None:
         for w in (self.client, self.upstream):
@@ -52,16 +57,20 @@ class Proxy:
             p.abort()
         self.pipes.clear()
 
-    def blackhole(self) -> None:
-        """Silently drop all traffic of every live connection; sockets stay open."""
+    def blackhole(self, websockets_only: bool = False) -> None:
+        """Silently drop all traffic of every live connection (with ``websockets_only``,
+        of the WebSocket ones); sockets stay open."""
         for p in self.pipes:
-            p.blackholed = True
+            if not websockets_only or p.is_websocket:
+                p.blackholed = True
 
-    def mute_replies(self) -> None:
+    def mute_replies(self, websockets_only: bool = False) -> None:
         """Let every live connection's client bytes through to the server but drop the
-        server's answers (a request that lands but whose answer is lost)."""
+        server's answers (a request that lands but whose answer is lost); with
+        ``websockets_only``, only on WebSocket connections (a browser's page loads go on)."""
         for p in self.pipes:
-            p.replies_muted = True
+            if not websockets_only or p.is_websocket:
+                p.replies_muted = True
 
     def blackhole_one(self, index: int = 0) -> None:
         pipes = list(self.pipes)
@@ -98,6 +107,8 @@ class Proxy:
                     if not pipe.blackholed:
                         return
                     await asyncio.sleep(3600)
+                if not pipe.head and dst is not pipe.client:
+                    pipe.head = data[:4096]
                 if pipe.blackholed or (pipe.replies_muted and dst is pipe.client):
                     continue
                 if self.delay_s:

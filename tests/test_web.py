@@ -17,6 +17,7 @@ import pytest_asyncio
 from playwright.async_api import Browser, async_playwright, expect
 
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, new_tab
+from tests.netproxy import Proxy
 from tests.procserver import ServerProcess
 from tidings.client import Client
 
@@ -298,3 +299,45 @@ async def test_connection_lost_banner_and_recovery(browser: Browser, tmp_path: P
             tab.assert_no_errors()
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("lost", ["answer", "send"])
+async def test_reload_while_a_send_is_unanswered(
+    browser: Browser, server: ServerProcess, lost: str
+) -> None:
+    """The network loses a send (or only its answer) and the user reloads the tab: the
+    app keeps the unanswered send across the reload and sends it again with its client
+    id, so it is stored once and shown once."""
+    proxy = await Proxy("127.0.0.1", server.port).start()
+    a, b = f"nina-{lost}", f"olaf-{lost}"
+    conv = f"d:{a}|{b}"
+    try:
+        base = f"http://127.0.0.1:{proxy.port}/"
+        await (await new_tab(browser, base)).sign_up(a)
+        olaf = await (await new_tab(browser, base)).sign_up(b)
+        await olaf.chat_with(a)
+        await olaf.send("first")
+        await expect(olaf.msg("first").locator(".ticks")).not_to_have_attribute(
+            "data-state", "pending"
+        )
+        # From now on the app's WebSocket loses the server's answers (or everything).
+        if lost == "answer":
+            proxy.mute_replies(websockets_only=True)
+        else:
+            proxy.blackhole(websockets_only=True)
+        await olaf.send("in doubt")
+        await asyncio.sleep(0.5)
+        assert len(server.history(conv)) == (2 if lost == "answer" else 1)
+        await expect(olaf.msg("in doubt").locator(".ticks")).to_have_attribute(
+            "data-state", "pending"
+        )
+        await olaf.page.reload()  # a new connection, through which all goes
+        await expect(olaf.page.locator("#chat-title")).to_have_text(a)
+        await expect(olaf.msg("in doubt")).to_have_count(1)
+        await expect(olaf.msg("in doubt").locator(".ticks")).not_to_have_attribute(
+            "data-state", "pending"
+        )
+        assert [m["body"]["text"] for m in server.history(conv)] == ["first", "in doubt"]
+        olaf.assert_no_errors()
+    finally:
+        await proxy.stop()

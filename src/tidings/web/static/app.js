@@ -6,6 +6,7 @@ import { RoomView } from "/app/room.js";
 const $ = (id) => document.getElementById(id);
 const KEY = "tidings.session"; // {token, user, device}
 const OPEN = "tidings.open"; // the conversation open in this tab
+const OUTBOX = "tidings.outbox"; // sends not yet stored when the tab was reloaded
 const PAGE = 30;
 const TYPING_SHOW_MS = 5000;
 
@@ -134,6 +135,24 @@ class App {
     });
     c.addEventListener("kicked", () => this.signOut("This account signed in elsewhere."));
     c.addEventListener("room", (ev) => this.room.onFrame(ev.detail));
+    // Sends that were still on their way when this tab was last closed or reloaded go
+    // out again with their own client ids (the server stores each once).
+    let kept = [];
+    try {
+      kept = JSON.parse(sessionStorage.getItem(OUTBOX) || "[]");
+    } catch {
+      kept = [];
+    }
+    sessionStorage.removeItem(OUTBOX);
+    for (const p of kept) {
+      c.send({ to: p.to, conv: p.conv, type: p.type, body: p.body, flags: p.flags, cid: p.cid }).catch(
+        (e) => ($("chat-error").textContent = describeError(e)),
+      );
+    }
+    window.addEventListener("pagehide", () => {
+      const pending = this.c.pendingSends();
+      if (app === this && pending.length) sessionStorage.setItem(OUTBOX, JSON.stringify(pending));
+    });
     this.render();
     try {
       await c.connect();
