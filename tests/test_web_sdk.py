@@ -33,6 +33,10 @@ window.droppedPushes = [];
 const Native = window.WebSocket;
 window.WebSocket = class extends Native {
   set onmessage(handler) {
+    if (!handler) {
+      super.onmessage = null;
+      return;
+    }
     super.onmessage = (ev) => {
       const f = JSON.parse(ev.data);
       if (f.t === "push" && window.dropPush(f.m)) {

@@ -104,6 +104,7 @@ class App {
     this.typing = new Map(); // conv -> {user, until}
     this.more = new Map(); // conv -> whether older entries exist on the server
     this.loadingHistory = false;
+    this.reading = null; // the read position last asked for
     this.editing = null; // seq being edited
     this.receipts = new Map(); // `${conv}:${seq}` -> count (groups)
     this.groupInfo = new Map(); // conv -> info (asked once per group)
@@ -443,8 +444,12 @@ class App {
     if (!this.open || this.open.kind !== "conv" || document.visibilityState !== "visible") return;
     const v = this.c.state.convs.get(this.open.conv);
     const held = this.c.held.get(this.open.conv) || 0;
-    if (v && this.c.ready && held > v.readSeq && v.unread > 0) {
-      this.c.markRead(v.conv, held).catch(() => {});
+    const key = `${v ? v.conv : ""}:${held}`;
+    if (v && this.c.ready && held > v.readSeq && v.unread > 0 && this.reading !== key) {
+      this.reading = key; // one request per position, however often this renders
+      this.c.markRead(v.conv, held).catch(() => {
+        this.reading = null;
+      });
     }
   }
 
