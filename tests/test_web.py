@@ -247,7 +247,7 @@ async def test_live_room_danmaku_from_python_sdk(browser: Browser, server: Serve
         await jay.room_send("r:launch", "gift", body={"gift": "rocket"})
         layer = ivy.page.locator("#danmaku .danmaku")
         await expect(layer.filter(has_text="jay: hello from python")).to_have_count(1)
-        await expect(ivy.page.locator("#gifts li").first).to_have_text("🎁 jay sent rocket")
+        await expect(ivy.page.locator("#gifts li").first).to_have_text("★ jay sent rocket")
         await expect(ivy.page.locator("#room-online")).to_have_text("2")
         await ivy.page.fill("#room-text", "hi from the browser")
         await ivy.page.press("#room-text", "Enter")
@@ -256,6 +256,11 @@ async def test_live_room_danmaku_from_python_sdk(browser: Browser, server: Serve
                 break
             await asyncio.sleep(0.05)
         assert "ivy:hi from the browser" in seen
+        await ivy.page.click("#room-like")
+        await ivy.page.click("#room-like")
+        await jay.room_send("r:launch", "like")
+        await expect(ivy.page.locator("#room-likes")).to_have_text("3")
+        await asyncio.sleep(1.5)  # let the danmaku fly into view
         await ivy.shot("live-room")
         watcher.cancel()
     ivy.assert_no_errors()

@@ -733,7 +733,7 @@ class App {
     li.dataset.cid = p.cid;
     li.append(el("div", "body", p.body.text ?? `[${p.type}]`));
     const meta = el("div", "meta");
-    const s = el("span", "ticks pending", "🕓");
+    const s = el("span", "ticks pending", "…");
     s.dataset.state = "pending";
     s.title = "sending";
     meta.append(s);

@@ -69,7 +69,7 @@ export class RoomView {
 
   gift(m) {
     const what = m.body.gift || m.body.text || "a gift";
-    const text = m.kind === "admin" ? `📣 ${m.body.text ?? ""}` : `🎁 ${m.from} sent ${what}`;
+    const text = m.kind === "admin" ? `Notice: ${m.body.text ?? ""}` : `★ ${m.from} sent ${what}`;
     this.fly(text, m.kind);
     const li = document.createElement("li");
     li.textContent = text;
