@@ -15,7 +15,8 @@ from tests.conftest import Harness
 from tests.rawclient import Raw
 from tests.test_errors import err
 from tests.test_http_api import call
-from tidings.bus.base import RoomEvent
+from tidings.bus.base import RoomEvent as BusRoomEvent
+from tidings.client import Client, RequestError, RoomEvent
 from tidings.config import Settings
 from tidings.domain.rooms import Lanes, RateLimits, RoomPost, check_room
 from tidings.gateway.rooms import RoomHub
@@ -188,9 +189,9 @@ def test_tick_writes_the_same_bytes_to_every_viewer() -> None:
     assert "r:show" not in slow.rooms and hub.online("r:show") == 8
     assert slow.closed == close.SLOW_CONSUMER
     clock.t = 0.1
-    hub.post(RoomEvent("r:show", "a", "gift", {"g": 1}, 1))
-    hub.post(RoomEvent("r:show", "b", "chat", {"text": "hi"}, 2))
-    hub.post(RoomEvent("r:show", "c", "like", {}, 3))
+    hub.post(BusRoomEvent("r:show", "a", "gift", {"g": 1}, 1))
+    hub.post(BusRoomEvent("r:show", "b", "chat", {"text": "hi"}, 2))
+    hub.post(BusRoomEvent("r:show", "c", "like", {}, 3))
     hub.tick(clock.t)
     last = [v.link.writes[-1] for v in viewers]
     assert len({id(b) for b in last[:5]}) == 1 and len({id(b) for b in last[5:]}) == 1
@@ -219,7 +220,7 @@ def test_tick_writes_the_same_bytes_to_every_viewer() -> None:
 
 def test_posts_for_rooms_without_viewers_here_are_dropped() -> None:
     hub = RoomHub(ManualTime(), Settings())
-    hub.post(RoomEvent("r:empty", "a", "gift", {}, 1))
+    hub.post(BusRoomEvent("r:empty", "a", "gift", {}, 1))
     assert hub.rooms == {}
 
 
@@ -326,3 +327,97 @@ async def test_room_rate_limit_over_websocket(make_server: Any) -> None:
     await a.send({"t": "rsend", "id": 51, "room": "r:fast", "kind": "gift", "body": {}})
     assert (await a.until("ok"))["id"] == 51
     await a.close()
+
+
+# ------------------------------------------------------------------ the Python SDK
+
+
+async def room_posts(c: Client, want: Any, timeout: float = 5.0) -> list[RoomEvent]:
+    """The client's RoomEvents until one holds a post ``want(post)`` accepts."""
+    seen: list[RoomEvent] = []
+
+    async def loop() -> list[RoomEvent]:
+        async for ev in c.events():
+            if isinstance(ev, RoomEvent):
+                seen.append(ev)
+                if any(want(m) for m in ev.msgs):
+                    return seen
+        raise AssertionError("event stream ended")
+
+    return await asyncio.wait_for(loop(), timeout)
+
+
+async def test_sdk_viewer_and_poster_get_each_others_posts(harness: Harness) -> None:
+    """Two SDK clients in a room get each other's posts as RoomEvents; a late joiner's
+    first event is the recent posts; likes are counted, not posted."""
+    h = harness
+    alice = await h.client("alice")
+    bob = await h.client("bob", codec="json")
+    joined = await alice.join_room("r:sdk")
+    assert (joined.room, joined.online) == ("r:sdk", 1)
+    assert (await bob.join_room("r:sdk")).online == 2
+    assert alice.rooms == {"r:sdk"}
+    await alice.room_send("r:sdk", text="hi bob")
+    got = await room_posts(bob, lambda m: m.sender == "alice")
+    (post,) = [m for ev in got for m in ev.msgs]
+    assert (post.kind, post.body) == ("chat", {"text": "hi bob"})
+    assert (got[-1].room, got[-1].recent) == ("r:sdk", False) and got[-1].ts > 0
+    await bob.room_send("r:sdk", kind="gift", body={"rose": 1})
+    await bob.room_send("r:sdk", kind="like")
+    got = await room_posts(alice, lambda m: m.sender == "bob")
+    assert [(m.sender, m.kind, m.body) for ev in got for m in ev.msgs] == [
+        ("alice", "chat", {"text": "hi bob"}),
+        ("bob", "gift", {"rose": 1}),
+    ]
+    carol = await h.client("carol")
+    await carol.join_room("r:sdk")
+    got = await room_posts(carol, lambda m: m.kind == "gift")
+    assert got[0].recent and len(got[0].msgs) == 2
+    await bob.leave_room("r:sdk")
+    assert bob.rooms == set()
+    await asyncio.sleep(0.05)
+    assert h.server.hub.rooms is not None and h.server.hub.rooms.online("r:sdk") == 2
+
+
+async def test_sdk_joins_rooms_again_after_a_dropped_connection(harness: Harness) -> None:
+    """A dropped connection leaves the room on the server; the client joins it again
+    when it reconnects and gets the posts made after that. A room left is not rejoined."""
+    h = harness
+    rooms = h.server.hub.rooms
+    assert rooms is not None
+    viewer_ = await h.client("alice")
+    poster = await h.client("bob")
+    await viewer_.join_room("r:again")
+    await viewer_.join_room("r:left")
+    await viewer_.leave_room("r:left")
+    await poster.join_room("r:again")
+    viewer_.abort_connection()
+    deadline = asyncio.get_running_loop().time() + 5
+    while viewer_.connects < 2 or rooms.online("r:again") < 2:
+        assert asyncio.get_running_loop().time() < deadline, "not joined again"
+        await asyncio.sleep(0.02)
+    assert rooms.online("r:left") == 0 and viewer_.rooms == {"r:again"}
+    await poster.room_send("r:again", text="welcome back")
+    got = await room_posts(viewer_, lambda m: m.body == {"text": "welcome back"})
+    assert got[-1].room == "r:again"
+
+
+async def test_sdk_room_errors(harness: Harness) -> None:
+    """Posting to a room not joined is `forbidden`, bad room ids and kinds `invalid`, a
+    post over the rate `rate_limited` (raised, not retried); none of them is remembered."""
+    h = harness
+    c = await h.client("alice")
+    with pytest.raises(RequestError) as exc:
+        await c.room_send("r:nope", text="hello?")
+    assert exc.value.code == "forbidden"
+    with pytest.raises(RequestError) as exc:
+        await c.join_room("nope")
+    assert exc.value.code == "invalid" and c.rooms == set()
+    await c.join_room("r:ok")
+    with pytest.raises(RequestError) as exc:
+        await c.room_send("r:ok", kind="admin", body={})
+    assert exc.value.code == "invalid"
+    await c.leave_room("r:ok")
+    with pytest.raises(RequestError) as exc:
+        await c.room_send("r:ok", text="gone")
+    assert exc.value.code == "forbidden"

@@ -47,6 +47,9 @@ from tidings.protocol.frames import (
     GroupDone,
     Hello,
     History,
+    Join,
+    Joined,
+    Leave,
     Limits,
     MemberList,
     Members,
@@ -66,6 +69,9 @@ from tidings.protocol.frames import (
     ReceiptItem,
     ReceiptList,
     Receipts,
+    RoomFrame,
+    RoomMsg,
+    RoomSend,
     Send,
     Sent,
     ServerHello,
@@ -176,6 +182,23 @@ class LeftGroup:
     conv: str
 
 
+@dataclass(frozen=True)
+class RoomEvent:
+    """A live room's posts of one tick (high lane first, chat sampled when the room is
+    busy: ``dropped`` says how many were left out), the likes counted in it, and now and
+    then the approximate ``online`` count (0: not in this frame). With ``recent`` it is
+    the room's last posts, right after joining (or re-joining: it may repeat posts seen
+    before the connection dropped; rooms are at-most-once and not deduplicated)."""
+
+    room: str
+    msgs: list[RoomMsg]
+    likes: int
+    dropped: int
+    online: int
+    recent: bool
+    ts: int  # the tick's server time, UTC ms
+
+
 Event = (
     StatesSynced
     | LeftGroup
@@ -187,6 +210,7 @@ Event = (
     | ReadReceipt
     | SettingsChanged
     | DeletedForMe
+    | RoomEvent
 )
 _END = object()
 
@@ -271,6 +295,9 @@ class Client:
         self.since = "0"
         self.cv = 0  # the user change-log version applied (read positions, settings, ...)
         self.held: dict[str, int] = {}
+        # Live rooms joined: the server forgets them with the connection, so they are
+        # joined again after every reconnect (until ``leave_room``).
+        self.rooms: set[str] = set()
         self.connects = 0
         self.sync_answers = 0  # `synced` answers received (sync round trips)
         self._have_sizes: dict[str, int] = {}
@@ -551,6 +578,54 @@ class Client:
         assert isinstance(res, ReceiptList)
         return res.receipts
 
+    # ------------------------------------------------------------------ live rooms
+
+    async def join_room(self, room: str) -> Joined:
+        """Enter live room ``room`` (``r:…``): its posts come as RoomEvents, the first
+        one (``recent``) right away. The room is remembered and joined again after every
+        reconnect (the server's rooms live in memory: a dropped connection leaves them),
+        so what was posted while the connection was down is missed."""
+        res = await self._request(lambda rid: Join(rid, room))
+        assert isinstance(res, Joined)
+        self.rooms.add(res.room)
+        return res
+
+    async def leave_room(self, room: str) -> None:
+        """Leave ``room``; it is not joined again on reconnect. While disconnected there
+        is nothing to tell the server (the connection's end left the room)."""
+        self.rooms.discard(room)
+        if self.ready.is_set():
+            await self._request(lambda rid: Leave(rid, room))
+
+    async def room_send(
+        self,
+        room: str,
+        kind: str = "chat",
+        body: dict[str, Any] | None = None,
+        text: str | None = None,
+    ) -> None:
+        """Post to a room this client is in (``kind`` chat, gift or like) and wait for the
+        server's `ok`. Nothing is stored or resent: a refusal raises RequestError at once,
+        `rate_limited` included (with ``retry_after_ms``), since a live post sent late is
+        seldom worth sending; `forbidden` when the room was not joined."""
+        if body is None:
+            body = {} if text is None else {"text": text}
+        res = await self._request(lambda rid: RoomSend(room, kind, body, rid), retries=0)
+        assert isinstance(res, Ok)
+
+    async def _rejoin_rooms(self) -> None:
+        """Join again, after a reconnect, the rooms this client was in. A room the server
+        now refuses is forgotten (logged); a lost connection leaves the rest for the next
+        reconnect."""
+        for room in sorted(self.rooms):
+            try:
+                await self._request(partial(Join, room=room))
+            except RequestError as exc:
+                log.warning("could not join room %s again: %s", room, exc)
+                self.rooms.discard(room)
+            except (ConnectionError, TimeoutError):
+                return
+
     async def ping(self) -> Pong:
         res = await self._request(lambda rid: Ping(rid))
         assert isinstance(res, Pong)
@@ -640,6 +715,7 @@ class Client:
         reader = asyncio.ensure_future(self._reader(conn))
         beat = asyncio.ensure_future(self._heartbeat(conn, hello.heartbeat_ms / 1000))
         authenticated = False
+        rejoin: asyncio.Task[None] | None = None
         try:
             ready = await self._request(
                 lambda rid: Hello(PROTOCOL_VERSION, token, rid, client="tidings-python"),
@@ -656,6 +732,8 @@ class Client:
                 p.rid = 0
             self._pump()
             self.request_sync()
+            if self.rooms:
+                rejoin = asyncio.ensure_future(self._rejoin_rooms())
         except (RequestError, ConnectionError, TimeoutError) as exc:
             log.debug("hello failed: %s", exc)
         try:
@@ -666,7 +744,7 @@ class Client:
                 reader.cancel()
                 await conn.dispose()
         finally:
-            for t in (writer, beat, self._sync_task):
+            for t in (writer, beat, self._sync_task, rejoin):
                 if t is not None and not t.done():
                     t.cancel()
             self._outq = None
@@ -727,8 +805,23 @@ class Client:
             if int(frame.wm) > int(self.since) or frame.cv > self.cv:
                 self.request_sync()
             self._resolve(frame.id, frame)
-        elif kind in (Ready, Synced, Page, Ok, BlockList, GroupDone, MemberList, ReceiptList):
+        elif kind in (
+            Ready,
+            Synced,
+            Page,
+            Ok,
+            BlockList,
+            GroupDone,
+            MemberList,
+            ReceiptList,
+            Joined,
+        ):
             self._resolve(frame.id, frame)
+        elif kind is RoomFrame:
+            f = frame
+            self._events.put_nowait(
+                RoomEvent(f.room, f.msgs, f.likes, f.dropped, f.online, f.recent, f.ts)
+            )
         elif kind is TypingEvent:
             self._events.put_nowait(TypingNotice(frame.conv, frame.sender))
         elif kind is ReadEvent:
