@@ -16,7 +16,7 @@ import pytest
 
 from tidings.domain.ids import direct_conversation_id
 from tidings.protocol.errors import TidingsError
-from tidings.store.base import Amend, NewMessage, Store
+from tidings.store.base import Amend, DeliveredMove, NewMessage, Store
 
 Opener = Callable[[], Awaitable[Store]]
 _pack = msgspec.msgpack.encode
@@ -230,6 +230,46 @@ class StoreContract:
         with pytest.raises(TidingsError) as err:
             await store.mark_read("c", "d:a|b", 1)
         assert err.value.code == "forbidden"
+        await store.close()
+
+    async def test_delivered_positions(self, open_store: Opener) -> None:
+        """Delivered positions move forward only, are capped at the last seq, never trail
+        the read position, are logged for the other member, survive a restart, and say
+        whom to tell (nobody when that member blocks the holder); groups, notes to self
+        and non-members are skipped."""
+        store = await open_store()
+        await with_users(store, "a", "b", "c")
+        for i in range(3):
+            await store.append_message(new_msg("a", "b", f"m{i}"))
+        v0 = await store.user_version("a")
+        moved = await store.write_delivered([("d:a|b", "b", 2)])
+        assert moved == [DeliveredMove("d:a|b", "b", 2, "a")]
+        assert await store.user_version("a") > v0
+        changed, _ = await store.user_changes_since("a", v0, 10)
+        assert changed == ["d:a|b"]
+        assert await store.write_delivered([("d:a|b", "b", 2), ("d:a|b", "b", 1)]) == []
+        skipped = [("d:a|b", "c", 3), ("d:a|a", "a", 1), ("g:x", "a", 1), ("junk", "a", 1)]
+        assert await store.write_delivered(skipped) == []
+        (far,) = await store.write_delivered([("d:a|b", "b", 2**64)])
+        assert far.seq == 3  # capped at the last seq
+        (mine,), _ = await store.conversation_list("a", 10)
+        assert (mine.peer_read_seq, mine.peer_delivered_seq) == (0, 3)
+        (theirs,), _ = await store.conversation_list("b", 10)
+        assert (theirs.peer_read_seq, theirs.peer_delivered_seq) == (3, 3)  # a sent them
+        await store.append_message(new_msg("a", "b", "m3"))
+        await store.mark_read("b", "d:a|b", 4)
+        assert await store.write_delivered([("d:a|b", "b", 4)]) == []  # read already
+        (mine,) = await store.conversation_states("a", ["d:a|b"])
+        assert (mine.peer_read_seq, mine.peer_delivered_seq) == (4, 4)
+        await store.append_message(new_msg("a", "b", "m4"))
+        await store.set_block("a", "b", True, 1)
+        assert await store.write_delivered([("d:a|b", "b", 5)]) == [
+            DeliveredMove("d:a|b", "b", 5, None)
+        ]
+        await store.close()
+        store = await open_store()
+        (mine,), _ = await store.conversation_list("a", 10)
+        assert mine.peer_delivered_seq == 5
         await store.close()
 
     async def test_conversation_list_order(self, open_store: Opener) -> None:

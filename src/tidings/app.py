@@ -135,6 +135,7 @@ class Server:
         await self.bus.start()
         self.hub.start()
         self.messaging.reads.start()
+        self.messaging.delivered.start()
         ssl_ctx = server_context(s.tls_cert, s.tls_key) if s.tls else None
         self._runner = web.AppRunner(
             self.make_app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
@@ -196,6 +197,7 @@ class Server:
         await asyncio.sleep(0.05)
         await self.hub.stop()
         await self.messaging.reads.stop()
+        await self.messaging.delivered.stop()
         if self._lease_task is not None:
             self._lease_task.cancel()
         if self._runner is not None:

@@ -64,6 +64,7 @@ class Settings:
     max_retransmits: int = 3
     max_unacked: int = 4_096
     send_buffer_bytes: int = 1_048_576
+    delivered_flush_ms: int = 200  # 1:1 delivered positions (from acks) are written this often
     # storage
     sqlite_readers: int = 2
     group_commit_max_batch: int = 1_000
@@ -80,6 +81,8 @@ class Settings:
             raise ValueError(f"login_policy must be one of {sorted(LOGIN_POLICIES)}")
         if not 1 <= self.room_tick_ms <= 100:
             raise ValueError("room_tick_ms must be 1..100")
+        if self.delivered_flush_ms < 1:
+            raise ValueError("delivered_flush_ms must be >= 1")
 
     @property
     def tls(self) -> bool:

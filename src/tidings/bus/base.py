@@ -56,6 +56,16 @@ class ReadNotice(msgspec.Struct, frozen=True, tag="read"):
     read_n: int = 0  # counted entries up to ``seq`` (unread = total - read_n)
 
 
+class DeliveredNotice(msgspec.Struct, frozen=True, tag="delivered"):
+    """A device of ``uid`` holds 1:1 conversation ``conv`` up to ``seq``; for the online
+    devices of ``users`` (the other member)."""
+
+    conv: str
+    uid: str
+    seq: int
+    users: tuple[str, ...]
+
+
 class SettingsNotice(msgspec.Struct, frozen=True, tag="settings"):
     """``uid`` changed its settings of ``conv`` on ``device``."""
 
@@ -100,6 +110,7 @@ BusEvent = (
     | RevokeEvent
     | TypingNotice
     | ReadNotice
+    | DeliveredNotice
     | SettingsNotice
     | SessionStarted
     | DeletedNotice

@@ -42,6 +42,7 @@ from tidings.protocol.frames import (
     Convs,
     Delete,
     Deleted,
+    DeliveredEvent,
     Error,
     Group,
     GroupDone,
@@ -140,6 +141,16 @@ class ReadReceipt:
 
 
 @dataclass(frozen=True)
+class Delivered:
+    """A device of ``by``, the other member of 1:1 conversation ``conv``, holds its
+    entries up to ``seq`` ("delivered"; ``state`` keeps it as ``peer_delivered_seq``)."""
+
+    conv: str
+    by: str
+    seq: int
+
+
+@dataclass(frozen=True)
 class SettingsChanged:
     """This user changed a conversation's settings on another device."""
 
@@ -208,6 +219,7 @@ Event = (
     | Disconnected
     | TypingNotice
     | ReadReceipt
+    | Delivered
     | SettingsChanged
     | DeletedForMe
     | RoomEvent
@@ -830,6 +842,9 @@ class Client:
             else:
                 self.state.apply_read(frame.conv, frame.by, frame.seq, frame.n)
                 self._events.put_nowait(ReadReceipt(frame.conv, frame.by, frame.seq, frame.unread))
+        elif kind is DeliveredEvent:
+            self.state.apply_delivered(frame.conv, frame.by, frame.seq)
+            self._events.put_nowait(Delivered(frame.conv, frame.by, frame.seq))
         elif kind is ConvList:
             self._resolve(frame.id, frame)
         elif kind is PresenceEvent:

@@ -57,6 +57,9 @@ class ConversationView:
     read_seq: int = 0
     read_n: int = 0  # counted entries up to read_seq
     peer_read_seq: int = 0
+    # The other member's delivered position ("delivered up to N", 1:1): the largest of
+    # the delivered events, the state items' and peer_read_seq (reading implies delivery).
+    peer_delivered_seq: int = 0
     muted: bool = False
     pinned: bool = False
     draft: str = ""
@@ -163,8 +166,10 @@ class LocalState:
                 v.read_n = read_n
             if v.conv == f"d:{by}|{by}" and seq > v.peer_read_seq:
                 v.peer_read_seq = seq  # notes to self: the only member is the peer too
+                v.peer_delivered_seq = max(v.peer_delivered_seq, seq)
         elif seq > v.peer_read_seq and not v.conv.startswith("g:"):
             v.peer_read_seq = seq  # (groups count readers on request instead)
+            v.peer_delivered_seq = max(v.peer_delivered_seq, seq)
 
     def _amend(self, e: Message, target_seq: int, held: dict[int, Message]) -> None:
         target = held.get(target_seq)
@@ -212,6 +217,12 @@ class LocalState:
     def apply_read(self, conv: str, by: str, seq: int, read_n: int | None) -> None:
         self._moved(self.view(conv), by, seq, read_n)
 
+    def apply_delivered(self, conv: str, by: str, seq: int) -> None:
+        """A device of ``by`` (the other member) holds ``conv`` up to ``seq``."""
+        v = self.view(conv)
+        if by != self.user and seq > v.peer_delivered_seq and not conv.startswith("g:"):
+            v.peer_delivered_seq = seq
+
     def apply_settings(
         self,
         conv: str,
@@ -251,6 +262,9 @@ class LocalState:
             v.read_n = read_n
         if item.peer_read_seq > v.peer_read_seq:
             v.peer_read_seq = item.peer_read_seq
+        v.peer_delivered_seq = max(
+            v.peer_delivered_seq, item.peer_delivered_seq, item.peer_read_seq
+        )
         if cv >= v.settings_v:
             v.settings_v = cv
             v.muted, v.pinned, v.draft = item.muted, item.pinned, item.draft

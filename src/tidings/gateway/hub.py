@@ -9,6 +9,7 @@ from collections.abc import Callable, Collection
 from tidings.bus.base import (
     BusEvent,
     DeletedNotice,
+    DeliveredNotice,
     MessageEvent,
     ReadNotice,
     RevokeEvent,
@@ -24,6 +25,7 @@ from tidings.gateway.rooms import RoomHub
 from tidings.protocol import close
 from tidings.protocol.frames import (
     Deleted,
+    DeliveredEvent,
     Kicked,
     PresenceEvent,
     Push,
@@ -132,6 +134,8 @@ class Hub:
             self._broadcast(TypingEvent(event.conv, event.sender), event.users)
         elif isinstance(event, ReadNotice):
             self._read(event)
+        elif isinstance(event, DeliveredNotice):
+            self._broadcast(DeliveredEvent(event.conv, event.uid, event.seq), event.users)
         elif isinstance(event, DeletedNotice):
             self._write_all(Deleted(event.conv, list(event.seqs)), self._other_devices(event))
         elif isinstance(event, SessionStarted):

@@ -401,6 +401,16 @@ class ReadEvent(msgspec.Struct, frozen=True, tag="read", tag_field="t", omit_def
     n: int | None = None  # with ``unread``: counted entries up to the read position
 
 
+class DeliveredEvent(msgspec.Struct, frozen=True, tag="delivered", tag_field="t"):
+    """A device of ``by`` holds ``conv`` up to ``seq`` (1:1 conversations): "delivered"
+    for the other member's devices. Never stored as a frame, never retransmitted; the
+    conversation list's ``peer_delivered_seq`` has the current position."""
+
+    conv: str
+    by: str
+    seq: int
+
+
 class ConvItem(msgspec.Struct, frozen=True, omit_defaults=True):
     conv: str
     last_seq: int
@@ -418,6 +428,9 @@ class ConvItem(msgspec.Struct, frozen=True, omit_defaults=True):
     deleted: list[int] = []  # sync states: seqs this user deleted for themself since cv
     title: str = ""  # a group's name
     size: int = 0  # a group's member count
+    # The other member's delivered position (1:1): a device of theirs holds entries up to
+    # here; at least peer_read_seq (reading implies delivery).
+    peer_delivered_seq: int = 0
 
 
 class SettingsEvent(msgspec.Struct, frozen=True, tag="settings", tag_field="t"):
@@ -576,6 +589,7 @@ ServerFrame = (
     | TypingEvent
     | BlockList
     | ReadEvent
+    | DeliveredEvent
     | ConvList
     | SettingsEvent
     | Kicked

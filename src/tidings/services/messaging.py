@@ -20,6 +20,7 @@ from tidings.domain.permissions import member_pair
 from tidings.protocol.codec import check_json_model
 from tidings.protocol.errors import TidingsError
 from tidings.protocol.frames import ConvItem, ConvState, Message, Send
+from tidings.services.delivered import DeliveredCoalescer
 from tidings.services.reads import ReadCoalescer
 from tidings.store.base import (
     EVENT_TYPES,
@@ -80,6 +81,7 @@ def conv_item(uid: str, r: ConvSummary, deleted: list[int] | None = None) -> Con
         unread=r.unread,
         read_seq=r.read_seq,
         peer_read_seq=r.peer_read_seq,
+        peer_delivered_seq=r.peer_delivered_seq,
         peer=peer_of(uid, r.conv),
         title=r.title,
         size=r.size,
@@ -148,6 +150,7 @@ class Messaging:
         self.bus = bus
         self.settings = settings
         self.reads = ReadCoalescer(store, settings.group_read_flush_ms / 1000)
+        self.delivered = DeliveredCoalescer(store, bus, settings.delivered_flush_ms / 1000)
 
     # ------------------------------------------------------------------ send
 

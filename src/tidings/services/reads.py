@@ -16,12 +16,48 @@ from tidings.store.base import Store
 log = logging.getLogger(__name__)
 
 
-class ReadCoalescer:
+class Flusher:
+    """Runs ``flush`` every ``interval_s`` on the loop, and once more on ``stop``: the
+    timer of a coalesced write. A failed flush is logged by ``flush`` and retried at the
+    next round."""
+
+    interval_s: float
+    what = "positions"  # for the shutdown log line
+    _task: asyncio.Task[None] | None = None
+
+    async def flush(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.flush()
+            except Exception:
+                pass  # logged; what is pending stays for the next round
+
+    async def stop(self) -> None:
+        """Stop the timer and write what is pending."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        try:
+            await self.flush()
+        except Exception:
+            log.error("%s pending at shutdown were not written", self.what)
+
+
+class ReadCoalescer(Flusher):
+    what = "read positions"
+
     def __init__(self, store: Store, interval_s: float) -> None:
         self.store = store
         self.interval_s = interval_s
         self._pending: dict[tuple[str, str], tuple[int, int]] = {}  # (uid, conv) -> (seq, n)
-        self._task: asyncio.Task[None] | None = None
         self._flushing: asyncio.Lock | None = None
         self.noted = 0  # statistics: reads taken
         self.written = 0  # ... and read positions written
@@ -53,25 +89,3 @@ class ReadCoalescer:
                     self.note(uid, conv, seq, n)
                 raise
             self.written += len(batch)
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.ensure_future(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.flush()
-            except Exception:
-                pass  # logged; the positions stay pending for the next round
-
-    async def stop(self) -> None:
-        """Stop the timer and write what is pending."""
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-        try:
-            await self.flush()
-        except Exception:
-            log.error("read positions pending at shutdown were not written")

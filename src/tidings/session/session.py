@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tidings.domain.groups import is_group, role_name
+from tidings.domain.ids import MAX_USER_ID_BYTES, direct_members
 from tidings.domain.rooms import check_room
 from tidings.protocol import PROTOCOL_VERSION, close
 from tidings.protocol.codec import FrameError
@@ -89,9 +90,13 @@ CAPS = [
     "groups",
     "receipts",
     "rooms",
+    "delivered",
 ]
 ACK_COST = 0.05  # acks are nearly free against the rate limit (pings cost a read: 1)
 MAX_READS_INFLIGHT = 8
+MAX_ACKED_CONVS = 1024  # conversations whose last ack a session remembers (then it forgets)
+NOT_NOTED = 1 << 64  # above every seq an ack can carry: the conversation's acks are ignored
+MAX_DIRECT_ID_CHARS = 3 + 2 * MAX_USER_ID_BYTES  # "d:" + two user ids + "|"
 
 
 class Session:
@@ -118,6 +123,7 @@ class Session:
         self.reads = 0
         self.unacked: dict[str, deque[tuple[int, bytes]]] = {}
         self.unacked_count = 0
+        self._acked: dict[str, int] = {}  # conv -> highest ack noted as delivered
         self.rtx_attempts = 0
         self.rtx_due = 0.0
         self.retransmits = 0  # statistics
@@ -360,6 +366,8 @@ class Session:
         self.link.write(framed)
 
     def _on_ack(self, f: Ack) -> None:
+        if f.seq > self._acked.get(f.conv, 0):
+            self._note_delivered(f.conv, f.seq)
         q = self.unacked.get(f.conv)
         if not q:
             return
@@ -376,6 +384,24 @@ class Session:
         self.rtx_due = (
             self.ctx.clock.monotonic() + self._s.retransmit_ms / 1000 if self.unacked_count else 0.0
         )
+
+    def _note_delivered(self, conv: str, seq: int) -> None:
+        """The device holds ``conv`` up to ``seq``: noted for the delivered receipts of
+        1:1 conversations (an ack after a sync counts too). O(1) and no store access: a
+        repeated ack costs the caller's dict lookup, and conversations without receipts
+        (groups, notes to self, ids not naming this user) are remembered as never noted."""
+        acked = self._acked
+        if conv not in acked:
+            if len(conv) > MAX_DIRECT_ID_CHARS:
+                return  # not a 1:1 id; not remembered either (junk must not fill memory)
+            if len(acked) >= MAX_ACKED_CONVS:
+                acked.clear()
+            pair = direct_members(conv)
+            if pair is None or pair[0] == pair[1] or self.uid not in pair:
+                acked[conv] = NOT_NOTED
+                return
+        acked[conv] = seq
+        self.ctx.messaging.delivered.note(conv, self.uid, seq)
 
     def tick(self, now: float) -> None:
         """Timers, driven by the hub's sweeper: auth, idle, retransmit, token expiry."""

@@ -150,6 +150,17 @@ class ConvSummary(msgspec.Struct, frozen=True):
     title: str = ""  # a group's name
     size: int = 0  # a group's member count
     floor: int = 0  # the member sees entries after this seq only
+    peer_delivered_seq: int = 0  # the other member's delivered position (>= peer_read_seq)
+
+
+class DeliveredMove(msgspec.Struct, frozen=True):
+    """``uid``'s delivered position in 1:1 conversation ``conv`` moved to ``seq``; ``tell``
+    is the other member, to be told (None when that member blocks ``uid``)."""
+
+    conv: str
+    uid: str
+    seq: int
+    tell: str | None
 
 
 class GroupChange(msgspec.Struct, frozen=True):
@@ -402,6 +413,14 @@ class Store(Protocol):
     async def write_reads(self, reads: list[tuple[str, str, int]]) -> None:
         """Advance many read positions (uid, conv, seq) in one write (never backwards),
         logging each for the user's other devices; the coalesced path of large groups."""
+        ...
+
+    async def write_delivered(self, positions: list[tuple[str, str, int]]) -> list[DeliveredMove]:
+        """Advance many delivered positions (conv, uid, seq) of 1:1 conversations in one
+        write: each capped at the conversation's last seq, never backwards. Returns those
+        that moved past the member's delivered and read positions (reading implies
+        delivery), each logged as a change for the other member; ids that are not a 1:1
+        conversation of two users with ``uid`` a member are skipped."""
         ...
 
     async def conversation(self, conv: str) -> ConvRow | None: ...

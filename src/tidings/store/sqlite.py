@@ -29,7 +29,7 @@ import msgspec
 
 from tidings.clock import Clock
 from tidings.domain.groups import check_post, is_group
-from tidings.domain.ids import MAX_WORKER, MessageIdGenerator
+from tidings.domain.ids import MAX_WORKER, MessageIdGenerator, direct_members
 from tidings.protocol.errors import TidingsError
 from tidings.store.base import (
     EVENT_TYPES,
@@ -40,6 +40,7 @@ from tidings.store.base import (
     ConvRow,
     ConvSettings,
     ConvSummary,
+    DeliveredMove,
     GroupChange,
     GroupResult,
     MessageRecord,
@@ -803,6 +804,36 @@ class SqliteStore(SqliteGroups):
 
         return await self._write(op)
 
+    async def write_delivered(self, positions: list[tuple[str, str, int]]) -> list[DeliveredMove]:
+        def op(conn: sqlite3.Connection) -> list[DeliveredMove]:
+            blocks = self._block_set(conn)
+            now = self.clock.now_ms()
+            moved = []
+            for conv, uid, seq in positions:
+                pair = direct_members(conv)
+                if pair is None or pair[0] == pair[1] or uid not in pair:
+                    continue
+                peer = pair[1] if pair[0] == uid else pair[0]
+                # Capped here, before binding: an ack may name any seq (even past 2^63).
+                target = min(seq, self._position(conn, conv)[0])
+                cur = conn.execute(
+                    "UPDATE members SET delivered_seq=? "
+                    "WHERE conv=? AND uid=? AND delivered_seq < ? AND read_seq < ?",
+                    (target, conv, uid, target, target),
+                )
+                if not cur.rowcount:
+                    continue  # not past what is delivered or read already (or no member)
+                conn.execute(
+                    "INSERT OR REPLACE INTO user_changes (uid, conv, kind, value, ts) "
+                    "VALUES (?,?,'peer_delivered',?,?)",
+                    (peer, conv, target, now),
+                )
+                tell = None if (peer, uid) in blocks else peer
+                moved.append(DeliveredMove(conv, uid, target, tell))
+            return moved
+
+        return await self._write(op) if positions else []
+
     def _summaries(
         self, conn: sqlite3.Connection, uid: str, where: str, params: tuple[Any, ...], limit: int
     ) -> list[ConvSummary]:
@@ -810,7 +841,9 @@ class SqliteStore(SqliteGroups):
             "SELECT c.id, c.last_seq, c.last_mid, c.last_ts, c.counted - m.read_counted, "
             "m.read_seq, CASE WHEN c.kind = 1 THEN (SELECT max(p.read_seq) FROM members p "
             "             WHERE p.conv = c.id AND p.uid != m.uid) END, "
-            "m.muted, m.pinned, m.hidden_seq, m.draft, g.name, g.member_count, m.joined_seq "
+            "m.muted, m.pinned, m.hidden_seq, m.draft, g.name, g.member_count, m.joined_seq, "
+            "CASE WHEN c.kind = 1 THEN (SELECT max(p.delivered_seq, p.read_seq) FROM members p "
+            "             WHERE p.conv = c.id AND p.uid != m.uid) END "
             "FROM members m JOIN conversations c ON c.id = m.conv "
             "LEFT JOIN groups g ON g.conv = c.id "
             f"WHERE m.uid=? AND c.last_seq > 0 {where} "
@@ -820,7 +853,7 @@ class SqliteStore(SqliteGroups):
         out = []
         for row in rows:
             conv, last_seq, last_mid, last_ts, unread, read_seq, peer_read = row[:7]
-            muted, pinned, hidden_seq, draft, title, size, floor = row[7:]
+            muted, pinned, hidden_seq, draft, title, size, floor, peer_delivered = row[7:]
             direct = title is None  # groups have no "read up to N" of a peer
             found = conn.execute(
                 f"SELECT {_READ_COLS} FROM messages WHERE conv=? AND seq=?", (conv, last_seq)
@@ -834,6 +867,8 @@ class SqliteStore(SqliteGroups):
                 ).fetchone():
                     last = tombstone(last)
             settings = ConvSettings(bool(muted), bool(pinned), hidden_seq >= last_seq, draft)
+            # Notes to self: the only member is the peer too (delivered as far as read).
+            peer_read = peer_read if peer_read is not None else read_seq if direct else 0
             out.append(
                 ConvSummary(
                     conv,
@@ -842,12 +877,13 @@ class SqliteStore(SqliteGroups):
                     last_ts,
                     unread,
                     read_seq,
-                    peer_read if peer_read is not None else read_seq if direct else 0,
+                    peer_read,
                     last,
                     settings,
                     title or "",
                     size or 0,
                     floor,
+                    peer_read if peer_delivered is None else peer_delivered,
                 )
             )
         return out
