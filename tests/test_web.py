@@ -93,6 +93,10 @@ async def test_two_users_chat_and_a_second_device(browser: Browser, server: Serv
     )
     await expect(bob.conv("alice").locator(".badge")).to_have_text("1")
     await expect(bob.conv("alice").locator(".conv-last")).to_have_text("hello bob")
+    # Bob's phone holds it (acked) but he has not opened the chat: delivered, not read.
+    await expect(alice.msg("hello bob").locator(".ticks")).to_have_attribute(
+        "data-state", "delivered"
+    )
     await bob.shot("phone-list")
     # Alice's second device: the conversation, no unread (she wrote it).
     await expect(alice2.conv("bob").locator(".conv-last")).to_have_text("hello bob")
@@ -150,6 +154,10 @@ async def test_offline_return_reload_and_history_paging(
     for i in range(3):
         await dan.send(f"while you were away {i}")
     await expect(dan.page.locator(".ticks[data-state=pending]")).to_have_count(0)
+    await asyncio.sleep(0.5)  # more than a delivered flush: no device of Carol's holds them
+    await expect(dan.msg("while you were away 2").locator(".ticks")).to_have_attribute(
+        "data-state", "sent"
+    )
 
     carol = await (await new_tab(browser, base)).sign_in("carol")
     await expect(carol.conv("dan").locator(".badge")).to_have_text("83")

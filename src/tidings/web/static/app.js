@@ -580,7 +580,7 @@ class App {
         top.append(name);
         if (v.unread > 0) top.append(el("span", "badge", String(v.unread)));
         const t = this.typing.get(v.conv);
-        const preview = t ? `${t.user} is typing…` : this.preview(v.last);
+        const preview = t ? `${t.user} is typing…` : this.preview(this.lastShown(v));
         li.append(top, el("div", "conv-last", preview));
         li.onclick = () => this.openConv(v.conv);
         return li;
@@ -588,6 +588,20 @@ class App {
     );
     const badge = this.c.state.badge;
     document.title = badge ? `(${badge}) Tidings` : "Tidings";
+  }
+
+  /** The newest entry worth showing in the list: a recall or edit changes an older
+   * entry, which is what the list shows (as it now reads). */
+  lastShown(v) {
+    if (!v.last || (v.last.type !== "recall" && v.last.type !== "edit")) return v.last;
+    const held = this.c.state.messages.get(v.conv);
+    if (held) {
+      for (let seq = v.last.seq - 1; seq > 0 && held.has(seq); seq--) {
+        const m = held.get(seq);
+        if (m.type !== "recall" && m.type !== "edit") return m;
+      }
+    }
+    return v.last;
   }
 
   preview(m) {
