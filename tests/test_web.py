@@ -84,6 +84,14 @@ async def test_two_users_chat_and_a_second_device(browser: Browser, server: Serv
     bob = await (await new_tab(browser, base, PHONE)).sign_up("bob")
     alice2 = await (await new_tab(browser, base)).sign_in("alice")
     await expect(alice2.page.locator("#empty-list")).to_be_visible()
+    devices = [await t.page.evaluate("window.tidingsApp.client.device") for t in (alice, alice2)]
+    assert devices[0] != devices[1], devices  # each tab is its own device
+
+    # A chat with nobody: the send is refused with a clear message, nothing stays pending.
+    await alice.chat_with("nobody-here")
+    await alice.send("anyone?")
+    await expect(alice.page.locator("#chat-error")).to_have_text("No such user or conversation.")
+    await expect(alice.page.locator("#message-list .msg")).to_have_count(0)
 
     await alice.chat_with("bob")
     await alice.send("hello bob")
