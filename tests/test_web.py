@@ -362,3 +362,63 @@ async def test_reload_while_a_send_is_unanswered(
         olaf.assert_no_errors()
     finally:
         await proxy.stop()
+
+
+async def test_a_hole_after_being_away_is_paged_in(browser: Browser, server: ServerProcess) -> None:
+    """Rita holds the first messages, goes away while 80 more come in, and comes back:
+    the sync brings the newest 50 (tail); the 30 between are paged in as she scrolls up,
+    so none is skipped."""
+    base = base_of(server)
+    rita = await (await new_tab(browser, base)).sign_up("rita")
+    server.token("sam", "py")
+    for i in range(5):
+        server_send(server, "sam", "rita", f"early {i}", f"early-{i}")
+    await rita.open_conv("sam")
+    await expect(rita.page.locator("#message-list .msg")).to_have_count(5)
+    await rita.page.evaluate("window.tidingsApp.client.disconnect()")
+    for i in range(80):
+        server_send(server, "sam", "rita", f"later {i:02d}", f"later-{i}")
+    await rita.page.evaluate("window.tidingsApp.client.connect()")
+    await expect(rita.msg("later 79")).to_be_visible()
+    await expect(rita.msg("later 29")).to_have_count(0)  # the hole is not shown as if gapless
+    for _ in range(20):
+        if await rita.page.locator("#message-list .msg").count() == 85:
+            break
+        await rita.page.eval_on_selector("#messages", "e => { e.scrollTop = 0; }")
+        await asyncio.sleep(0.3)
+    texts = await rita.page.locator("#message-list .msg .body").all_inner_texts()
+    assert texts == [f"early {i}" for i in range(5)] + [f"later {i:02d}" for i in range(80)]
+    rita.assert_no_errors()
+
+
+async def test_sign_out_and_in_again_in_the_same_tab(
+    browser: Browser, server: ServerProcess
+) -> None:
+    """On a phone: Uma signs out from inside a live room; nothing of hers stays on the
+    form or the screen, and Vic, signing in next in the same tab, gets a working app."""
+    base = base_of(server)
+    tab = await (await new_tab(browser, base, PHONE)).sign_up("uma")
+    await tab.page.fill("#join-room-id", "lobby")
+    await tab.page.click("#join-room button")
+    await expect(tab.page.locator("#room-title")).to_have_text("lobby")
+    await tab.page.click("#room-back")
+    await tab.page.click("#sign-out")
+    await expect(tab.page.locator("#auth")).to_be_visible()
+    assert await tab.page.input_value("#auth-user") == ""
+    assert await tab.page.input_value("#auth-password") == ""
+    await expect(tab.page.locator("#auth-submit")).to_have_text("Sign in")
+    await tab.page.click("#tab-signup")
+    await tab.page.fill("#auth-user", "vic")
+    await tab.page.fill("#auth-password", "pw-vic-2026")
+    await tab.page.click("#auth-submit")
+    await expect(tab.page.locator("#me-name")).to_have_text("vic")
+    await expect(tab.page.locator("#sidebar")).to_be_visible()
+    await tab.page.fill("#join-room-id", "lobby")
+    await tab.page.click("#join-room button")
+    await tab.page.fill("#room-text", "vic was here")
+    await tab.page.press("#room-text", "Enter")
+    await expect(tab.page.locator("#danmaku .danmaku", has_text="vic: vic was here")).to_have_count(
+        1
+    )
+    await expect(tab.page.locator("#room-online")).to_have_text("1")
+    tab.assert_no_errors()

@@ -247,3 +247,53 @@ async def test_browser_origin_check(browser: Browser, server: ServerProcess) -> 
     assert same == "hello"
     other = await tab.page.evaluate(probe, f"ws://127.0.0.1:{server.port}/v1/ws")
     assert other == "closed 1006"
+
+
+async def test_a_send_over_the_frame_limit_is_refused_without_reconnecting(
+    browser: Browser, server: ServerProcess, proxy: Proxy
+) -> None:
+    """A send whose frame would exceed the server's max_frame_bytes is refused by the
+    SDK (`too_large`) instead of closing the connection (1009) again after every
+    reconnect; the connection stays up and the next send goes through."""
+    server.token("big-b", "py")
+    tab = await page_via(browser, proxy)
+    await start_client(tab.page, proxy, server.token("big-a", "chromium"))
+    code = await tab.page.evaluate(
+        """async () => {
+          try {
+            await window.c.send({to: "big-b", text: "x".repeat(70000)});
+            return "sent";
+          } catch (e) { return e.code; }
+        }"""
+    )
+    assert code == "too_large"
+    sent = await tab.page.evaluate("() => window.c.send({to: 'big-b', text: 'small'})")
+    assert sent["seq"] == 1
+    assert len(await log(tab.page, "connected")) == 1
+    assert len(await log(tab.page, "disconnected")) == 0
+    tab.assert_no_errors()
+
+
+async def test_close_and_disconnect_settle_every_promise(
+    browser: Browser, server: ServerProcess, proxy: Proxy
+) -> None:
+    """`connect()` settles when `disconnect()` or `close()` comes before it is ready, and a
+    send after `close()` is refused at once: no promise is left hanging."""
+    tab = await page_via(browser, proxy)
+    token = server.token("settle-a", "chromium")
+    out = await tab.page.evaluate(
+        """async ([url, token]) => {
+          const sdk = await import("/sdk/tidings.js");
+          const settle = (p) => p.then(() => "resolved", (e) => e.name);
+          const a = new sdk.TidingsClient(url, token);
+          const first = settle(a.connect());
+          a.disconnect();
+          const b = new sdk.TidingsClient("ws://127.0.0.1:9/v1/ws", token);
+          const second = settle(b.connect());  // nothing listens there: backing off
+          await new Promise((r) => setTimeout(r, 200));
+          b.close();
+          return [await first, await second, await settle(b.send({to: "x", text: "y"}))];
+        }""",
+        [f"ws://127.0.0.1:{proxy.port}/v1/ws", token],
+    )
+    assert out == ["ConnectionError", "ConnectionError", "ConnectionError"]

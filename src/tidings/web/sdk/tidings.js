@@ -128,6 +128,7 @@ export function amendTarget(m) {
 export function peerOf(conv, user) {
   if (!conv.startsWith("d:") || !user) return null;
   const [lo, hi] = conv.slice(2).split("|");
+  if (lo === hi) return null; // notes to self: no peer, as the server's states say
   return lo === user ? hi : hi === user ? lo : null;
 }
 
@@ -362,7 +363,8 @@ const DEFAULTS = {
 
 /**
  * One device's connection. `token` is a string or an async function returning one
- * (called on every connect, so a refreshed token is used after expiry).
+ * (called on every connect). An expired or revoked token ends the client for good
+ * (close 4002/4003): make a new client with a new token.
  * Events (CustomEvent, payload in `detail`): connected, disconnected, message, typing,
  * read, delivered, settings, deleted, states, presence, left, room, kicked, change.
  */
@@ -399,6 +401,7 @@ export class TidingsClient extends EventTarget {
     this._ackScheduled = false;
     this._syncTask = null;
     this._wantSync = false;
+    this._generation = 0; // bumped by reset(): older sync answers are dropped
     this._changeScheduled = false;
     this._readyWaiters = [];
     this._onOnline = () => this._retryNow();
@@ -438,6 +441,7 @@ export class TidingsClient extends EventTarget {
   disconnect() {
     this._running = false;
     clearTimeout(this._retryTimer);
+    this._rejectWaiters("disconnected");
     const conn = this._conn;
     if (conn) {
       this._pausing = true;
@@ -456,6 +460,8 @@ export class TidingsClient extends EventTarget {
     this._closing = true;
     this._running = false;
     clearTimeout(this._retryTimer);
+    this._final = this._final || { code: null, reason: "client closed", final: true };
+    this._rejectWaiters("client closed");
     if (globalThis.removeEventListener) globalThis.removeEventListener("online", this._onOnline);
     const conn = this._conn;
     if (conn) {
@@ -516,9 +522,10 @@ export class TidingsClient extends EventTarget {
     try {
       token = typeof this._token === "function" ? await this._token() : this._token;
     } catch (e) {
-      this.abortConnection();
+      if (conn === this._conn) this.abortConnection();
       return;
     }
+    if (conn !== this._conn) return; // it ended while the token was being fetched
     let ready;
     try {
       ready = await this._request(
@@ -531,6 +538,7 @@ export class TidingsClient extends EventTarget {
     }
     if (conn !== this._conn) return;
     conn.authenticated = true;
+    conn.readyAt = Date.now();
     this.user = ready.user;
     this.device = ready.device;
     this.state.user = ready.user;
@@ -548,7 +556,9 @@ export class TidingsClient extends EventTarget {
     for (const room of this.rooms) {
       this._request((id) => ({ t: "join", id, room })).then(
         (j) => this._emit("room", { room, msgs: [], likes: 0, dropped: 0, online: j.online }),
-        () => this.rooms.delete(room),
+        (e) => {
+          if (e instanceof RequestError) this.rooms.delete(room); // refused now: forget it
+        },
       );
     }
   }
@@ -571,13 +581,19 @@ export class TidingsClient extends EventTarget {
       this._final = ev;
       this._running = false;
       this._failOutbox(new ConnectionError(`connection closed for good (${code})`));
-      for (const w of this._readyWaiters.splice(0)) {
-        clearTimeout(w.timer);
-        w.reject(new ConnectionError(reason || String(code)));
-      }
+      this._rejectWaiters(reason || String(code));
       return;
     }
-    this._retryLater(conn.authenticated);
+    // A connection that dies right after `ready` (e.g. the server refusing what the
+    // outbox sends) does not reset the backoff: no tight reconnect loop.
+    this._retryLater(conn.authenticated && Date.now() - conn.readyAt > 2000);
+  }
+
+  _rejectWaiters(why) {
+    for (const w of this._readyWaiters.splice(0)) {
+      clearTimeout(w.timer);
+      w.reject(new ConnectionError(why));
+    }
   }
 
   _retryLater(authenticated) {
@@ -701,6 +717,8 @@ export class TidingsClient extends EventTarget {
       type: p.type,
       body: p.body,
       flags: p.flags,
+      mentions: p.mentions,
+      replyTo: p.replyTo,
     }));
   }
 
@@ -715,18 +733,27 @@ export class TidingsClient extends EventTarget {
   _pump() {
     if (!this.ready) return;
     const limit = this.limits ? this.limits.max_inflight : 64;
-    for (const p of this._outbox.values()) {
+    const maxFrame = this.limits ? this.limits.max_frame_bytes : 65536;
+    for (const p of [...this._outbox.values()]) {
       if (this._sendRids.size >= limit) return;
       if (p.rid) continue;
-      p.rid = this._rid++;
-      this._sendRids.set(p.rid, p);
-      const f = { t: "send", id: p.rid, cid: p.cid, body: p.body, type: p.type };
+      const f = { t: "send", id: this._rid, cid: p.cid, body: p.body, type: p.type };
       if (p.to !== null) f.to = p.to;
       if (p.conv !== null) f.conv = p.conv;
       if (p.flags) f.flags = p.flags;
       if (p.mentions.length) f.mentions = p.mentions;
       if (p.replyTo) f.reply_to = p.replyTo;
-      this._write(f);
+      const data = JSON.stringify(f);
+      if (encoder.encode(data).length > maxFrame) {
+        // The server would close the connection (1009) and the outbox would send it
+        // again after every reconnect: refuse it here, for good.
+        this._outbox.delete(p.cid);
+        p.reject(new RequestError({ code: "too_large", message: "message too large" }));
+        continue;
+      }
+      p.rid = this._rid++;
+      this._sendRids.set(p.rid, p);
+      this._conn.ws.send(data);
     }
   }
 
@@ -840,14 +867,20 @@ export class TidingsClient extends EventTarget {
 
   /** Enter a live room; its posts arrive as `room` events. Joined again after reconnects. */
   async joinRoom(room) {
-    const j = await this._request((id) => ({ t: "join", id, room }));
-    this.rooms.add(j.room);
-    return j;
+    this.rooms.add(room); // joined again after a reconnect, unless left or refused
+    try {
+      return await this._request((id) => ({ t: "join", id, room }));
+    } catch (e) {
+      if (e instanceof RequestError) this.rooms.delete(room);
+      throw e;
+    }
   }
 
+  /** Leave a room; while disconnected there is nothing to tell the server (the end of
+   * the connection left it), and it is not joined again. */
   async leaveRoom(room) {
     this.rooms.delete(room);
-    await this._request((id) => ({ t: "leave", id, room }));
+    if (this.ready) await this._request((id) => ({ t: "leave", id, room }));
   }
 
   /** Post to a room: kind "chat", "gift" or "like" (at most once, by design). */
@@ -1078,6 +1111,7 @@ export class TidingsClient extends EventTarget {
   /** Forget everything this device holds and, when connected, sync from scratch. */
   async reset() {
     this._wantSync = false;
+    this._generation += 1; // an answer on its way was asked for with what is forgotten
     if (this._syncTask) await this._syncTask.catch(() => {});
     this.since = "0";
     this.cv = 0;
@@ -1130,7 +1164,9 @@ export class TidingsClient extends EventTarget {
           }
           const cv = this.cv;
           const tail = this.opts.tail;
+          const gen = this._generation;
           const r = await this._request((id) => ({ t: "sync", id, since, have, limit, cv, tail }));
+          if (gen !== this._generation) return;
           this.syncAnswers += 1;
           if (limit === 0) {
             listed = r.convs.map((c) => c.conv);
@@ -1143,6 +1179,7 @@ export class TidingsClient extends EventTarget {
             if ((c.base || 0) > (this.held.get(c.conv) || 0)) {
               this.held.set(c.conv, c.base); // older entries skipped (tail): hold from here
               this._skipped(c.conv, c.base);
+              this._emit("skipped", { conv: c.conv, base: c.base });
             }
           }
           const msgs = [...r.msgs].sort((a, b) =>

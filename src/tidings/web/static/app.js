@@ -38,7 +38,7 @@ function describeError(e) {
     const map = {
       not_found: "No such user or conversation.",
       auth_failed: "Wrong user name or password.",
-      conflict: "That name is taken.",
+      conflict: "That was already used for something else.",
       forbidden: "You are not allowed to do that.",
       muted: "You are muted in this group.",
       blocked: "This user does not accept your messages.",
@@ -57,6 +57,8 @@ let mode = "signin";
 function showAuth(message = "") {
   $("main").hidden = true;
   $("auth").hidden = false;
+  $("auth-form").reset(); // nothing of the last user stays filled in
+  setMode("signin");
   $("auth-error").textContent = message;
   $("auth-user").focus();
 }
@@ -87,7 +89,8 @@ $("auth-form").addEventListener("submit", async (ev) => {
     sessionStorage.setItem(KEY, JSON.stringify({ token: t.token, user: t.user, device: t.device }));
     start(t.token);
   } catch (e) {
-    $("auth-error").textContent = describeError(e);
+    const taken = e instanceof RequestError && e.code === "conflict";
+    $("auth-error").textContent = taken ? "That name is taken." : describeError(e);
   } finally {
     $("auth-submit").disabled = false;
   }
@@ -102,8 +105,8 @@ class App {
     this.open = null; // {kind: "conv", conv} | {kind: "draft", to} | {kind: "room", room}
     this.presence = new Map(); // user -> {online, last_seen}
     this.typing = new Map(); // conv -> {user, until}
-    this.more = new Map(); // conv -> whether older entries exist on the server
-    this.loadingHistory = false;
+    this.floor = new Map(); // conv -> the oldest seq history has (nothing older exists)
+    this.loading = new Set(); // conversations with a history page on its way
     this.reading = null; // the read position last asked for
     this.editing = null; // seq being edited
     this.receipts = new Map(); // `${conv}:${seq}` -> count (groups)
@@ -112,6 +115,8 @@ class App {
     this.lastTyping = 0;
     this.renderQueued = false;
     this.room = new RoomView(this.client);
+    this.unlisten = []; // removes the window/document listeners on sign-out
+    this.destroyed = false;
     this.bind();
   }
 
@@ -146,13 +151,11 @@ class App {
     }
     sessionStorage.removeItem(OUTBOX);
     for (const p of kept) {
-      c.send({ to: p.to, conv: p.conv, type: p.type, body: p.body, flags: p.flags, cid: p.cid }).catch(
-        (e) => ($("chat-error").textContent = describeError(e)),
-      );
+      c.send({ ...p }).catch((e) => ($("chat-error").textContent = describeError(e)));
     }
-    window.addEventListener("pagehide", () => {
+    this.listen(window, "pagehide", () => {
       const pending = this.c.pendingSends();
-      if (app === this && pending.length) sessionStorage.setItem(OUTBOX, JSON.stringify(pending));
+      if (pending.length) sessionStorage.setItem(OUTBOX, JSON.stringify(pending));
     });
     this.render();
     try {
@@ -199,10 +202,31 @@ class App {
     $("back").onclick = () => this.close();
     $("room-back").onclick = () => this.close();
     $("room-leave").onclick = () => this.leaveRoom();
-    $("messages").addEventListener("scroll", () => this.maybeLoadOlder());
-    window.addEventListener("focus", () => this.markRead());
-    document.addEventListener("visibilitychange", () => this.markRead());
-    setInterval(() => this.tick(), 1000);
+    $("messages").onscroll = () => this.maybeLoadOlder();
+    this.listen(window, "focus", () => this.markRead());
+    this.listen(document, "visibilitychange", () => this.markRead());
+    this.ticker = setInterval(() => this.tick(), 1000);
+  }
+
+  listen(target, type, fn) {
+    target.addEventListener(type, fn);
+    this.unlisten.push(() => target.removeEventListener(type, fn));
+  }
+
+  /** Signed out: stop everything this app started and leave no trace of it on screen. */
+  destroy() {
+    this.destroyed = true;
+    clearInterval(this.ticker);
+    for (const off of this.unlisten.splice(0)) off();
+    this.room.stop();
+    this.c.close();
+    document.body.classList.remove("show-chat");
+    $("banner").hidden = true;
+    for (const id of ["me-name", "chat-error", "side-error", "history-status"]) $(id).textContent = "";
+    $("conv-list").replaceChildren();
+    $("message-list").replaceChildren();
+    $("chat").hidden = $("room").hidden = true;
+    $("group-form").hidden = true;
   }
 
   // ------------------------------------------------------------------ connection
@@ -224,6 +248,7 @@ class App {
   }
 
   onDisconnected(d) {
+    if (this.destroyed) return;
     $("conn-dot").className = "dot down";
     if (d.final) {
       if (d.code === 4004) return; // kicked: handled by the kicked event
@@ -243,8 +268,9 @@ class App {
   }
 
   signOut(message) {
+    if (this.destroyed) return;
     const token = this.token;
-    this.c.close();
+    this.destroy();
     sessionStorage.removeItem(KEY);
     sessionStorage.removeItem(OPEN);
     logout("", token).catch(() => {});
@@ -258,7 +284,8 @@ class App {
     const v = this.c.state.convs.get(m.conv);
     if (v && v.peer && !this.presence.has(v.peer)) {
       this.presence.set(v.peer, { user: v.peer, online: false }); // asked once
-      this.refreshPresence();
+      clearTimeout(this.presenceTimer); // one request for a whole sync's new peers
+      this.presenceTimer = setTimeout(() => this.refreshPresence(), 300);
     }
     const t = this.typing.get(m.conv);
     if (t && t.user === m.from) this.typing.delete(m.conv);
@@ -271,7 +298,6 @@ class App {
   }
 
   tick() {
-    if (app !== this) return; // signed out
     const now = Date.now();
     for (const [conv, t] of this.typing) {
       if (t.until < now) {
@@ -285,11 +311,11 @@ class App {
   }
 
   async refreshPresence() {
-    const peers = [...this.c.state.convs.values()].map((v) => v.peer).filter(Boolean);
+    const peers = [...new Set([...this.c.state.convs.values()].map((v) => v.peer).filter(Boolean))];
     if (!peers.length || !this.c.ready) return;
     try {
-      for (const p of await this.c.presence([...new Set(peers)].slice(0, 100))) {
-        this.presence.set(p.user, p);
+      for (let i = 0; i < peers.length; i += 100) {
+        for (const p of await this.c.presence(peers.slice(i, i + 100))) this.presence.set(p.user, p);
       }
       this.queueRender();
     } catch {
@@ -316,11 +342,8 @@ class App {
     const conv = this.open.conv;
     const v = this.c.state.convs.get(conv);
     if (conv.startsWith("g:")) this.fetchGroupInfo(conv, true);
-    const entries = this.c.state.entries(conv);
-    // Fill the screen from history when little is held (e.g. after a reload with `tail`).
-    if (this.c.ready && (entries.length < PAGE || (entries[0] && entries[0].seq > 1))) {
-      if (!v || entries.length < PAGE) await this.loadOlder(conv);
-    }
+    // Fill the screen from history when little is shown (e.g. after a reload with `tail`).
+    if (!v || this.shown(conv).length < PAGE) await this.loadOlder(conv);
     this.markRead();
   }
 
@@ -415,28 +438,42 @@ class App {
     }
   }
 
-  async loadOlder(conv) {
-    if (this.loadingHistory || this.more.get(conv) === false || !this.c.ready) return;
+  /** The entries on screen: the newest run of consecutive seqs. A sync with `tail` can
+   * leave a hole between older entries held and the newest ones; it is filled by paging
+   * back from the run's first entry, as the user scrolls up. */
+  shown(conv) {
     const entries = this.c.state.entries(conv);
-    const before = entries.length ? entries[0].seq : 0;
-    if (entries.length && before <= 1) {
-      this.more.set(conv, false);
-      return;
-    }
-    this.loadingHistory = true;
-    $("history-status").textContent = "Loading…";
+    let i = entries.length - 1;
+    while (i > 0 && entries[i - 1].seq === entries[i].seq - 1) i--;
+    return i > 0 ? entries.slice(i) : entries;
+  }
+
+  async loadOlder(conv) {
+    if (this.loading.has(conv) || !this.c.ready) return;
+    const run = this.shown(conv);
+    const before = run.length ? run[0].seq : 0;
+    if (run.length && before <= (this.floor.get(conv) || 1)) return; // all of it is shown
+    this.loading.add(conv);
+    const mine = () => this.open && this.open.conv === conv;
+    if (mine()) $("history-status").textContent = "Loading…";
     const box = $("messages");
     const fromBottom = box.scrollHeight - box.scrollTop;
     try {
       const page = await this.c.history(conv, before, PAGE);
-      this.more.set(conv, page.more);
-      this.render();
-      box.scrollTop = box.scrollHeight - fromBottom; // keep the view where it was
+      if (!page.more) this.floor.set(conv, page.msgs.length ? page.msgs[0].seq : before);
+      if (mine()) {
+        this.render();
+        box.scrollTop = box.scrollHeight - fromBottom; // keep the view where it was
+      }
     } catch {
       /* offline: try again on the next scroll */
     } finally {
-      this.loadingHistory = false;
-      $("history-status").textContent = this.more.get(conv) === false ? "Start of the conversation" : "";
+      this.loading.delete(conv);
+      if (mine()) {
+        const first = this.shown(conv)[0];
+        const all = !first || first.seq <= (this.floor.get(conv) || 1);
+        $("history-status").textContent = all ? "Start of the conversation" : "";
+      }
     }
   }
 
@@ -653,7 +690,7 @@ class App {
     const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 60;
     const items = [];
     if (!isDraft) {
-      for (const m of this.c.state.entries(conv)) {
+      for (const m of this.shown(conv)) {
         if (m.type === "recall" || m.type === "edit") continue; // applied to their target
         items.push(this.renderMessage(m, v, isGroup));
       }

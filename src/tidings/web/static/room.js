@@ -14,13 +14,14 @@ export class RoomView {
     this.lane = 0;
     this.frame = 0;
     this.raf = 0;
-    $("room-composer").addEventListener("submit", (ev) => {
+    // Handlers as properties: the next signed-in app's view replaces them.
+    $("room-composer").onsubmit = (ev) => {
       ev.preventDefault();
       this.post("chat", { text: $("room-text").value.trim() });
       $("room-text").value = "";
-    });
-    $("room-like").addEventListener("click", () => this.post("like", {}));
-    $("room-gift").addEventListener("click", () => this.post("gift", { gift: "rose" }));
+    };
+    $("room-like").onclick = () => this.post("like", {});
+    $("room-gift").onclick = () => this.post("gift", { gift: "rose" });
   }
 
   async enter(id) {
@@ -41,7 +42,7 @@ export class RoomView {
   stop() {
     cancelAnimationFrame(this.raf);
     this.raf = 0;
-    if (this.room && this.client.ready) this.client.leaveRoom(this.room).catch(() => {});
+    if (this.room) this.client.leaveRoom(this.room).catch(() => {});
     this.room = null;
   }
 
