@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import Harness, next_message
 from tests.rawclient import Raw
+from tidings.client import RequestError
 from tidings.protocol import close
 from tidings.protocol.errors import KINDS
 
@@ -482,3 +483,17 @@ async def test_group_errors(make_server: Any) -> None:
     await raw.close()
     await bob.close()
     await still_serving(h)
+
+
+async def test_sdk_refuses_a_send_over_the_frame_limit(harness: Harness) -> None:
+    """The Python SDK refuses a send whose frame would exceed max_frame_bytes with
+    `too_large` instead of letting the server close the connection (1009) over and over
+    as the outbox resends it; the connection stays up."""
+    await harness.user("bob")
+    c = await harness.client("alice", "d1")
+    with pytest.raises(RequestError) as err:
+        await c.send(to="bob", body={"blob": "x" * 70_000}, type="custom")
+    assert err.value.code == "too_large"
+    assert c.unacked_sends == 0
+    sent = await c.send(to="bob", text="small")
+    assert sent.seq == 1 and c.connects == 1

@@ -1005,16 +1005,29 @@ class Client:
         if not self.ready.is_set():
             return
         limit = self.limits.max_inflight if self.limits else 64
-        for p in self._outbox.values():
+        for p in list(self._outbox.values()):
             if len(self._send_rids) >= limit:
                 return
             if p.rid:
                 continue
-            p.rid = next(self._rid)
-            self._send_rids[p.rid] = p
-            self._write(
-                Send(p.rid, p.cid, p.body, p.to, p.conv, p.type, p.flags, p.mentions, p.reply_to)
+            if self._outq is None or self._conn is None:
+                return
+            rid = next(self._rid)
+            data = self._conn.codec.encode(
+                Send(rid, p.cid, p.body, p.to, p.conv, p.type, p.flags, p.mentions, p.reply_to)
             )
+            if len(data) > (self.limits.max_frame_bytes if self.limits else 65_536):
+                # The server would close the connection (1009) and the outbox would send
+                # it again after every reconnect: refuse it here, for good.
+                self._outbox.pop(p.cid, None)
+                if not p.future.done():
+                    p.future.set_exception(
+                        RequestError(Error("too_large", "message too large", False))
+                    )
+                continue
+            p.rid = rid
+            self._send_rids[rid] = p
+            self._outq.put_nowait(data)
 
     async def _request(self, make: Callable[[int], Any], retries: int = 5) -> Any:
         """One request/answer; throttling answers (retryable) are retried after the hint."""
