@@ -7,11 +7,13 @@ uncaught exceptions so that every test can also assert that the app raised none.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from playwright.async_api import Browser, ConsoleMessage, Page, expect
+from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
 
 CHROMIUM = os.environ.get("TIDINGS_CHROMIUM", "/usr/bin/chromium")
 # Chromium as root in a container, with nothing reaching out to the internet.
@@ -97,3 +99,15 @@ async def new_tab(browser: Browser, base: str, viewport: dict[str, int] | None =
     """A tab in a fresh browser context (another person's browser, or another device)."""
     context = await browser.new_context(viewport=viewport or DESKTOP)  # type: ignore[arg-type]
     return Tab(await context.new_page(), base)
+
+
+@contextlib.asynccontextmanager
+async def chromium() -> AsyncIterator[Browser]:
+    """Debian's Chromium, headless, driven by Playwright (which downloads no browser)."""
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        print(f"Chromium {b.version} at {CHROMIUM}")
+        try:
+            yield b
+        finally:
+            await b.close()

@@ -14,9 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, async_playwright, expect
+from playwright.async_api import Browser, expect
 
-from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, new_tab
+from tests.browser import PHONE, chromium, new_tab
 from tests.netproxy import Proxy
 from tests.procserver import ServerProcess
 from tidings.client import Client
@@ -35,13 +35,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as p:
-        b = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        print(f"Chromium {b.version} at {CHROMIUM}")
-        try:
-            yield b
-        finally:
-            await b.close()
+    async with chromium() as b:
+        yield b
 
 
 def base_of(srv: ServerProcess) -> str:
