@@ -6,12 +6,16 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import uvloop
+from playwright.async_api import Browser
 
+from tests.browser import chromium
+from tests.procserver import ServerProcess
 from tidings.app import Server
 from tidings.client import Client
 from tidings.config import Settings
@@ -150,3 +154,20 @@ async def next_message(client: Client, timeout: float = 5.0) -> Any:
 
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A `tidings serve` child process shared by a module's tests (the browser tests)."""
+    srv = ServerProcess(str(tmp_path_factory.mktemp("served") / "data")).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """Headless Chromium for a module's tests (their loop must be module-scoped too)."""
+    async with chromium() as b:
+        yield b

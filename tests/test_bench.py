@@ -10,35 +10,36 @@ from pathlib import Path
 import pytest
 
 
+def bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`tidings bench ARGS` in a child process, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "tidings", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.mark.parametrize("transport", ["ws", "tcp"])
 def test_bench_direct_small_run(tmp_path: Path, transport: str) -> None:
     """A short sweep starts its own server, measures, validates and writes the JSON."""
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tidings",
-            "bench",
-            "direct",
-            "--pairs",
-            "4",
-            "--rate",
-            "100,200",
-            "--duration",
-            "2",
-            "--warmup",
-            "0.5",
-            "--grace",
-            "3",
-            "--transport",
-            transport,
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = bench(
+        "direct",
+        "--pairs",
+        "4",
+        "--rate",
+        "100,200",
+        "--duration",
+        "2",
+        "--warmup",
+        "0.5",
+        "--grace",
+        "3",
+        "--transport",
+        transport,
+        "--json",
+        str(out),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "offered/s" in proc.stdout and "rate_per_s=" in proc.stdout
@@ -68,31 +69,22 @@ def test_bench_direct_small_run(tmp_path: Path, transport: str) -> None:
 def test_bench_flags_an_invalid_run(tmp_path: Path) -> None:
     """A run whose sends are refused is reported INVALID with reasons, exit status 1."""
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tidings",
-            "bench",
-            "direct",
-            "--pairs",
-            "2",
-            "--rate",
-            "50",
-            "--duration",
-            "1",
-            "--warmup",
-            "0.2",
-            "--grace",
-            "2",
-            "--server-set",
-            "max_pending_writes=0",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = bench(
+        "direct",
+        "--pairs",
+        "2",
+        "--rate",
+        "50",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--grace",
+        "2",
+        "--server-set",
+        "max_pending_writes=0",
+        "--json",
+        str(out),
     )
     assert proc.returncode != 0
     assert "INVALID" in proc.stdout
@@ -104,14 +96,9 @@ def test_bench_sync_small_run(tmp_path: Path) -> None:
     """`tidings bench sync` seeds a user, measures the return of a device and a new device,
     checks what they hold, and writes `sync_ms` to the JSON."""
     out = tmp_path / "sync.json"
-    argv = [sys.executable, "-m", "tidings", "bench", "sync", "--conversations", "30"]
+    argv = ["sync", "--conversations", "30"]
     argv += ["--missed", "300", "--history", "25", "--page", "20", "--repeat", "2"]
-    proc = subprocess.run(
-        [*argv, "--sync-limit", "100", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = bench(*argv, "--sync-limit", "100", "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert report["bench"] == "sync" and len(report["runs"]) == 2
@@ -125,12 +112,7 @@ def test_bench_sync_small_run(tmp_path: Path) -> None:
 
 
 def test_bench_sync_refuses_bad_arguments() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "tidings", "bench", "sync", "--conversations", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = bench("sync", "--conversations", "0", timeout=60)
     assert proc.returncode == 2 and "--conversations out of range" in proc.stderr
 
 
@@ -141,28 +123,20 @@ def test_bench_room_small_run(tmp_path: Path) -> None:
     """`tidings bench room` runs a small room end to end: every viewer is in, every
     post is timed at the sampled viewers, no gift is lost, the JSON has the keys."""
     out = tmp_path / "room.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tidings",
-            "bench",
-            "room",
-            "--viewers",
-            "60",
-            "--senders",
-            "3",
-            "--rate",
-            "40",
-            "--duration",
-            "2",
-            "--sample",
-            "10",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    proc = bench(
+        "room",
+        "--viewers",
+        "60",
+        "--senders",
+        "3",
+        "--rate",
+        "40",
+        "--duration",
+        "2",
+        "--sample",
+        "10",
+        "--json",
+        str(out),
         timeout=240,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -179,26 +153,18 @@ def test_bench_group_small_run(tmp_path: Path) -> None:
     """`tidings bench group` builds a group through the bulk API and every online
     member gets every stored message."""
     out = tmp_path / "group.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tidings",
-            "bench",
-            "group",
-            "--members",
-            "300",
-            "--online",
-            "50",
-            "--rate",
-            "10",
-            "--duration",
-            "2",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    proc = bench(
+        "group",
+        "--members",
+        "300",
+        "--online",
+        "50",
+        "--rate",
+        "10",
+        "--duration",
+        "2",
+        "--json",
+        str(out),
         timeout=240,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -210,10 +176,5 @@ def test_bench_group_small_run(tmp_path: Path) -> None:
 
 def test_bench_room_refuses_bad_arguments() -> None:
     for bad in (["--viewers", "0"], ["--rate", "-1"], ["--high-share", "2"], ["--tick-ms", "500"]):
-        proc = subprocess.run(
-            [sys.executable, "-m", "tidings", "bench", "room", *bad],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        proc = bench("room", *bad, timeout=60)
         assert proc.returncode != 0 and "must be in" in proc.stderr, (bad, proc.stderr)

@@ -7,36 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import pytest_asyncio
 from playwright.async_api import Browser, expect
 
-from tests.browser import PHONE, chromium, new_tab
+from tests.browser import PHONE, new_tab
 from tests.netproxy import Proxy
 from tests.procserver import ServerProcess
 from tidings.client import Client
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(str(tmp_path_factory.mktemp("web") / "data")).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    async with chromium() as b:
-        yield b
 
 
 def base_of(srv: ServerProcess) -> str:

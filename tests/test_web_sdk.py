@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, Page
 
-from tests.browser import Tab, chromium, new_tab
+from tests.browser import Tab, new_tab
 from tests.netproxy import Proxy
 from tests.procserver import ServerProcess
 from tidings.client import Client
@@ -69,21 +69,6 @@ async ([url, token, opts]) => {
   return c.user;
 }
 """
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(str(tmp_path_factory.mktemp("websdk") / "data")).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    async with chromium() as b:
-        yield b
 
 
 @pytest_asyncio.fixture(loop_scope="module")

@@ -13,52 +13,37 @@ their next push or sync. Groups have no delivered receipts (they count readers).
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
 from tidings.bus.base import Bus, DeliveredNotice
 from tidings.services.reads import Flusher
 from tidings.store.base import Store
 
-log = logging.getLogger(__name__)
 
+class DeliveredCoalescer(Flusher[tuple[str, str], int]):
+    """(conv, uid) -> the highest seq acked."""
 
-class DeliveredCoalescer(Flusher):
     what = "delivered positions"
 
     def __init__(self, store: Store, bus: Bus, interval_s: float) -> None:
+        super().__init__(interval_s)
         self.store = store
         self.bus = bus
-        self.interval_s = interval_s
-        self._pending: dict[tuple[str, str], int] = {}  # (conv, uid) -> seq
-        self._flushing: asyncio.Lock | None = None
         self.noted = 0  # statistics: acks noted
         self.moved = 0  # ... and positions that moved when written
 
     def note(self, conv: str, uid: str, seq: int) -> None:
         """A device of ``uid`` holds 1:1 conversation ``conv`` up to ``seq`` (unchecked:
         the flush caps it at the last seq and skips non-members)."""
-        key = (conv, uid)
-        if seq > self._pending.get(key, 0):
-            self._pending[key] = seq
+        self._keep((conv, uid), seq)
         self.noted += 1
 
-    async def flush(self) -> None:
-        """Write every pending position now; tell the other members of those that moved."""
-        if self._flushing is None:
-            self._flushing = asyncio.Lock()
-        async with self._flushing:
-            if not self._pending:
-                return
-            batch, self._pending = self._pending, {}
-            try:
-                moves = await self.store.write_delivered([(c, u, s) for (c, u), s in batch.items()])
-            except Exception:
-                log.exception("writing %d delivered positions failed; will retry", len(batch))
-                for (conv, uid), seq in batch.items():
-                    self.note(conv, uid, seq)
-                raise
-            self.moved += len(moves)
-            for m in moves:
-                if m.tell is not None:
-                    self.bus.publish(DeliveredNotice(m.conv, m.uid, m.seq, (m.tell,)))
+    def _keep(self, key: tuple[str, str], value: int) -> None:
+        if value > self._pending.get(key, 0):
+            self._pending[key] = value
+
+    async def _write(self, batch: dict[tuple[str, str], int]) -> None:
+        """Store the positions; tell the other members of those that moved."""
+        moves = await self.store.write_delivered([(c, u, s) for (c, u), s in batch.items()])
+        self.moved += len(moves)
+        for m in moves:
+            if m.tell is not None:
+                self.bus.publish(DeliveredNotice(m.conv, m.uid, m.seq, (m.tell,)))
