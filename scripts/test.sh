@@ -10,6 +10,9 @@ command -v git >/dev/null || need_apt+=(git)
 command -v ss >/dev/null || need_apt+=(iproute2)
 # The browser the end-to-end tests drive (Playwright never downloads one here).
 [ -x /usr/bin/chromium ] || need_apt+=(chromium fonts-dejavu-core)
+# The scale-out tests start their own PostgreSQL and Redis servers (tests/services.py).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
+command -v redis-server >/dev/null || need_apt+=(redis-server)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
@@ -19,6 +22,12 @@ fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
 
 echo "== browser: playwright $(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("playwright"))'), $(/usr/bin/chromium --version 2>/dev/null)"
+
+echo "== services: $(ls -d /usr/lib/postgresql/*/bin | head -1), $(redis-server --version | cut -d' ' -f1-3)"
+# Debian starts the packaged services on install; the tests use their own on free ports.
+for svc in postgresql redis-server; do
+  service "$svc" stop >/dev/null 2>&1 || true
+done
 
 echo "== ruff"
 .venv/bin/ruff check src tests

@@ -16,6 +16,7 @@ from playwright.async_api import Browser
 
 from tests.browser import chromium
 from tests.procserver import ServerProcess
+from tests.services import Postgres, Redis, postgres_server, redis_server
 from tidings.app import Server
 from tidings.client import Client
 from tidings.config import Settings
@@ -171,3 +172,23 @@ async def browser() -> AsyncIterator[Browser]:
     """Headless Chromium for a module's tests (their loop must be module-scoped too)."""
     async with chromium() as b:
         yield b
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Postgres]:
+    """One PostgreSQL server for the whole run (tests take a fresh database each)."""
+    with postgres_server() as pg:
+        yield pg
+
+
+@pytest.fixture
+def pg_dsn(pg_server: Postgres) -> str:
+    """A fresh, empty database on the run's PostgreSQL server."""
+    return pg_server.new_database()
+
+
+@pytest.fixture(scope="session")
+def redis_srv() -> Iterator[Redis]:
+    """One Redis server for the whole run (tests flush what they need)."""
+    with redis_server() as r:
+        yield r

@@ -75,6 +75,12 @@ class Settings:
     write_high_water: int = 2_000  # stop reading from senders above this write backlog
     write_low_water: int = 500  # ... and resume below this
     drain_timeout_s: float = 10.0
+    # scale-out (docs/operations.md, "Running a cluster")
+    database_url: str = ""  # postgresql://user@host:port/db: the PostgreSQL store
+    pg_pool_size: int = 10  # connections per process
+    redis_url: str = ""  # redis://host:port/db: the Redis bus (routing, presence, rooms)
+    node_ttl_ms: int = 5_000  # a process silent this long is dead: its routes vanish
+    workers: int = 1  # processes sharing the listening ports (PostgreSQL + Redis only)
 
     def __post_init__(self) -> None:
         if self.login_policy not in LOGIN_POLICIES:
@@ -83,6 +89,19 @@ class Settings:
             raise ValueError("room_tick_ms must be 1..100")
         if self.delivered_flush_ms < 1:
             raise ValueError("delivered_flush_ms must be >= 1")
+        if self.workers < 1:
+            raise ValueError("workers must be >= 1")
+        if self.workers > 1 and not (self.database_url and self.redis_url):
+            raise ValueError(
+                "workers > 1 needs database_url (PostgreSQL) and redis_url (Redis): "
+                "SQLite has one writer per database"
+            )
+        if self.database_url and not self.database_url.startswith(("postgres://", "postgresql://")):
+            raise ValueError("database_url must be a postgresql:// URL")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must be a redis:// or rediss:// URL")
+        if self.node_ttl_ms < 500:
+            raise ValueError("node_ttl_ms must be >= 500")
 
     @property
     def tls(self) -> bool:
