@@ -69,8 +69,19 @@ class Postgres:
             self._as_user = ["runuser", "-u", "postgres", "--"]
         self._n = 0
         subprocess.run(
-            [*self._as_user, _pg_bin("initdb"), "-D", self.data, "-U", "tidings", "-A", "trust",
-             "-E", "UTF8", "--no-sync"],
+            [
+                *self._as_user,
+                _pg_bin("initdb"),
+                "-D",
+                self.data,
+                "-U",
+                "tidings",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
             check=True,
             stdout=subprocess.DEVNULL,
         )
@@ -86,10 +97,30 @@ class Postgres:
         # fsync off for the suite's speed only (the benchmarks run with it on); commits
         # still happen in order, and killing Tidings never kills this server.
         self.proc = subprocess.Popen(
-            [*self._as_user, _pg_bin("postgres"), "-D", self.data, "-p", str(self.port),
-             "-h", "127.0.0.1", "-k", self.dir, "-c", f"fsync={'on' if self.fsync else 'off'}",
-             "-c", "max_connections=300", "-c", "shared_buffers=64MB",
-             "-c", "log_min_messages=fatal", "-c", "logging_collector=off"],
+            [
+                *self._as_user,
+                _pg_bin("postgres"),
+                "-D",
+                self.data,
+                "-p",
+                str(self.port),
+                "-h",
+                "127.0.0.1",
+                "-k",
+                self.dir,
+                "-c",
+                f"fsync={'on' if self.fsync else 'off'}",
+                "-c",
+                "max_connections=300",
+                "-c",
+                "shared_buffers=64MB",
+                "-c",
+                "track_commit_timestamp=on",
+                "-c",
+                "log_min_messages=fatal",
+                "-c",
+                "logging_collector=off",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -97,10 +128,13 @@ class Postgres:
         _wait_port(self.port, self.proc, "postgres")
         # Accepting TCP comes a moment before accepting sessions.
         deadline = time.monotonic() + 30
-        while subprocess.run(
-            [_pg_bin("pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "tidings"],
-            stdout=subprocess.DEVNULL,
-        ).returncode != 0:
+        while (
+            subprocess.run(
+                [_pg_bin("pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "tidings"],
+                stdout=subprocess.DEVNULL,
+            ).returncode
+            != 0
+        ):
             if time.monotonic() > deadline:
                 raise RuntimeError("postgres did not accept sessions")
             time.sleep(0.05)
@@ -122,8 +156,20 @@ class Postgres:
         self._n += 1
         name = f"t{self._n}_{os.getpid()}"
         subprocess.run(
-            [_pg_bin("psql"), "-q", "-h", "127.0.0.1", "-p", str(self.port), "-U", "tidings",
-             "-d", "postgres", "-c", f"CREATE DATABASE {name}"],
+            [
+                _pg_bin("psql"),
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "tidings",
+                "-d",
+                "postgres",
+                "-c",
+                f"CREATE DATABASE {name}",
+            ],
             check=True,
             stdout=subprocess.DEVNULL,
         )
@@ -151,9 +197,23 @@ class Redis:
         if not os.path.exists(binary):
             raise RuntimeError("redis-server is not installed (run scripts/test.sh)")
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--loglevel", "warning",
-             "--daemonize", "no"],
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--loglevel",
+                "warning",
+                "--daemonize",
+                "no",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,

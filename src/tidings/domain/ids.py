@@ -83,6 +83,7 @@ WORKER_BITS = 10
 COUNTER_BITS = 12
 MAX_WORKER = (1 << WORKER_BITS) - 1
 _COUNTER_MASK = (1 << COUNTER_BITS) - 1
+ID_TIME_SHIFT = WORKER_BITS + COUNTER_BITS  # an id's milliseconds are the bits above this
 
 
 class MessageIdGenerator:
@@ -115,6 +116,13 @@ class MessageIdGenerator:
         return (
             (ms << (WORKER_BITS + COUNTER_BITS)) | (self.worker_id << COUNTER_BITS) | self._counter
         )
+
+    def bump(self, after: int) -> None:
+        """Every id drawn from now on is above ``after`` (an id another process made)."""
+        after_ms = after >> (WORKER_BITS + COUNTER_BITS)
+        if after_ms >= self._last_ms:
+            self._last_ms = after_ms
+            self._counter = _COUNTER_MASK
 
 
 def message_id_time_ms(mid: int) -> int:

@@ -11,6 +11,7 @@ from tidings.bus.base import Bus, DeletedNotice, MessageEvent, ReadNotice, Setti
 from tidings.config import Settings
 from tidings.domain.groups import check_group_conv, is_group
 from tidings.domain.ids import (
+    ID_TIME_SHIFT,
     direct_conversation_id,
     direct_members,
     normalize_user_id,
@@ -26,6 +27,7 @@ from tidings.store.base import (
     EVENT_TYPES,
     Amend,
     AppendResult,
+    ConvRow,
     ConvSettings,
     ConvSummary,
     MessageRecord,
@@ -43,6 +45,7 @@ MAX_FLAGS = 0xFFFF
 MAX_MENTIONS = 100
 MAX_ID = 2**63
 SYNC_CONVS_MAX = 1000  # conversations listed in one sync answer
+SYNC_RECHECK_MAX = 64  # conversations looked at again from below a sync watermark
 SYNC_DELETIONS_MAX = 5000  # deleted seqs in one sync answer
 CONV_LIST_MAX = 200  # conversations in one conversation-list answer
 MAX_DRAFT_BYTES = 4096
@@ -436,6 +439,17 @@ class Messaging:
         more = bool(rows) and rows[0].seq > floor + 1
         return (await self._mark_deleted(uid, rows) if as_reader else rows), more
 
+    async def _recent_below(self, uid: str, since: int) -> list[ConvRow]:
+        """With several writers (PostgreSQL), an append may commit after one with a larger
+        message id: the conversations whose last id lies just below the device's
+        watermark are looked at again (the device holds them, or it gets what it lacks)."""
+        slack = self.store.sync_slack_ms
+        if not slack or not since:
+            return []
+        low = max(0, since - (slack << ID_TIME_SHIFT))
+        rows = await self.store.changed_conversations(uid, low, SYNC_RECHECK_MAX)
+        return [r for r in rows if r.last_mid <= since]
+
     async def sync(
         self,
         uid: str,
@@ -459,7 +473,7 @@ class Messaging:
             raise TidingsError("invalid", "`have` seqs must be 0..2^63-1")
         budget = min(limit, self.settings.sync_page_max)
         rows = await self.store.changed_conversations(uid, since, SYNC_CONVS_MAX + 1)
-        listed = rows[:SYNC_CONVS_MAX]
+        listed = await self._recent_below(uid, since) + rows[:SYNC_CONVS_MAX]
         # Which entries to send: per conversation from what the device holds (or from
         # its tail) to the last seq, within the entry budget, oldest change first.
         starts: dict[str, int] = {}
@@ -492,7 +506,7 @@ class Messaging:
             if covered and held < row.last_seq:
                 done.append(row.conv)
             if covered and prefix_held:
-                wm = row.last_mid
+                wm = max(wm, row.last_mid)
             else:
                 prefix_held = False
         complete = prefix_held and len(rows) <= SYNC_CONVS_MAX

@@ -230,6 +230,10 @@ class AuthState(msgspec.Struct, frozen=True):
 
 
 class Store(Protocol):
+    # Message ids are in commit order when 0 (one writer). Otherwise an id may commit up
+    # to this many ms after a larger one, and a sync from a watermark looks that far back.
+    sync_slack_ms: int
+
     async def open(self) -> None: ...
 
     async def close(self) -> None:

@@ -9,9 +9,9 @@ from importlib import resources
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
-def migration_scripts() -> list[tuple[int, str]]:
+def migration_scripts(folder: str = "migrations") -> list[tuple[int, str]]:
     out = []
-    for entry in resources.files("tidings.store").joinpath("migrations").iterdir():
+    for entry in resources.files("tidings.store").joinpath(folder).iterdir():
         m = _NAME.match(entry.name)
         if m:
             out.append((int(m.group(1)), entry.read_text(encoding="utf-8")))

@@ -118,6 +118,8 @@ def _connect(path: str) -> sqlite3.Connection:
 
 
 class SqliteStore(SqliteGroups):
+    sync_slack_ms = 0  # one writer: message ids commit in order
+
     def __init__(
         self,
         path: str,

@@ -1,0 +1,48 @@
+"""A thin layer over an asyncpg connection for the PostgreSQL store: SQL is written with
+``?`` placeholders (as for SQLite) and numbered once per statement text; ``exe`` answers
+the number of rows a statement touched."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import asyncpg
+
+
+@functools.lru_cache(maxsize=2048)
+def numbered(sql: str) -> str:
+    """``?`` placeholders as PostgreSQL's ``$1, $2, ...`` (our SQL has no ``?`` literals)."""
+    parts = sql.split("?")
+    out = [parts[0]]
+    for i, part in enumerate(parts[1:], start=1):
+        out.append(f"${i}")
+        out.append(part)
+    return "".join(out)
+
+
+class Db:
+    """One connection (inside a transaction when the store opened one)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def one(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        return await self.conn.fetchrow(numbered(sql), *args)
+
+    async def all(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        return list(await self.conn.fetch(numbered(sql), *args))
+
+    async def val(self, sql: str, *args: Any) -> Any:
+        return await self.conn.fetchval(numbered(sql), *args)
+
+    async def exe(self, sql: str, *args: Any) -> int:
+        status: str = await self.conn.execute(numbered(sql), *args)
+        last = status.rsplit(" ", 1)[-1]
+        return int(last) if last.isdigit() else 0
+
+    async def many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        if rows:
+            await self.conn.executemany(numbered(sql), rows)
