@@ -116,12 +116,32 @@ class Harness:
             await c.close()
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module that sets ``STORES = ("sqlite", "postgres")`` runs its in-process server
+    tests once on each store."""
+    stores = getattr(metafunc.module, "STORES", None)
+    if stores and "make_server" in metafunc.fixturenames:
+        metafunc.parametrize("store_kind", stores, indirect=True)
+
+
 @pytest.fixture
-async def make_server(tmp_path: Any) -> AsyncIterator[Callable[..., Any]]:
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+async def make_server(
+    tmp_path: Any, store_kind: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Callable[..., Any]]:
     started: list[Harness] = []
+    database_url = ""
+    if store_kind == "postgres":
+        database_url = request.getfixturevalue("pg_server").new_database()
 
     async def make(clock: Any = None, **overrides: Any) -> Harness:
         data_dir = str(tmp_path / f"data{len(started)}")
+        if database_url:
+            overrides.setdefault("database_url", database_url)
         server = Server(test_settings(data_dir, **overrides), clock=clock)
         await server.start()
         h = Harness(server)

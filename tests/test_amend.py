@@ -9,6 +9,8 @@ import pytest
 from tests.conftest import Harness, ManualClock, next_message
 from tidings.client import RequestError
 
+STORES = ("sqlite", "postgres")  # in-process server tests run on both stores
+
 
 async def test_recall_within_window(make_server: Any) -> None:
     """A recall is an entry every device gets; history shows the original as recalled;

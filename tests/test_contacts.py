@@ -12,6 +12,8 @@ from tests.rawclient import Raw
 from tests.test_http_api import call
 from tidings.client import RequestError, TypingNotice
 
+STORES = ("sqlite", "postgres")  # in-process server tests run on both stores
+
 
 async def next_typing(client: Any, timeout: float = 3.0) -> TypingNotice:
     async def get() -> TypingNotice:

@@ -15,6 +15,8 @@ from tests.rawclient import Raw
 from tidings.app import Server
 from tidings.client import Client, Delivered, ReadReceipt
 
+STORES = ("sqlite", "postgres")  # in-process server tests run on both stores
+
 CONV = "d:alice|bob"
 
 

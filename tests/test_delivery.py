@@ -16,6 +16,8 @@ from tests.rawclient import Raw
 from tidings.client import Client, Disconnected, MessageEvent
 from tidings.protocol import close
 
+STORES = ("sqlite", "postgres")  # in-process server tests run on both stores
+
 
 async def test_withheld_acks_are_retransmitted_then_disconnected(make_server: Any) -> None:
     """A device that never acks gets each push 1 + max_retransmits times, then close 4005."""

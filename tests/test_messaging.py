@@ -10,6 +10,8 @@ import pytest
 from tests.conftest import Harness, next_message
 from tidings.client import MessageEvent
 
+STORES = ("sqlite", "postgres")  # in-process server tests run on both stores
+
 TRANSPORTS = [("ws", "json"), ("ws", "msgpack"), ("tcp", "msgpack")]
 
 

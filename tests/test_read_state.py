@@ -11,6 +11,8 @@ from tests.conftest import Harness, next_message
 from tests.rawclient import Raw
 from tidings.client import ReadReceipt, RequestError
 
+STORES = ("sqlite", "postgres")  # in-process server tests run on both stores
+
 
 async def next_receipt(client: Any, timeout: float = 3.0) -> ReadReceipt:
     async def get() -> ReadReceipt:

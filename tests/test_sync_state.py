@@ -14,6 +14,8 @@ from tidings.client.state import LocalState
 from tidings.protocol.frames import Message
 from tidings.services import messaging
 
+STORES = ("sqlite", "postgres")  # in-process server tests run on both stores
+
 
 async def test_new_device_gets_the_list_and_the_latest_page(harness: Harness) -> None:
     """With ``tail``, a device that knows nothing gets every conversation's state and only

@@ -31,6 +31,7 @@ from tidings.services.rooms import Rooms
 from tidings.services.secrets import load_or_create
 from tidings.session.context import ServerContext
 from tidings.session.gate import WriteGate
+from tidings.store.postgres import PostgresStore
 from tidings.store.sqlite import SqliteStore
 from tidings.web import install as install_web
 
@@ -48,16 +49,25 @@ class Server:
         os.makedirs(s.data_dir, exist_ok=True)
         self.admin_key = load_or_create(os.path.join(s.data_dir, "admin.key"), s.admin_key)
         signing_key = load_or_create(os.path.join(s.data_dir, "signing.key"), s.signing_key, 48)
-        self.store = SqliteStore(
-            os.path.join(s.data_dir, "tidings.db"),
-            self.clock,
-            readers=s.sqlite_readers,
-            max_batch=s.group_commit_max_batch,
-            linger_ms=s.group_commit_linger_ms,
-            max_pending=s.max_pending_writes,
-            wal_restart_bytes=s.wal_restart_bytes,
-            checkpoint_interval_s=s.checkpoint_interval_ms / 1000,
-        )
+        self.store: SqliteStore | PostgresStore
+        if s.database_url:
+            self.store = PostgresStore(
+                s.database_url,
+                self.clock,
+                pool_size=s.pg_pool_size,
+                max_pending=s.max_pending_writes,
+            )
+        else:
+            self.store = SqliteStore(
+                os.path.join(s.data_dir, "tidings.db"),
+                self.clock,
+                readers=s.sqlite_readers,
+                max_batch=s.group_commit_max_batch,
+                linger_ms=s.group_commit_linger_ms,
+                max_pending=s.max_pending_writes,
+                wal_restart_bytes=s.wal_restart_bytes,
+                checkpoint_interval_s=s.checkpoint_interval_ms / 1000,
+            )
         self.bus = MemoryBus()
         self.hub = Hub(self.clock, login_policy=s.login_policy, publish=self.bus.publish)
         self.bus.set_handler(self.hub.handle)
@@ -107,6 +117,7 @@ class Server:
         self._runner: web.AppRunner | None = None
         self._tcp_server: asyncio.AbstractServer | None = None
         self._lease_task: asyncio.Task[None] | None = None
+        self._worker_id = -1
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.http_port = 0
         self.tcp_port = 0
@@ -131,6 +142,7 @@ class Server:
             self._holder, self.clock.now_ms(), WORKER_LEASE_TTL_MS
         )
         self.store.set_worker_id(wid)
+        self._worker_id = wid
         self._lease_task = asyncio.ensure_future(self._renew_lease())
         await self.bus.start()
         self.hub.start()
@@ -172,11 +184,18 @@ class Server:
         while True:
             await asyncio.sleep(WORKER_LEASE_TTL_MS / 3000)
             try:
-                await self.store.lease_worker_id(
+                wid = await self.store.lease_worker_id(
                     self._holder, self.clock.now_ms(), WORKER_LEASE_TTL_MS
                 )
-            except Exception:
-                log.exception("worker lease renewal failed")
+            except Exception as exc:
+                log.warning("worker lease renewal failed: %s", exc)
+                continue
+            if wid != self._worker_id:
+                # The lease lapsed (the database was away longer than its ttl) and another
+                # process may hold the old id now: draw ids under the new one.
+                log.warning("worker id lease lost; now worker %d (was %d)", wid, self._worker_id)
+                self.store.set_worker_id(wid)
+                self._worker_id = wid
 
     async def drain(self) -> None:
         """Stop accepting, finish in-flight writes, close connections as going away."""

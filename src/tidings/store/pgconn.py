@@ -24,10 +24,11 @@ def numbered(sql: str) -> str:
 class Db:
     """One connection (inside a transaction when the store opened one)."""
 
-    __slots__ = ("conn",)
+    __slots__ = ("conn", "written")
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
+        self.written = 0  # rows inserted, updated or deleted through this object
 
     async def one(self, sql: str, *args: Any) -> asyncpg.Record | None:
         return await self.conn.fetchrow(numbered(sql), *args)
@@ -41,8 +42,11 @@ class Db:
     async def exe(self, sql: str, *args: Any) -> int:
         status: str = await self.conn.execute(numbered(sql), *args)
         last = status.rsplit(" ", 1)[-1]
-        return int(last) if last.isdigit() else 0
+        n = int(last) if last.isdigit() and not status.startswith("SELECT") else 0
+        self.written += n
+        return n
 
     async def many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         if rows:
             await self.conn.executemany(numbered(sql), rows)
+            self.written += len(rows)

@@ -147,6 +147,7 @@ class PostgresStore(PgGroups):
         self._closed = False
         self._down_logged = False
         self.commits = 0  # statistics: committed write transactions
+        self.rows_written = 0  # statistics: rows inserted, updated or deleted by commits
         self.retries = 0  # statistics: transactions retried after a deadlock
 
     # ------------------------------------------------------------------ lifecycle
@@ -229,7 +230,8 @@ class PostgresStore(PgGroups):
                         self._pool.acquire(timeout=self.acquire_timeout_s) as conn,
                         conn.transaction(),
                     ):
-                        res = await fn(Db(conn))
+                        db = Db(conn)
+                        res = await fn(db)
                 except Answer as answer:
                     return answer.value  # type: ignore[no-any-return]
                 except _RETRY:
@@ -248,6 +250,7 @@ class PostgresStore(PgGroups):
                     log.error("write failed: %s: %s", type(exc).__name__, exc)
                     raise TidingsError("internal", "storage error; nothing was written") from exc
                 self._down_logged = False
+                self.rows_written += db.written
                 self._committed()
                 return res
             raise AssertionError("unreachable")
@@ -289,6 +292,7 @@ class PostgresStore(PgGroups):
         )
         if version is None:
             return 0
+        db.written += 1  # the user's row (its version counter)
         await db.exe(
             "INSERT INTO user_changes (uid, version, conv, kind, value, ts) VALUES (?,?,?,?,?,?)",
             uid,
