@@ -153,8 +153,15 @@ class Server:
             self.make_app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
         )
         await self._runner.setup()
+        shared = s.workers > 1  # several processes bind the same ports (SO_REUSEPORT)
         site = web.TCPSite(
-            self._runner, s.host, s.port, ssl_context=ssl_ctx, backlog=s.backlog, reuse_address=True
+            self._runner,
+            s.host,
+            s.port,
+            ssl_context=ssl_ctx,
+            backlog=s.backlog,
+            reuse_address=True,
+            reuse_port=shared or None,
         )
         await site.start()
         self.http_port = int(self._runner.addresses[-1][1])
@@ -167,6 +174,7 @@ class Server:
                 ssl=ssl_ctx,
                 backlog=s.backlog,
                 reuse_address=True,
+                reuse_port=shared or None,
             )
             self.tcp_port = self._tcp_server.sockets[0].getsockname()[1]
         log.info(

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import signal
+import socket
 import sys
+import time
 from collections.abc import Sequence
 
 from tidings.config import Settings, load_settings
@@ -33,6 +36,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
         "data_dir": args.data_dir,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
+        "workers": getattr(args, "workers", None),
     }
     for item in args.set or []:
         key, sep, value = item.partition("=")
@@ -42,7 +46,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, overrides=overrides)
 
 
-async def _serve(settings: Settings) -> int:
+async def _serve(settings: Settings, worker: int | None = None) -> int:
     from tidings.app import Server
 
     server = Server(settings)
@@ -52,9 +56,11 @@ async def _serve(settings: Settings) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 50)
+    who = "" if worker is None else f" (worker {worker}, pid {os.getpid()})"
     print(
         f"tidings: ready on http://{settings.host}:{server.http_port} "
-        f"(tcp {server.tcp_port}); admin key in {os.path.join(settings.data_dir, 'admin.key')}",
+        f"(tcp {server.tcp_port}){who}; admin key in "
+        f"{os.path.join(settings.data_dir, 'admin.key')}",
         flush=True,
     )
     stop = asyncio.Event()
@@ -68,13 +74,87 @@ async def _serve(settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings = _settings_from(args)
+    try:
+        settings = _settings_from(args)
+    except (ValueError, OSError) as exc:  # bad settings: say which, no traceback
+        print(f"tidings: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if settings.workers > 1:
+        return _supervise(settings)
     _install_uvloop()
     return asyncio.run(_serve(settings))
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _supervise(settings: Settings) -> int:
+    """``workers`` processes share the listening ports (SO_REUSEPORT: the kernel spreads
+    new connections over them); each is a full server over the shared PostgreSQL and
+    Redis. A worker that dies is started again; SIGTERM/SIGINT drain them all."""
+    # Every worker must bind the same ports: fix "any free port" (0) here, once.
+    if settings.port == 0:
+        settings = settings.replace(port=_free_port(settings.host))
+    if settings.tcp_port == 0:
+        settings = settings.replace(tcp_port=_free_port(settings.host))
+    children: dict[int, int] = {}  # pid -> worker number
+    stopping = False
+
+    def spawn(n: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                _install_uvloop()
+                code = asyncio.run(_serve(settings, worker=n))
+            except BaseException:
+                log.exception("worker %d failed", n)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = n
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("starting %d workers on port %d", settings.workers, settings.port)
+    for n in range(settings.workers):
+        spawn(n)
+    restarts: list[float] = []
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        n = children.pop(pid, -1)
+        if n < 0 or stopping:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < 60] + [now]
+        if len(restarts) > 10 * settings.workers:
+            log.error("workers keep dying (last: %d, exit %d); giving up", n, code)
+            stop(signal.SIGTERM, None)
+            continue
+        log.error("worker %d (pid %d) exited with %d; starting it again", n, pid, code)
+        time.sleep(0.2)
+        spawn(n)
+    return 0
 
 
 def cmd_admin_key(args: argparse.Namespace) -> int:
@@ -108,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", help="data directory (default ./tidings-data)")
     serve.add_argument("--tls-cert", help="PEM certificate: enables TLS on every listener")
     serve.add_argument("--tls-key", help="PEM private key")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="processes sharing the ports (default 1; more need database_url and redis_url)",
+    )
     serve.add_argument(
         "--set",
         action="append",

@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 
+from tidings import faults
 from tidings.bus.base import Bus, DeletedNotice, MessageEvent, ReadNotice, SettingsNotice
 from tidings.config import Settings
 from tidings.domain.groups import check_group_conv, is_group
@@ -291,6 +292,7 @@ class Messaging:
                 return
             res = fut.result()
             if not res.dup:
+                faults.hit("after_commit")
                 users = self._members_of(res.record.conv, msg.members)
                 self.bus.publish(MessageEvent(res.record, users, exclude_device=exclude))
 
