@@ -16,7 +16,7 @@ from playwright.async_api import Browser
 
 from tests.browser import chromium
 from tests.procserver import ServerProcess
-from tests.services import Postgres, Redis, postgres_server, redis_server
+from tidings.bench.services import Postgres, Redis, postgres_server, redis_server
 from tidings.app import Server
 from tidings.client import Client
 from tidings.config import Settings

@@ -81,7 +81,7 @@ async def test_database_down_is_retryable_and_recovers() -> None:
     """With PostgreSQL stopped, a send fails promptly with `unavailable` (retryable),
     never a false success; once it is back the same store writes again by itself, and
     the retry of the failed send is stored once."""
-    from tests.services import postgres_server
+    from tidings.bench.services import postgres_server
     from tidings.protocol.errors import TidingsError
 
     with postgres_server() as pg:

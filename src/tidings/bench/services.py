@@ -1,5 +1,6 @@
-"""Real PostgreSQL and Redis servers for the tests, each started in a temporary directory
-on a free loopback port and stopped at the end (never a running system service).
+"""Real PostgreSQL and Redis servers for the tests and benchmarks, each started in a
+temporary directory on a free loopback port and stopped at the end (never a running
+system service).
 
 scripts/test.sh installs Debian's ``postgresql`` and ``redis-server``; when a binary is
 missing here that is an error, not a skip. PostgreSQL refuses to run as root, so as root
