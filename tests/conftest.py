@@ -16,8 +16,8 @@ from playwright.async_api import Browser
 
 from tests.browser import chromium
 from tests.procserver import ServerProcess
-from tidings.bench.services import Postgres, Redis, postgres_server, redis_server
 from tidings.app import Server
+from tidings.bench.services import Postgres, Redis, postgres_server, redis_server
 from tidings.client import Client
 from tidings.config import Settings
 
