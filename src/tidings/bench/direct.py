@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -33,12 +34,21 @@ from tidings.bench.observe import (
     code_info,
     listener_pid,
     machine_info,
+    others_cpu_s,
     server_cpu_s,
     snapshot,
     store_files,
     window_figures,
 )
-from tidings.bench.report import summarise, summary, table_header, table_row
+from tidings.bench.report import (
+    compare_setups,
+    comparison_table,
+    summarise,
+    summary,
+    table_header,
+    table_row,
+)
+from tidings.bench.services import postgres_server, redis_server
 from tidings.bench.worker import worker_main
 
 # Bounds: the bench refuses anything bigger.
@@ -96,6 +106,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-pin", action="store_true", help="do not pin server and clients to cores")
     p.add_argument("--pause", type=float, default=1.0, help="seconds between the rates of a sweep")
+    p.add_argument(
+        "--store",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="the started server's store; postgres also starts Redis (default sqlite)",
+    )
+    p.add_argument(
+        "--workers",
+        default="1",
+        help="worker processes of the started server; a comma list (e.g. 1,2) runs the "
+        "whole bench once per set-up, side by side (more than 1 needs --store postgres)",
+    )
 
 
 # ------------------------------------------------------------------ options
@@ -158,6 +180,17 @@ class Plan:
         self.data_dir: str = args.data_dir or ""
         self.keep_data: bool = args.keep_data
         self.json_path: str | None = args.json_path
+        self.store: str = args.store
+        try:
+            self.workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
+        except ValueError:
+            raise SystemExit(f"--workers: expected numbers, got {args.workers!r}") from None
+        if not self.workers or len(self.workers) > 4 or any(not 1 <= w <= 16 for w in self.workers):
+            raise SystemExit("--workers: 1 to 4 set-ups of 1..16 workers")
+        if max(self.workers) > 1 and self.store != "postgres":
+            raise SystemExit("--workers above 1 needs --store postgres (SQLite has one writer)")
+        if self.url is not None and (self.store != "sqlite" or self.workers != [1]):
+            raise SystemExit("--store and --workers apply to a server the bench starts")
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -174,6 +207,8 @@ class Plan:
             "pinned": self.pin,
             "server_cores": self.server_cores,
             "client_cores": self.client_cores,
+            "store": self.store,
+            "workers": self.workers,
         }
 
 
@@ -221,9 +256,9 @@ def run_rate(plan: Plan, target: Target, rate: float, step: int) -> dict[str, An
         ws = t0 + plan.warmup
         we = ws + plan.duration
         _sleep_until(ws)
-        before = snapshot(target.pid)
+        before = snapshot(target.pid, target.others)
         backlog = _watch_backlog(target.base_url, we)
-        after = snapshot(target.pid)
+        after = snapshot(target.pid, target.others)
         deadline = we + plan.grace + 60
         results = [recv_from(conn, deadline, "result") for _, conn in workers]
     finally:
@@ -233,6 +268,10 @@ def run_rate(plan: Plan, target: Target, rate: float, step: int) -> dict[str, An
             conn.close()
     row = summarise(rate, plan.duration, results, server_cpu_s(before, after))
     row.update(window_figures(before, after, target.pid, plan.duration))
+    delivered = row["counts"]["delivered_in_window"]
+    for name, cpu_s in others_cpu_s(before, after).items():
+        row[f"{name}_cpu_pct"] = round(100 * cpu_s / plan.duration, 1)
+        row[f"{name}_cpu_us_per_msg"] = round(cpu_s * 1e6 / delivered, 1) if delivered else None
     if "machine_busy_pct" in row:
         # Everything else the box ran meanwhile: other work on these cores shows up here.
         mine = (row["server_cpu_pct"] or 0.0) + sum(row["client_cpu_pct_per_proc"])
@@ -325,14 +364,17 @@ class Target:
     data_dir: str | None
     nonce: str = field(default_factory=lambda: secrets.token_hex(4))
     users: list[tuple[str, str, str, str]] = field(default_factory=list)
+    others: dict[str, int] = field(default_factory=dict)  # name -> pid: PostgreSQL, Redis
 
 
-def _start_server(plan: Plan, report: dict[str, Any]) -> tuple[LocalServer, Target]:
-    server = LocalServer(plan.server_settings, plan.server_cores, plan.data_dir, plan.keep_data)
+def _start_server(
+    plan: Plan, report: dict[str, Any], settings: dict[str, str]
+) -> tuple[LocalServer, Target]:
+    server = LocalServer(settings, plan.server_cores, plan.data_dir, plan.keep_data)
     server.start()
     port = server.tcp_port if plan.transport == "tcp" else server.port
     target = Target(server.url, port, server.pid, server.data_dir)
-    settings_used = " ".join(f"{k}={v}" for k, v in plan.server_settings.items())
+    settings_used = " ".join(f"{k}={v}" for k, v in settings.items())
     print(
         f"server: pid {server.pid} on {server.url} (tcp {server.tcp_port}), cores "
         f"{plan.server_cores or 'any'}, data {server.data_dir}\nserver settings: {settings_used}",
@@ -341,7 +383,7 @@ def _start_server(plan: Plan, report: dict[str, Any]) -> tuple[LocalServer, Targ
     report["settings"]["server"] = {
         "started": True,
         "argv": server.argv[1:],
-        "settings": plan.server_settings,
+        "settings": settings,
         "data_dir": server.data_dir,
     }
     return server, target
@@ -357,17 +399,63 @@ def _given_server(plan: Plan, report: dict[str, Any]) -> Target:
 
 
 def _main(plan: Plan) -> int:
-    server: LocalServer | None = None
     report: dict[str, Any] = {"bench": "direct", "settings": plan.describe()}
     report["machine"] = machine_info()
     report["code"] = code_info()
     try:
-        if plan.url is None:
-            server, target = _start_server(plan, report)
+        with contextlib.ExitStack() as stack:
+            if plan.url is not None:
+                _run_setup(plan, report, None)
+            elif plan.store == "sqlite":
+                _run_setup(plan, report, dict(plan.server_settings))
+            else:
+                _run_cluster(plan, report, stack)
+    finally:
+        if plan.json_path:
+            with open(plan.json_path, "w") as fh:
+                json.dump(report, fh, indent=2)
+                fh.write("\n")
+    runs = report.get("runs", [])
+    return 0 if runs and all(r["valid"] for r in runs) else 1
+
+
+def _run_cluster(plan: Plan, report: dict[str, Any], stack: contextlib.ExitStack) -> None:
+    """Each worker count in turn over one PostgreSQL (fsync on) and one Redis that the
+    bench starts; a fresh database per set-up. The set-ups' figures side by side, with
+    the ratios of each to the first."""
+    pg = stack.enter_context(postgres_server(fsync=True))
+    redis = stack.enter_context(redis_server())
+    print(f"postgres: pid {pg.pid} port {pg.port} (fsync on); redis: pid {redis.pid}", flush=True)
+    setups = []
+    for n in plan.workers:
+        settings = dict(plan.server_settings)
+        settings.update(database_url=pg.new_database(), redis_url=redis.url, workers=str(n))
+        print(f"== {n} worker{'s' if n > 1 else ''} over PostgreSQL + Redis", flush=True)
+        sub: dict[str, Any] = {"settings": {}, "machine": report["machine"]}
+        _run_setup(plan, sub, settings, {"postgres": pg.pid, "redis": redis.pid})
+        sub.pop("machine")
+        setups.append({"workers": n, "store": "postgres", **sub})
+    report["setups"] = setups
+    report["runs"] = [dict(r, workers=s["workers"]) for s in setups for r in s["runs"]]
+    report["comparison"] = compare_setups(setups)
+    print(comparison_table(report["comparison"]), flush=True)
+
+
+def _run_setup(
+    plan: Plan,
+    report: dict[str, Any],
+    settings: dict[str, str] | None,
+    others: dict[str, int] | None = None,
+) -> None:
+    server: LocalServer | None = None
+    try:
+        if settings is not None:
+            server, target = _start_server(plan, report, settings)
             admin_key = server.admin_key()
         else:
             target = _given_server(plan, report)
             admin_key = plan.admin_key
+        target.others = dict(others or {})
         if plan.client_cores:
             os.sched_setaffinity(0, set(plan.client_cores))
         uids = [
@@ -385,12 +473,6 @@ def _main(plan: Plan) -> int:
             report["settings"]["server"]["exit_code"] = code
             if code not in (0, None):
                 print(f"server exited with {code}:\n{server.log_tail()}", file=sys.stderr)
-        if plan.json_path:
-            with open(plan.json_path, "w") as fh:
-                json.dump(report, fh, indent=2)
-                fh.write("\n")
-    runs = report.get("runs", [])
-    return 0 if runs and all(r["valid"] for r in runs) else 1
 
 
 def _sweep(plan: Plan, target: Target, server: LocalServer | None, report: dict[str, Any]) -> None:

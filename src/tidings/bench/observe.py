@@ -31,6 +31,36 @@ def proc_cpu_s(pid: int) -> tuple[float, float] | None:
     return _stat_times_s(f"/proc/{pid}/stat")
 
 
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (a supervisor's workers, PostgreSQL's backends)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def tree_cpu_s(pid: int) -> tuple[float, float] | None:
+    """(utime, stime) of ``pid`` and its descendants alive now, summed."""
+    total: tuple[float, float] | None = None
+    for p in descendants(pid):
+        t = proc_cpu_s(p)
+        if t is not None:
+            total = t if total is None else (total[0] + t[0], total[1] + t[1])
+    return total
+
+
 def machine_cpu_s() -> tuple[float, float] | None:
     """(busy, steal) seconds summed over all CPUs since boot, from /proc/stat."""
     try:
@@ -148,12 +178,26 @@ class Snapshot:
     server: tuple[float, float] | None = None  # (utime, stime) of the server process
     threads: dict[int, tuple[float, float]] = field(default_factory=dict)
     machine: tuple[float, float] | None = None  # (busy, steal) over all CPUs
+    others: dict[str, tuple[float, float] | None] = field(default_factory=dict)
 
 
-def snapshot(server_pid: int | None) -> Snapshot:
+def snapshot(server_pid: int | None, others: dict[str, int] | None = None) -> Snapshot:
+    """CPU times now: the server (with its workers, if it is a supervisor), its threads,
+    the machine, and each of ``others`` (name -> pid, with their descendants)."""
+    extra = {name: tree_cpu_s(pid) for name, pid in (others or {}).items()}
     if not server_pid:
-        return Snapshot(machine=machine_cpu_s())
-    return Snapshot(proc_cpu_s(server_pid), thread_cpu_s(server_pid), machine_cpu_s())
+        return Snapshot(machine=machine_cpu_s(), others=extra)
+    return Snapshot(tree_cpu_s(server_pid), thread_cpu_s(server_pid), machine_cpu_s(), extra)
+
+
+def others_cpu_s(before: Snapshot, after: Snapshot) -> dict[str, float]:
+    """CPU seconds each of the other processes used between the snapshots."""
+    out = {}
+    for name, t1 in after.others.items():
+        t0 = before.others.get(name)
+        if t0 is not None and t1 is not None:
+            out[name] = sum(t1) - sum(t0)
+    return out
 
 
 def server_cpu_s(before: Snapshot, after: Snapshot) -> float | None:

@@ -149,3 +149,53 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "p99_ms_by_rate": {f"{r['offered_per_s']:g}": r["p99_ms"] for r in runs},
         "all_valid": bool(runs) and len(valid) == len(runs),
     }
+
+
+_COMPARED = (
+    ("msgs/s", "msgs_per_s", "{:.0f}"),
+    ("p50 ms", "p50_ms", "{:.2f}"),
+    ("p99 ms", "p99_ms", "{:.2f}"),
+    ("srv us/msg", "server_cpu_us_per_msg", "{:.1f}"),
+    ("pg us/msg", "postgres_cpu_us_per_msg", "{:.1f}"),
+    ("redis us/msg", "redis_cpu_us_per_msg", "{:.1f}"),
+    ("srv cpu%", "server_cpu_pct", "{:.0f}"),
+    ("pg cpu%", "postgres_cpu_pct", "{:.0f}"),
+    ("redis cpu%", "redis_cpu_pct", "{:.0f}"),
+    ("cli cpu%", "client_cpu_pct", "{:.0f}"),
+)
+
+
+def compare_setups(setups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per offered rate, each set-up's figures and their ratio to the first set-up's."""
+    out = []
+    base_runs = {r["offered_per_s"]: r for r in setups[0]["runs"]}
+    for setup in setups:
+        for run in setup["runs"]:
+            base = base_runs.get(run["offered_per_s"])
+            item: dict[str, Any] = {"workers": setup["workers"], "valid": run["valid"]}
+            for _, key, _ in _COMPARED:
+                item[key] = run.get(key)
+                if base is not None and run.get(key) and base.get(key):
+                    item[f"{key}_ratio"] = round(run[key] / base[key], 3)
+            item["offered_per_s"] = run["offered_per_s"]
+            out.append(item)
+    return out
+
+
+def comparison_table(items: list[dict[str, Any]]) -> str:
+    lines = ["set-ups side by side (ratio to the first set-up in brackets):"]
+    lines.append(
+        f"{'workers':>8}  {'offered/s':>9}  "
+        + "  ".join(f"{title:>16}" for title, _, _ in _COMPARED)
+    )
+    for item in items:
+        cells = []
+        for _, key, fmt in _COMPARED:
+            value = item.get(key)
+            text = "-" if value is None else fmt.format(value)
+            ratio = item.get(f"{key}_ratio")
+            if ratio is not None and item["workers"] != items[0]["workers"]:
+                text += f" ({ratio:.2f}x)"
+            cells.append(f"{text:>16}")
+        lines.append(f"{item['workers']:>8}  {item['offered_per_s']:>9.0f}  " + "  ".join(cells))
+    return "\n".join(lines)

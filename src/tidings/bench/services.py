@@ -91,6 +91,11 @@ class Postgres:
     def data(self) -> str:
         return os.path.join(self.dir, "data")
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid  # (as root: runuser's, the postmaster is below it)
+
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://tidings@127.0.0.1:{self.port}/{database}"
 
@@ -188,6 +193,11 @@ class Redis:
         self.dir = tempfile.mkdtemp(prefix="tidings-redis-")
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     @property
     def url(self) -> str:
