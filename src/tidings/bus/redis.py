@@ -457,6 +457,7 @@ class RedisBus:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             health_check_interval=max(1, self.node_ttl_ms // 3000),
+            client_name=f"tidings-bus:{self.node_id}",  # for CLIENT LIST
         )
         self._client = client
         await self._load_scripts(client)

@@ -70,6 +70,7 @@ from tidings.protocol.frames import (
     ReceiptItem,
     ReceiptList,
     Receipts,
+    Resync,
     RoomFrame,
     RoomMsg,
     RoomSend,
@@ -817,6 +818,8 @@ class Client:
             if int(frame.wm) > int(self.since) or frame.cv > self.cv:
                 self.request_sync()
             self._resolve(frame.id, frame)
+        elif kind is Resync:  # the server may have lost pushes to us: catch up
+            self.request_sync()
         elif kind in (
             Ready,
             Synced,

@@ -70,24 +70,33 @@ class Bucket:
         return (1 - self.tokens) / self.rate
 
 
+def lane_of(kind: str) -> str:
+    """The rate-limit lane of a post kind: ``like``, ``high`` or ``chat``."""
+    return "like" if kind == "like" else "high" if kind in HIGH_KINDS else "chat"
+
+
 @dataclass
 class RateLimits:
-    """Per-user limits of one room (or one node's share of it)."""
+    """Per-user limits of one room on this node (token buckets). In a cluster the same
+    rates also hold across nodes, counted per second by the bus (services/rooms.py)."""
 
     chat_per_s: float = 20.0
     high_per_s: float = 10.0
     likes_per_s: float = 20.0
     _buckets: dict[tuple[str, str], Bucket] = field(default_factory=dict)
 
+    def rate(self, lane: str) -> float:
+        return {"like": self.likes_per_s, "high": self.high_per_s}.get(lane, self.chat_per_s)
+
     def check(self, user: str, kind: str, now: float) -> float:
         """0 if ``user`` may post ``kind`` now, else the seconds to wait."""
-        lane = "like" if kind == "like" else "high" if kind in HIGH_KINDS else "chat"
+        lane = lane_of(kind)
         key = (user, lane)
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) > 100_000:  # idle users' buckets are full anyway
                 self._buckets.clear()
-            rate = {"like": self.likes_per_s, "high": self.high_per_s}.get(lane, self.chat_per_s)
+            rate = self.rate(lane)
             bucket = self._buckets[key] = Bucket(rate, max(rate, 1.0), now)
         return bucket.take(now)
 

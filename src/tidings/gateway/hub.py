@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable, Collection
 
 from tidings.bus.base import (
+    Bus,
     BusEvent,
     DeletedNotice,
     DeliveredNotice,
     MessageEvent,
+    PresenceChange,
+    PresenceNotice,
     ReadNotice,
+    ResyncHint,
     RevokeEvent,
     RoomEvent,
     SessionStarted,
@@ -28,8 +33,10 @@ from tidings.protocol.frames import (
     DeliveredEvent,
     Kicked,
     PresenceEvent,
+    PresenceItem,
     Push,
     ReadEvent,
+    Resync,
     ServerFrame,
     SettingsEvent,
     TypingEvent,
@@ -40,7 +47,10 @@ from tidings.services.presence import Presence
 from tidings.session.session import Session
 
 log = logging.getLogger(__name__)
+RESYNC = Resync()
 FULL_SWEEP_EVERY = 4  # each session's idle timeout and token expiry: every 4 rounds (1 s)
+RESYNC_CHUNK = 100  # resync hints written at once
+LAST_PRESENCE_S = 2.0  # on stop, how long the last presence changes may take
 
 
 class Hub:
@@ -50,11 +60,16 @@ class Hub:
         sweep_interval_s: float = 0.25,
         login_policy: str = "unlimited",
         publish: Callable[[BusEvent], None] | None = None,
+        bus: Bus | None = None,
     ) -> None:
         self.clock = clock
         self.sweep_interval_s = sweep_interval_s
         self.login_policy = login_policy
-        self.publish = publish  # the bus, for events other nodes must see
+        # The bus: told which users have sessions here (routing, cluster-wide presence),
+        # and where events other nodes must see are published. Without one (tests of
+        # the hub alone) presence is what this hub sees.
+        self.bus = bus
+        self.publish = publish if publish is not None or bus is None else bus.publish
         self.presence: Presence | None = None
         self.members: MemberCache | None = None  # group member sets, for fan-out
         self.rooms: RoomHub | None = None  # live rooms' viewers and ticks
@@ -67,6 +82,13 @@ class Hub:
         self._sweeps = 0
         self._sweeper: asyncio.Task[None] | None = None
         self.pushes = 0
+        # Resync hints go out after a random pause of up to resync_jitter_s (every node
+        # gets its hint at once when a peer dies), then at most resync_per_s a second.
+        self.resync_jitter_s = 0.5
+        self.resync_per_s = 5_000.0
+        self._resync_task: asyncio.Task[None] | None = None
+        self._resync_again = False
+        self.resyncs = 0  # statistics: hints written
 
     # ------------------------------------------------------------------ registry
 
@@ -76,9 +98,13 @@ class Hub:
     def register(self, session: Session) -> None:
         self.pending.discard(session)
         group = self.by_user.setdefault(session.uid, set())
-        if not group:
-            self._presence_changed[session.uid] = True
+        first = not group
         group.add(session)
+        if first:
+            if self.bus is not None:
+                self.bus.user_online(session.uid)  # it reports a cluster-wide change
+            else:
+                self._presence_changed[session.uid] = True
 
     def announce(self, session: Session) -> None:
         """The session is fully admitted: apply the login policy to the user's others."""
@@ -108,7 +134,10 @@ class Hub:
             group.discard(session)
             if not group:
                 del self.by_user[session.uid]
-                self._presence_changed[session.uid] = False
+                if self.bus is not None:
+                    self.bus.user_offline(session.uid)
+                else:
+                    self._presence_changed[session.uid] = False
 
     def sessions(self) -> list[Session]:
         out = list(self.pending)
@@ -146,6 +175,12 @@ class Hub:
                 event.conv, st.muted, st.pinned, st.hidden, st.draft, 0, st.version, st.hidden_seq
             )
             self._write_all(frame, self._other_devices(event))
+        elif isinstance(event, PresenceChange):
+            self._presence_changed[event.uid] = event.online
+        elif isinstance(event, PresenceNotice):
+            self._presence_to_contacts(event)
+        elif isinstance(event, ResyncHint):
+            self.resync_all(event)
 
     def _kick_superseded(self, event: SessionStarted) -> None:
         """Apply the login policy: the newest session wins over the user's other devices
@@ -233,6 +268,7 @@ class Hub:
             self._presence_task = asyncio.ensure_future(self._presence_forever())
 
     def is_online(self, uid: str) -> bool:
+        """Whether ``uid`` has a session on this node (the bus knows the cluster)."""
         return uid in self.by_user
 
     async def _presence_forever(self) -> None:
@@ -244,15 +280,66 @@ class Hub:
                 log.exception("presence flush failed")
 
     async def flush_presence(self) -> None:
-        """Push the batch of online/offline changes to the contacts online here."""
+        """Publish the batch of online/offline changes for the users' contacts, wherever
+        they are online (with a bus, the changes are cluster-wide transitions)."""
         if not self._presence_changed or self.presence is None:
             return
         changed, self._presence_changed = self._presence_changed, {}
         for uid, online in changed.items():
             if not online:
                 await self.presence.went_offline(uid)
-        for contact, items in (await self.presence.fan_out(changed)).items():
-            self._write_all(PresenceEvent(items), list(self.by_user.get(contact, ())))
+        entries = await self.presence.fan_out(changed)
+        if not entries:
+            return
+        notice = PresenceNotice(tuple(entries))
+        if self.publish is not None:
+            self.publish(notice)
+        else:
+            self._presence_to_contacts(notice)
+
+    def _presence_to_contacts(self, notice: PresenceNotice) -> None:
+        """One frame per session of each contact here, with the batch's items for it."""
+        out: dict[str, list[PresenceItem]] = {}
+        by_user = self.by_user
+        for e in notice.entries:
+            item = PresenceItem(e.uid, e.online, e.last_seen)
+            for contact in e.contacts:
+                if contact in by_user:
+                    out.setdefault(contact, []).append(item)
+        for contact, items in out.items():
+            self._write_all(PresenceEvent(items), list(by_user.get(contact, ())))
+
+    # ------------------------------------------------------------------ resync hints
+
+    def resync_all(self, hint: ResyncHint) -> None:
+        """Pushes to sessions here may have been lost (``hint`` says why): tell every
+        one to sync, spread out. The group member sets cached here may have missed a
+        change too, so they are loaded again."""
+        log.info("resync hint (%s %s): %d sessions here sync", hint.reason, hint.node, self.online)
+        if self.members is not None:
+            self.members = MemberCache(self.members.store, self.members.max_members)
+        if self._resync_task is not None and not self._resync_task.done():
+            self._resync_again = True  # a new pass once this one is done
+            return
+        self._resync_task = asyncio.ensure_future(self._resync_passes())
+
+    async def _resync_passes(self) -> None:
+        again = True
+        while again:
+            await asyncio.sleep(random.uniform(0, self.resync_jitter_s))
+            self._resync_again = False  # hints until now are answered by this pass
+            sessions = [s for g in self.by_user.values() for s in g]
+            random.shuffle(sessions)
+            pause = RESYNC_CHUNK / self.resync_per_s
+            cache: dict[tuple[str, str], bytes] = {}
+            for i in range(0, len(sessions), RESYNC_CHUNK):
+                if i:
+                    await asyncio.sleep(pause)
+                for s in sessions[i : i + RESYNC_CHUNK]:
+                    if s.state == "ready":
+                        s.link.write(encoded_for(RESYNC, s.link, cache))
+                        self.resyncs += 1
+            again = self._resync_again
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -280,10 +367,22 @@ class Hub:
                 s.close(close.INTERNAL, "internal error")
 
     async def stop(self) -> None:
+        """Stop the timers; the last presence changes (the sessions just closed) still
+        go out, for the contacts on other nodes."""
         if self.rooms is not None:
             await self.rooms.stop()
+        if self._resync_task is not None:
+            self._resync_task.cancel()
         if self._presence_task is not None:
             self._presence_task.cancel()
+            try:
+                if self.bus is not None:
+                    await self.bus.flush()  # the bus's answers about the last sessions
+                await asyncio.wait_for(self.flush_presence(), LAST_PRESENCE_S)
+            except TimeoutError:
+                log.warning("last presence flush cut short after %.0f s", LAST_PRESENCE_S)
+            except Exception:
+                log.exception("last presence flush failed")
         if self._sweeper is not None:
             self._sweeper.cancel()
             try:

@@ -11,7 +11,7 @@ import random
 import time
 from typing import TYPE_CHECKING, Any
 
-from tidings.bus.base import RoomEvent
+from tidings.bus.base import Bus, RoomEvent
 from tidings.clock import Clock
 from tidings.config import Settings
 from tidings.domain.rooms import Lanes, RoomPost
@@ -68,8 +68,19 @@ class Room:
 
 
 class RoomHub:
-    def __init__(self, clock: Clock, settings: Settings, rng: random.Random | None = None) -> None:
+    """The rooms with viewers on this node. With a ``bus``, it is told when a room gets
+    its first viewer here and loses its last, so posts reach this node while it
+    watches."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        settings: Settings,
+        rng: random.Random | None = None,
+        bus: Bus | None = None,
+    ) -> None:
         self.clock = clock
+        self.bus = bus
         self.s = settings
         self.tick_s = settings.room_tick_ms / 1000
         self.rooms: dict[str, Room] = {}
@@ -93,6 +104,8 @@ class RoomHub:
             s = self.s
             lanes = Lanes(s.room_render_per_s, self.tick_s, s.room_ring_size, self._rng)
             room = self.rooms[name] = Room(name, lanes)
+            if self.bus is not None:
+                self.bus.watch_room(name)
         room.viewers.add(session)
         room.groups.setdefault(_key(session), {})[session] = link.transport
         session.rooms.add(name)
@@ -121,6 +134,8 @@ class RoomHub:
                 group.pop(session, None)
             if not room.viewers:
                 del self.rooms[name]  # what was pending is for nobody here
+                if self.bus is not None:
+                    self.bus.unwatch_room(name)
 
     def leave_all(self, session: Session) -> None:
         for name in list(session.rooms):

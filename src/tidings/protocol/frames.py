@@ -569,6 +569,12 @@ class RoomFrame(msgspec.Struct, frozen=True, tag="room", tag_field="t", omit_def
     ts: int = 0  # server time of the tick, UTC ms
 
 
+class Resync(msgspec.Struct, frozen=True, tag="resync", tag_field="t"):
+    """Pushes to this device may have been lost (the server's bus reconnected, or a
+    node died, maybe between a commit and its publish): sync now, as after a reconnect.
+    The server spreads these over a moment, so clients need not add jitter."""
+
+
 class ReceiptList(msgspec.Struct, frozen=True, tag="receipts", tag_field="t"):
     id: int
     conv: str
@@ -600,4 +606,5 @@ ServerFrame = (
     | ReceiptList
     | Joined
     | RoomFrame
+    | Resync
 )

@@ -1,6 +1,12 @@
 """Live rooms: checking a post (kind, body, the poster's rate limits) and publishing it
 to every node with viewers in the room. Membership and fan-out live in the gateway
-(`gateway/rooms.py`): nothing of a room is stored."""
+(`gateway/rooms.py`): nothing of a room is stored.
+
+Rate limits are token buckets in this process's memory; when the bus is shared by
+several nodes (`Bus.shared`) a post that passes them is also counted against the same
+rate per second across the cluster (`Bus.allow`: no round trip of its own, the count
+rides in the pipeline that publishes the post), so a user posting through devices on
+several nodes gets no more than one node's share."""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import msgspec
 from tidings.bus.base import Bus, RoomEvent
 from tidings.clock import Clock
 from tidings.config import Settings
-from tidings.domain.rooms import CLIENT_KINDS, RateLimits, check_room
+from tidings.domain.rooms import CLIENT_KINDS, RateLimits, check_room, lane_of
 from tidings.protocol.codec import check_json_model
 from tidings.protocol.errors import TidingsError
 
@@ -49,7 +55,12 @@ class Rooms:
         if len(_pack(body)) > self.settings.room_max_body_bytes:
             raise TidingsError("too_large", f"body over {self.settings.room_max_body_bytes} bytes")
         if not server:
-            wait = self._limits_of(room).check(uid, kind, self.clock.monotonic())
+            limits = self._limits_of(room)
+            wait = limits.check(uid, kind, self.clock.monotonic())
+            if not wait and self.bus.shared:
+                lane = lane_of(kind)
+                per_s = max(1, round(limits.rate(lane)))
+                wait = self.bus.allow(f"room:{room}:{lane}:{uid}", per_s, 1000) / 1000
             if wait:
                 raise TidingsError(
                     "rate_limited", f"too many {kind} posts", retry_after_ms=int(wait * 1000) + 1

@@ -922,6 +922,9 @@ export class TidingsClient extends EventTarget {
         if (big(f.wm) > big(this.since) || (f.cv || 0) > this.cv) this.requestSync();
         this._resolve(f.id, f);
         break;
+      case "resync": // the server may have lost pushes to us: catch up
+        this.requestSync();
+        break;
       case "typing":
         this._emit("typing", { conv: f.conv, user: f.from });
         break;
