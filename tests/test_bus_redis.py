@@ -177,3 +177,29 @@ async def test_close_while_redis_is_away_returns(redis_srv: Redis) -> None:
         t0 = time.perf_counter()
         await a.close()
         assert time.perf_counter() - t0 < 3
+
+
+async def test_scripts_flushed_behind_the_bus_are_loaded_again(redis_srv: Redis) -> None:
+    """SCRIPT FLUSH (an operator, a failover): the operations that fail are dropped and
+    counted, the bus loads its scripts again, puts its routes right and tells the
+    others to resync; delivery resumes."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    a, b = bus(redis_srv.url, "a", prefix), bus(redis_srv.url, "b", prefix)
+    await a.start()
+    await b.start()
+    got_b = Got(b)
+    b.user_online("u")
+    await b.flush()
+    admin = aioredis.Redis.from_url(redis_srv.url)
+    await admin.script_flush()
+    b.user_online("v")  # both fail: the scripts are gone
+    a.publish(event(1, ("u",)))
+    await settle(lambda: a.dropped == 1)
+    await settle(lambda: ("peer_dropped", "a") in [(h.reason, h.node) for h in got_b.hints()])
+    await until_online(a, "v")  # registered again once the scripts were back
+    a.publish(event(2, ("v",)))
+    await settle(lambda: got_b.seqs() == [2])
+    assert a.connected and b.connected and a.reconnects == 0
+    await admin.aclose()
+    await a.close()
+    await b.close()

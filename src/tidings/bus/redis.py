@@ -1,22 +1,11 @@
 """Redis bus: routing, presence, live-room fan-out and global counters for a cluster of
-processes and nodes (docs/architecture.md, "The bus across nodes").
+processes and nodes (docs/architecture.md, "The bus across nodes"; the keys, channels
+and scripts are in redis_lua.py).
 
-Under ``<prefix>:<db>:`` Redis holds
-- ``nodes``: a ZSET of node id -> heartbeat expiry (Redis server time, ms); a node that
-  leaves cleanly is kept a while with a negative score (-time it left);
-- ``u:<uid>``: the SET of nodes where the user has sessions (valid while the node is
-  alive: every script checks ``nodes``, so a dead node's routes vanish when its
-  heartbeat expires, with no per-user refresh);
-- ``nu:<node>``: the SET of users routed to the node (re-registration after an outage,
-  and clean-up of a dead node by the survivors);
-- ``rl:<key>:<window>``: rate-limit counters.
-Channels: ``n:<node>`` (events for users there), ``all`` (group entries, resync hints:
-every node), ``r:<room>`` (a live room's posts: the nodes with viewers in it).
-
-One publisher task sends everything in publish order, in pipelines of up to
-``batch`` operations: a routed event is one script call that looks its users' nodes
-up and PUBLISHes to each. Events for sessions on this node go straight to the handler.
-Every script reads Redis' own clock, so node clocks need not agree.
+Events for sessions on this node go straight to the handler. Everything else is queued
+for one publisher task, which sends it in order, in pipelines of up to ``batch``
+operations: a routed event is one script call that looks its users' nodes up and
+PUBLISHes to each live one.
 """
 
 from __future__ import annotations
@@ -25,19 +14,20 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import redis.asyncio as aioredis
+from hiredis import pack_command
 from redis.asyncio.client import PubSub
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import Connection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tidings.bus.base import (
@@ -49,13 +39,14 @@ from tidings.bus.base import (
     RoomEvent,
     users_of,
 )
-from tidings.bus.redis_lua import LEFT_KEPT_MS, SCRIPTS
+from tidings.bus.redis_lua import Command, Scripts
+from tidings.bus.redis_nodes import NodeTable, redacted
 from tidings.clock import Clock
 
 log = logging.getLogger(__name__)
 LOST = (RedisConnectionError, RedisTimeoutError, OSError)  # the connection is gone
 MAX_COUNTERS = 100_000
-GC_BATCH = 1_000
+LOG_EVERY_S = 10.0  # the least time between two "dropping events" warnings
 
 # Operations for the publisher task, in order.
 ROUTED, CHANNEL, UP, DOWN, ASK, COUNT, SUB, UNSUB, RECONCILE = range(9)
@@ -70,16 +61,6 @@ class Op(NamedTuple):
 class Envelope(msgspec.Struct, frozen=True, array_like=True):
     node: str  # the publisher (a node skips its own echoes on shared channels)
     event: BusEvent
-
-
-def redacted(url: str) -> str:
-    """``url`` without its password, for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class RedisBus:
@@ -110,17 +91,11 @@ class RedisBus:
         self.node_id = node_id
         self.clock = clock
         self.node_ttl_ms = node_ttl_ms
+        self._timeout_s = max(1.0, node_ttl_ms / 2000)  # for a Redis answer
         self.batch = batch
         self.max_queue = max_queue
         p = f"{prefix}:{db}:"  # channels are server-wide: the db keeps clusters apart
-        self._k_nodes = p + "nodes"
-        self._k_user = p + "u:"
-        self._k_mine = p + "nu:" + node_id
-        self._k_rate = p + "rl:"
-        self._p = p
-        self._c_node = p + "n:"
-        self._c_all = p + "all"
-        self._c_room = p + "r:"
+        self.lua = Scripts(p, node_id)
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(Envelope).decode
         self._handler: Handler | None = None
@@ -131,15 +106,19 @@ class RedisBus:
         self._wake = asyncio.Event()
         self._sending = False
         self._client: aioredis.Redis | None = None
+        self._conn: Connection | None = None  # the publisher's own
         self._pubsub: PubSub | None = None
-        self._shas: dict[str, str] = {}
+        self._sub_seen = 0.0  # when the subscription connection last said anything
         self._connected = False
         self._closed = False
         self._first = True
         self._lost = asyncio.Event()
-        self._outage_logged = False
-        self._dropped_since_connect = 0
-        self._alive: set[str] = set()  # other nodes alive at the last heartbeat
+        self._logged: dict[str, float] = {}  # kind of warning -> when last logged
+        self._reloading = False
+        self._dropped_unsaid = 0  # dropped events the other nodes were not told of
+        self.nodes = NodeTable(
+            node_id, node_ttl_ms, p, self.lua.run, self.deliver, self._spawn_conn
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._conn_tasks: set[asyncio.Task[None]] = set()  # die with the connection
         # statistics
@@ -187,7 +166,7 @@ class RedisBus:
         await self._cancel(self._tasks)
         if self._connected and self._client is not None:
             try:
-                await asyncio.wait_for(self._script(self._client, "leave", self._leave_args()), 2)
+                await asyncio.wait_for(self.lua.leave(self._client), 2)
             except (*LOST, RedisError) as exc:
                 log.warning("bus: leaving cleanly failed (%s): others see a dead node", exc)
         await self._teardown()
@@ -216,12 +195,12 @@ class RedisBus:
         if isinstance(event, RoomEvent):
             if event.room in self.rooms:
                 self.deliver(event)
-            self._enqueue(Op(CHANNEL, self._c_room + event.room, self._wrap(event)))
+            self._enqueue(Op(CHANNEL, self.lua.room_channel + event.room, self._wrap(event)))
             return
         users = users_of(event)
         if users is None:
             self.deliver(event)
-            self._enqueue(Op(CHANNEL, self._c_all, self._wrap(event)))
+            self._enqueue(Op(CHANNEL, self.lua.all_channel, self._wrap(event)))
             return
         local = self.local
         for u in users:
@@ -257,10 +236,8 @@ class RedisBus:
     def _drop_op(self, op: Op, why: str) -> None:
         if op.kind in (ROUTED, CHANNEL):
             self.dropped += 1
-            self._dropped_since_connect += 1
-            if not self._outage_logged:
-                self._outage_logged = True
-                log.warning("bus: dropping events, %s (devices resync when it recovers)", why)
+            self._dropped_unsaid += 1
+            self._log_now_and_then("drop", "dropping events, %s (devices resync)", why)
         elif op.kind == ASK and not op.extra.done():
             op.extra.set_result({u for u in op.arg if u in self.local})
 
@@ -282,13 +259,13 @@ class RedisBus:
         if room not in self.rooms:
             self.rooms.add(room)
             if self._connected:
-                self._enqueue(Op(SUB, self._c_room + room))
+                self._enqueue(Op(SUB, self.lua.room_channel + room))
 
     def unwatch_room(self, room: str) -> None:
         if room in self.rooms:
             self.rooms.discard(room)
             if self._connected:
-                self._enqueue(Op(UNSUB, self._c_room + room))
+                self._enqueue(Op(UNSUB, self.lua.room_channel + room))
 
     async def online(self, users: Sequence[str]) -> set[str]:
         if not users or not self._connected or self._closed:
@@ -339,49 +316,55 @@ class RedisBus:
                     self._drop_op(op, "a batch failed")
             finally:
                 self._sending = False
+            if self._dropped_unsaid and self._connected and len(self._queue) < self.batch:
+                self._tell_dropped()
+
+    def _tell_dropped(self) -> None:
+        """Events were dropped (queue full, Redis away or refusing): every node's
+        devices resync, since some of those events were theirs."""
+        self._dropped_unsaid = 0
+        hint = ResyncHint("peer_dropped", self.node_id)
+        self._queue.append(Op(CHANNEL, self.lua.all_channel, self._wrap(hint)))
+        self._wake.set()
 
     async def _send(self, batch: list[Op]) -> None:
-        client, pubsub = self._client, self._pubsub
-        assert client is not None and pubsub is not None
+        """One round trip for the batch: the commands packed into one write on the
+        publisher's own connection, then their answers read in order."""
+        client, pubsub, conn = self._client, self._pubsub, self._conn
+        assert client is not None and pubsub is not None and conn is not None
         ops: list[Op] = []
-        async with client.pipeline(transaction=False) as pipe:
-            for op in batch:
-                k = op.kind
-                if k == RECONCILE:
-                    await self._reconcile(client, pubsub, reconnected=op.arg)
-                elif k == SUB:
-                    await pubsub.subscribe(op.arg)
-                elif k == UNSUB:
-                    await pubsub.unsubscribe(op.arg)
-                else:
-                    self._queue_command(pipe, op)
-                    ops.append(op)
-            if not ops:
-                return
-            results = await pipe.execute(raise_on_error=False)
-        for op, res in zip(ops, results, strict=True):
-            if isinstance(res, Exception):
-                self._command_failed(op, res)
+        cmds: list[Command] = []
+        lua = self.lua
+        for op in batch:
+            k = op.kind
+            if k == ROUTED:
+                cmds.append(lua.route(op.arg, op.extra))
+            elif k == CHANNEL:
+                cmds.append(("PUBLISH", op.arg, op.extra))
+            elif k in (UP, DOWN):
+                cmds.append(lua.register(op.arg, k == UP))
+            elif k == ASK:
+                cmds.append(lua.query(op.arg))
+            elif k == COUNT:
+                cmds.append(lua.count(op.arg, *op.extra))
+            elif k == RECONCILE:
+                await self._reconcile(client, pubsub, reconnected=op.arg)
+                continue
+            else:
+                await (pubsub.subscribe if k == SUB else pubsub.unsubscribe)(op.arg)
+                continue
+            ops.append(op)
+        if not ops:
+            return
+        packed = b"".join([pack_command(c) for c in cmds])  # type: ignore[arg-type]
+        await conn.send_packed_command(packed, check_health=False)
+        for op in ops:
+            try:
+                res = await conn.read_response(disable_decoding=True)
+            except ResponseError as exc:  # that command alone failed
+                self._command_failed(op, exc)
             else:
                 self._done(op, res)
-
-    def _queue_command(self, pipe: Any, op: Op) -> None:
-        k, sha = op.kind, self._shas
-        if k == ROUTED:
-            keys = [self._k_nodes, *[self._k_user + u for u in op.arg]]
-            pipe.evalsha(sha["route"], len(keys), *keys, self.node_id, self._c_node, op.extra)
-        elif k == CHANNEL:
-            pipe.publish(op.arg, op.extra)
-        elif k in (UP, DOWN):
-            name = "online" if k == UP else "offline"
-            keys = [self._k_user + op.arg, self._k_nodes, self._k_mine]
-            pipe.evalsha(sha[name], 3, *keys, self.node_id, op.arg)
-        elif k == ASK:
-            keys = [self._k_nodes, *[self._k_user + u for u in op.arg]]
-            pipe.evalsha(sha["query"], len(keys), *keys)
-        elif k == COUNT:
-            window, window_ms = op.extra
-            pipe.evalsha(sha["incr"], 1, f"{self._k_rate}{op.arg}:{window}", 2 * window_ms)
 
     def _done(self, op: Op, res: Any) -> None:
         k = op.kind
@@ -396,19 +379,39 @@ class RedisBus:
                 c[1] = max(c[1], int(res))
                 c[2] = max(0, c[2] - 1)
 
+    def _log_now_and_then(self, kind: str, msg: str, *args: Any) -> None:
+        """A warning at most every LOG_EVERY_S per kind (an outage is one line)."""
+        now = time.monotonic()
+        if now - self._logged.get(kind, -LOG_EVERY_S) >= LOG_EVERY_S:
+            self._logged[kind] = now
+            log.warning("bus: " + msg, *args)
+
     def _command_failed(self, op: Op, exc: Exception) -> None:
         if isinstance(exc, NoScriptError):  # flushed behind our back: load them again
-            log.warning("bus: Redis forgot our scripts; loading them again")
-            self._spawn(self._reload_scripts(), self._conn_tasks)
+            if not self._reloading:
+                self._reloading = True
+                log.warning("bus: Redis forgot our scripts; loading them again")
+                self._spawn(self._reload_scripts(), self._conn_tasks)
         else:
-            log.error("bus: Redis refused an operation: %s", exc)
+            self._log_now_and_then("refused", "Redis refused an operation: %s", exc)
         self._drop_op(op, f"Redis refused it: {exc}")
 
     async def _reload_scripts(self) -> None:
-        if self._client is not None:
-            await self._load_scripts(self._client)
+        """Load the scripts again, then put this node's routes right (registrations
+        may have failed meanwhile)."""
+        try:
+            if self._client is not None:
+                await asyncio.wait_for(self.lua.load(self._client), self._timeout_s)
+                self._queue.appendleft(Op(RECONCILE, False))
+                self._wake.set()
+        finally:
+            self._reloading = False
 
     # ------------------------------------------------------------------ connection
+
+    def _spawn_conn(self, coro: Any) -> None:
+        """Run ``coro`` while this connection lasts."""
+        self._spawn(coro, self._conn_tasks)
 
     def _spawn(self, coro: Any, into: set[asyncio.Task[None]]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -450,34 +453,42 @@ class RedisBus:
                     delay = min(delay * 2, 5.0)
 
     async def _connect(self) -> None:
-        timeout = max(1.0, self.node_ttl_ms / 2000)
+        # No read timeout on the connections: the publisher and the subscription block
+        # on reads; the heartbeat (with its own timeout) finds a dead Redis and the
+        # teardown then closes them under whoever waits.
         client = aioredis.Redis.from_url(
             self.url,
             retry=Retry(NoBackoff(), 0),  # we reconnect ourselves, and never send twice
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            health_check_interval=max(1, self.node_ttl_ms // 3000),
+            socket_connect_timeout=self._timeout_s,
             client_name=f"tidings-bus:{self.node_id}",  # for CLIENT LIST
         )
         self._client = client
-        await self._load_scripts(client)
-        await self._beat(client)
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        await asyncio.wait_for(self._open(client), self._timeout_s)
         self._lost.clear()
         self._connected = True
         self._queue.appendleft(Op(RECONCILE, True))
         self._wake.set()
         self._spawn(self._beat_forever(client), self._conn_tasks)
 
+    async def _open(self, client: aioredis.Redis) -> None:
+        await self.lua.load(client)
+        await self._beat(client)
+        self._conn = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        self._pubsub = client.pubsub()
+
     async def _reconcile(self, client: aioredis.Redis, pubsub: PubSub, reconnected: bool) -> None:
         """(On a new connection: subscribe.) Bring this node's routes in Redis in line
         with its sessions; after a reconnect, tell the hub and, if events were dropped,
         the others. Runs in the publisher, so later operations queue behind it."""
         if reconnected:
-            rooms = [self._c_room + r for r in self.rooms]
-            await pubsub.subscribe(self._c_node + self.node_id, self._c_all, *rooms)
-            self._spawn(self._read(pubsub), self._conn_tasks)
-        have = {m.decode() for m in await client.smembers(self._k_mine)}  # type: ignore[misc]
+            lua = self.lua
+            rooms = [lua.room_channel + r for r in self.rooms]
+            await pubsub.subscribe(lua.node_channel + self.node_id, lua.all_channel, *rooms)
+            assert pubsub.connection is not None
+            self._sub_seen = asyncio.get_running_loop().time()
+            self._spawn(self._read(pubsub.connection), self._conn_tasks)
+        mine = client.smembers(self.lua.mine)
+        have = {m.decode() for m in await asyncio.wait_for(mine, self._timeout_s)}  # type: ignore[arg-type]
         for uid in have - self.local:
             self._queue.appendleft(Op(DOWN, uid))
         for uid in self.local - have:
@@ -488,12 +499,7 @@ class RedisBus:
             self._first = False
             return
         self.reconnects += 1
-        self._outage_logged = False
         log.info("bus: reconnected to Redis at %s", redacted(self.url))
-        if self._dropped_since_connect:
-            self._dropped_since_connect = 0
-            hint = ResyncHint("peer_dropped", self.node_id)
-            self._queue.append(Op(CHANNEL, self._c_all, self._wrap(hint)))
         self.deliver(ResyncHint("reconnected"))
 
     async def _teardown(self) -> None:
@@ -502,7 +508,7 @@ class RedisBus:
             self._drop_op(self._queue.popleft(), "Redis is unreachable")
         await self._cancel(self._conn_tasks)
         pubsub, client = self._pubsub, self._client
-        self._pubsub = self._client = None
+        self._pubsub = self._client = self._conn = None
         if pubsub is not None:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -520,27 +526,19 @@ class RedisBus:
             with contextlib.suppress(BaseException):
                 await t
 
-    async def _load_scripts(self, client: aioredis.Redis) -> None:
-        for name, body in SCRIPTS.items():
-            self._shas[name] = await client.script_load(body)
-
-    async def _script(self, client: aioredis.Redis, name: str, args: list[Any]) -> Any:
-        keys, argv = args
-        return await client.evalsha(self._shas[name], len(keys), *keys, *argv)  # type: ignore[misc]
-
-    def _leave_args(self) -> list[Any]:
-        return [[self._k_nodes, self._k_mine], [self.node_id, self._k_user]]
-
-    async def _read(self, pubsub: PubSub) -> None:
-        decode, me = self._decode, self.node_id
+    async def _read(self, conn: Connection) -> None:
+        """The subscription: every message goes to the handler (but our own echoes on
+        shared channels); answers to (un)subscribe and PING just show it is alive."""
+        decode, me, loop = self._decode, self.node_id, asyncio.get_running_loop()
         while True:
-            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if msg is None or msg.get("type") != "message":
+            msg = await conn.read_response(disable_decoding=True)
+            self._sub_seen = loop.time()
+            if not isinstance(msg, list) or len(msg) != 3 or msg[0] != b"message":
                 continue
             try:
-                env = decode(msg["data"])
+                env = decode(msg[2])
             except (msgspec.DecodeError, TypeError) as exc:
-                log.warning("bus: undecodable message on %s: %s", msg.get("channel"), exc)
+                log.warning("bus: undecodable message on %s: %s", msg[1], exc)
                 continue
             if env.node == me:
                 continue  # our own, on a shared channel: delivered here at publish
@@ -550,47 +548,20 @@ class RedisBus:
     # ------------------------------------------------------------------ heartbeat
 
     async def _beat_forever(self, client: aioredis.Redis) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.node_ttl_ms / 3000)
-            await self._beat(client)
+            await asyncio.wait_for(self._beat(client), self._timeout_s)
+            pubsub = self._pubsub
+            if pubsub is not None and pubsub.connection is not None:
+                if loop.time() - self._sub_seen > 2 * self._timeout_s:
+                    raise RedisConnectionError("the subscription connection went silent")
+                await pubsub.execute_command("PING")  # answered on the subscription
 
     async def _beat(self, client: aioredis.Redis) -> None:
-        """Renew this node; find the nodes that died (resync hint, clean-up); notice if
-        this node itself was silent past its TTL (the others may have dropped it)."""
-        args = [[self._k_nodes], [self.node_id, self.node_ttl_ms, LEFT_KEPT_MS]]
-        now, prev, flat = await self._script(client, "beat", args)
-        alive, dead, left = set(), set(), set()
-        for i in range(0, len(flat), 2):
-            node, score = flat[i].decode(), float(flat[i + 1])
-            if node == self.node_id:
-                continue
-            if score >= now:
-                alive.add(node)
-            elif score >= 0:
-                dead.add(node)
-            else:
-                left.add(node)
-        died = self._alive - alive - left
-        self._alive = alive
-        lapsed = not self._first and (not prev or float(prev) < now)
+        lapsed = await self.nodes.beat(client, self._first)
         if lapsed and self._connected:
             log.warning("bus: this node was silent past its TTL; registering again")
             self._queue.appendleft(Op(RECONCILE, False))
             self._wake.set()
             self.deliver(ResyncHint("lapsed"))
-        for node in sorted(died):
-            log.warning("bus: node %s died (heartbeat expired); devices here resync", node)
-            self.deliver(ResyncHint("peer_died", node))
-        for node in sorted(dead):
-            await self._collect(client, node)
-
-    async def _collect(self, client: aioredis.Redis, dead: str) -> None:
-        """Drop a dead node's routes (each survivor takes a share); its users left with
-        no live node go offline, told to this node's hub."""
-        while True:
-            keys = [self._k_nodes, self._p + "nu:" + dead]
-            out = await self._script(client, "gc", [keys, [dead, self._k_user, GC_BATCH]])
-            for uid in out[1:]:
-                self.deliver(PresenceChange(uid.decode(), False))
-            if out[0] != 1:
-                return

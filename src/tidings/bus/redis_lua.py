@@ -1,14 +1,30 @@
-"""The Lua side of the Redis bus (bus/redis.py): each operation on the routing state is
-one script, so it is atomic and costs one command in a pipeline. Every script reads
-Redis' own clock (TIME), so the nodes' clocks need not agree.
+"""The Redis side of the Redis bus (bus/redis.py): its keys, channels and scripts.
 
-A node is alive while its score in ``nodes`` (heartbeat expiry, ms) is >= now; one that
-left cleanly has a negative score (-the time it left) for LEFT_KEPT_MS. A route (a node
-in ``u:<uid>``) counts only while its node is alive.
+Under ``<prefix>:<db>:`` (pub/sub channels are server-wide: the db number in the prefix
+keeps clusters that share a Redis apart) Redis holds
+- ``nodes``: ZSET node id -> heartbeat expiry (ms, Redis' clock). A node is alive while
+  its score is >= now; one that left cleanly has a negative score (-the time it left)
+  for LEFT_KEPT_MS, so the others can tell a leave from a death;
+- ``u:<uid>``: SET of the nodes where the user has sessions. A route counts only while
+  its node is alive: a dead node's routes vanish when its heartbeat expires, and
+  keeping routes alive costs no per-user refresh;
+- ``nu:<node>``: SET of the users routed to the node (registering again after an
+  outage; the survivors' clean-up of a dead node);
+- ``rl:<key>:<window>``: rate-limit counters.
+Channels: ``n:<node>`` (events for users there), ``all`` (group entries and resync
+hints: every node), ``r:<room>`` (a live room's posts: the nodes watching it).
+
+Each operation on this state is one script, so it is atomic and one command in a
+pipeline. Every script reads Redis' own clock (TIME), so node clocks need not agree.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import redis.asyncio as aioredis
+
+Command = tuple[str | bytes | int, ...]
 LEFT_KEPT_MS = 60_000  # how long a clean leave stays visible to the others
 
 _NOW = """
@@ -127,3 +143,57 @@ return 1
 )
 SCRIPTS = {"beat": BEAT, "online": ONLINE, "offline": OFFLINE, "route": ROUTE,
            "query": QUERY, "incr": INCR, "gc": GC, "leave": LEAVE}  # fmt: skip
+
+
+class Scripts:
+    """One node's keys and channels, and the scripts as loaded in the current Redis;
+    ``route``, ``register``, ``query`` and ``count`` make one command each (for the
+    publisher to pack and send in a batch)."""
+
+    def __init__(self, prefix: str, node_id: str) -> None:
+        self.node_id = node_id
+        self.prefix = prefix
+        self.nodes = prefix + "nodes"
+        self.user = prefix + "u:"
+        self.mine = prefix + "nu:" + node_id
+        self.node_channel = prefix + "n:"
+        self.all_channel = prefix + "all"
+        self.room_channel = prefix + "r:"
+        self._shas: dict[str, str] = {}
+
+    async def load(self, client: aioredis.Redis) -> None:
+        for name, body in SCRIPTS.items():
+            self._shas[name] = await client.script_load(body)
+
+    async def run(self, client: aioredis.Redis, name: str, keys: list[str], *argv: Any) -> Any:
+        sha = self._shas[name]
+        return await client.evalsha(sha, len(keys), *keys, *argv)  # type: ignore[misc]
+
+    def route(self, users: tuple[str, ...], payload: bytes) -> Command:
+        keys = [self.user + u for u in users]
+        sha = self._shas["route"]
+        return (
+            "EVALSHA",
+            sha,
+            len(keys) + 1,
+            self.nodes,
+            *keys,
+            self.node_id,
+            self.node_channel,
+            payload,
+        )
+
+    def register(self, uid: str, online: bool) -> Command:
+        sha = self._shas["online" if online else "offline"]
+        return ("EVALSHA", sha, 3, self.user + uid, self.nodes, self.mine, self.node_id, uid)
+
+    def query(self, users: tuple[str, ...]) -> Command:
+        keys = [self.user + u for u in users]
+        return ("EVALSHA", self._shas["query"], len(keys) + 1, self.nodes, *keys)
+
+    def count(self, key: str, window: int, window_ms: int) -> Command:
+        sha = self._shas["incr"]
+        return ("EVALSHA", sha, 1, f"{self.prefix}rl:{key}:{window}", 2 * window_ms)
+
+    async def leave(self, client: aioredis.Redis) -> None:
+        await self.run(client, "leave", [self.nodes, self.mine], self.node_id, self.user)
