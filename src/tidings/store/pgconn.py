@@ -50,3 +50,10 @@ class Db:
         if rows:
             await self.conn.executemany(numbered(sql), rows)
             self.written += len(rows)
+
+
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset of a connection handed back: nothing to undo. The store sets no
+    session state (no SET, LISTEN, cursors or advisory locks left held), and asyncpg
+    rolls back an open transaction itself; the default reset would cost every
+    acquisition a round trip of its own."""

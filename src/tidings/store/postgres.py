@@ -7,6 +7,18 @@ writers of one conversation, on any node, queue on that row: seqs are gapless (a
 refused or failed append rolls back and burns nothing) and increase in commit order.
 PostgreSQL's own group commit batches the WAL flushes of concurrent transactions.
 
+Writes are batched across conversations: a writer takes everything queued (of any
+number of conversations, up to ``max_batch``) at once; a conversation with a batch in
+flight waits for it, so this process's writes of a conversation commit in submission
+order. The plain messages of a batch are appended by one call of the function
+``tidings_append_batch`` (migration 0002): one statement, one round trip and one commit,
+the batch's conversations locked in ascending id (no deadlocks between processes), each
+message answered on its own (appended, duplicate, refused). What it leaves (a
+conversation's first message, recalls and edits, group operations, and whatever
+follows them in the same conversation) runs after it as before, one savepoint each.
+One writer runs while batches commit promptly (bigger batches, fewer commits); more
+start when one has been in flight for a while (``_more_writers``).
+
 Two orders that SQLite's single writer gives for free are kept explicitly:
 
 * A user's change-log versions come from a counter on the user's row, taken under its
@@ -17,6 +29,9 @@ Two orders that SQLite's single writer gives for free are kept explicitly:
   conversations whose last id lies up to that much below a device's watermark, so an
   append that committed late with an earlier id is not missed.
 
+Lock order, for every transaction that takes several: conversations, then member rows
+(ascending conversation and user), then users' rows (ascending user id).
+
 Errors: a lost or refused connection, or a server that is down, is ``unavailable``
 (retryable, nothing acknowledged); deadlocks and serialization failures are retried.
 """
@@ -24,17 +39,19 @@ Errors: a lost or refused connection, or a server that is down, is ``unavailable
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import functools
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
 
 from tidings.clock import Clock
-from tidings.domain.groups import check_post, is_group
+from tidings.domain.groups import MEMBER, check_post, is_group
 from tidings.domain.ids import MAX_WORKER, MessageIdGenerator, direct_members
 from tidings.protocol.errors import TidingsError
 from tidings.store.base import (
@@ -56,7 +73,7 @@ from tidings.store.base import (
     tombstone,
 )
 from tidings.store.migrations import migration_scripts
-from tidings.store.pgconn import Db
+from tidings.store.pgconn import Db, keep_session
 from tidings.store.postgres_groups import PgGroups, not_member, read_target
 
 log = logging.getLogger(__name__)
@@ -107,6 +124,99 @@ def record(row: Any) -> MessageRecord:
     )
 
 
+class _FastFailed(Exception):
+    """`tidings_append_batch` failed (not for a deadlock or a lost database): the batch
+    goes again by the general path, where a message that fails fails alone."""
+
+
+_SLOW: Any = object()  # a write `tidings_append_batch` left to the general path
+_STALE: Any = object()  # ... not appended: its message id was not above the last one
+_STALE_TRIES = 3  # calls of tidings_append_batch for one batch before the general path
+_WRITER_LATE_S = 0.02  # a batch in flight this long while others wait: another writer
+_APPEND_BATCH = "SELECT * FROM tidings_append_batch($1, $2, $3, $4, $5)"
+_BLOCKED = "the recipient does not accept your messages"
+
+
+def _clean(text: str) -> bool:
+    """Text PostgreSQL takes (no NUL, valid UTF-8): else the whole batch statement would
+    fail for one message."""
+    if "\x00" in text:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _plain(what: Any) -> bool:
+    """A message `tidings_append_batch` appends: no recall or edit, no group entry."""
+    return (
+        isinstance(what, NewMessage)
+        and what.amend is None
+        and what.type != GROUP_EVENT
+        and _clean(what.cid)
+        and _clean(what.dev)
+        and _clean(what.sender)
+        and _clean(what.type)
+        and (what.blocker is None or _clean(what.blocker))
+    )
+
+
+def _appended(msg: NewMessage, seq: int, mid: int, ts: int, ctotal: int) -> MessageRecord:
+    return MessageRecord(
+        conv=msg.conv,
+        seq=seq,
+        mid=mid,
+        sender=msg.sender,
+        dev=msg.dev,
+        cid=msg.cid,
+        type=msg.type,
+        body=msg.body,
+        ts=ts,
+        flags=msg.flags,
+        mentions=msg.mentions,
+        reply_to=msg.reply_to,
+        size=len(msg.body_bytes),
+        n=ctotal,
+    )
+
+
+def _refusal(status: str, aux: int | None, now: int, privileged: bool) -> TidingsError:
+    """The error for a refusal `tidings_append_batch` answered (group rules worded by
+    `check_post`, the rule the function applies)."""
+    if status == "blocked":
+        return TidingsError("blocked", _BLOCKED)
+    try:
+        if status == "not_member":
+            check_post(None, 0, False, now, privileged=privileged)
+        elif status == "muted":
+            check_post(MEMBER, aux or 0, False, now, privileged=False)
+        elif status == "muted_all":
+            check_post(MEMBER, 0, True, now, privileged=False)
+    except TidingsError as exc:
+        return exc
+    log.error("unexpected batch append answer %r", status)
+    return TidingsError("internal", "storage error")
+
+
+def _dup_answer(msg: NewMessage, row: Any) -> AppendResult | TidingsError:
+    """The answer to a message whose (sender, cid) is stored already as ``row``."""
+    same = (
+        row[0] == msg.conv
+        and row[6] == msg.type
+        and bytes(row[7]) == msg.body_bytes
+        and row[9] == msg.flags
+        and row[10] == (_pack(list(msg.mentions)) if msg.mentions else None)
+        and row[11] == msg.reply_to
+    )
+    if not same:
+        return TidingsError("conflict", f"cid {msg.cid!r} was already used for a different message")
+    return AppendResult(record(row), True)
+
+
 class Answer(Exception):
     """Raised inside a transaction to roll it back and answer ``value`` (a duplicate)."""
 
@@ -124,6 +234,7 @@ class PostgresStore(PgGroups):
         pool_size: int = 10,
         max_pending: int = 50_000,
         max_batch: int = 200,
+        max_writers: int = 3,
         sync_slack_ms: int = 5_000,
         acquire_timeout_s: float = 5.0,
         command_timeout_s: float = 30.0,
@@ -133,14 +244,25 @@ class PostgresStore(PgGroups):
         self.pool_size = pool_size
         self.max_pending = max_pending
         self.max_batch = max_batch
+        # Batches in flight at most (see `_more_writers`); the pool keeps at least one
+        # connection for reads.
+        self.max_writers = max(1, min(max_writers, pool_size - 1))
         self.sync_slack_ms = sync_slack_ms
         self.acquire_timeout_s = acquire_timeout_s
         self.command_timeout_s = command_timeout_s
         self._pool: asyncpg.Pool | None = None
         self._ids: MessageIdGenerator | None = None
         self._pending = 0
-        self._queues: dict[str, list[tuple[Any, asyncio.Future[Any]]]] = {}
+        # Writes queued per conversation; `_ready` lists (oldest first) the conversations
+        # with queued writes and none in flight, `_busy` those in a batch in flight.
+        self._queues: dict[str, collections.deque[tuple[Any, asyncio.Future[Any]]]] = {}
+        self._ready: dict[str, None] = {}
+        self._busy: set[str] = set()
         self._writers: set[asyncio.Task[None]] = set()
+        self._waking = False  # a writer task is started and has not taken a batch yet
+        self._flying: dict[int, float] = {}  # batches in flight: when each started
+        self._late: asyncio.TimerHandle | None = None  # `_more_writers` to come
+        self._held: list[asyncpg.Connection] = []  # the writers' connections between batches
         self._commit_listeners: list[Callable[[], None]] = []
         self._commit_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -149,6 +271,7 @@ class PostgresStore(PgGroups):
         self.commits = 0  # statistics: committed write transactions
         self.rows_written = 0  # statistics: rows inserted, updated or deleted by commits
         self.retries = 0  # statistics: transactions retried after a deadlock
+        self.batched = 0  # statistics: messages appended by tidings_append_batch
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -160,6 +283,7 @@ class PostgresStore(PgGroups):
             max_size=self.pool_size,
             command_timeout=self.command_timeout_s,
             server_settings={"application_name": "tidings"},
+            reset=keep_session,
         )
         async with self._pool.acquire() as conn:
             await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
@@ -184,10 +308,15 @@ class PostgresStore(PgGroups):
         if self._closed:
             return
         self._closed = True
+        if self._late is not None:
+            self._late.cancel()
         deadline = asyncio.get_running_loop().time() + 10
         while self._pending and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
         if self._pool is not None:
+            held, self._held = self._held, []
+            for conn in held:
+                await self._pool.release(conn)
             try:
                 await asyncio.wait_for(self._pool.close(), 5)
             except (TimeoutError, *_DOWN):
@@ -218,20 +347,51 @@ class PostgresStore(PgGroups):
             self._down_logged = True
         return TidingsError("unavailable", "storage unavailable", retry_after_ms=1000)
 
-    async def _tx(self, fn: Callable[[Db], Awaitable[T]], *, counted: bool = True) -> T:
-        """Run ``fn`` in a transaction (retried on deadlock); TidingsError on refusal."""
+    @contextlib.asynccontextmanager
+    async def _connection(self, writer: bool) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection. The writers keep theirs between batches (up to one each,
+        a pool's acquisition and release cost more than a batch's statement); one that
+        saw an error goes back to the pool, which resets or replaces it."""
+        assert self._pool is not None
+        if writer and self._held:
+            conn = self._held.pop()
+        else:
+            conn = await self._pool.acquire(timeout=self.acquire_timeout_s)
+        ok = False
+        try:
+            yield conn
+            ok = True
+        finally:
+            if ok and writer and not self._closed and len(self._held) < self.max_writers:
+                self._held.append(conn)
+            else:
+                await self._pool.release(conn)
+
+    async def _tx(
+        self,
+        fn: Callable[[Db], Awaitable[T]],
+        *,
+        counted: bool = True,
+        tx: bool = True,
+        writer: bool = False,
+    ) -> T:
+        """Run ``fn`` in a transaction (retried on deadlock); TidingsError on refusal.
+        With ``tx`` false ``fn`` runs on a connection outside a transaction block: each
+        of its statements commits by itself (a single statement that writes all).
+        ``writer``: on a connection the batch writers keep."""
         if self._pool is None or (self._closed and counted):
             raise TidingsError("unavailable", "server is shutting down")
         self._pending += counted
         try:
             for attempt in range(_RETRIES):
                 try:
-                    async with (
-                        self._pool.acquire(timeout=self.acquire_timeout_s) as conn,
-                        conn.transaction(),
-                    ):
+                    async with self._connection(writer) as conn:
                         db = Db(conn)
-                        res = await fn(db)
+                        if tx:
+                            async with conn.transaction():
+                                res = await fn(db)
+                        else:
+                            res = await fn(db)
                 except Answer as answer:
                     return answer.value  # type: ignore[no-any-return]
                 except _RETRY:
@@ -304,21 +464,69 @@ class PostgresStore(PgGroups):
         )
         return int(version)
 
+    async def _log_many(
+        self, db: Db, entries: list[tuple[str, str, str, int]], now: int, *, replace: bool
+    ) -> None:
+        """`_log` for many (uid, conv, kind, value) entries at once, in a few statements:
+        each user's row is locked in ascending user id and its counter moved once for all
+        of its entries (given in ascending user id). With ``replace`` an entry takes the
+        place of the user's earlier entry of that conversation and kind."""
+        counts = collections.Counter(e[0] for e in entries)
+        uids = sorted(counts)
+        await db.all(
+            'SELECT 1 FROM users WHERE uid = ANY(?::text[]) ORDER BY uid COLLATE "C" FOR UPDATE',
+            uids,
+        )
+        rows = await db.all(
+            "UPDATE users u SET change_version = u.change_version + v.n "
+            "FROM unnest(?::text[], ?::bigint[]) AS v(uid, n) WHERE u.uid = v.uid "
+            "RETURNING u.uid, u.change_version",
+            uids,
+            [counts[u] for u in uids],
+        )
+        db.written += len(rows)  # the users' rows (their version counters)
+        next_version = {r[0]: r[1] - counts[r[0]] + 1 for r in rows}
+        logged = [e for e in entries if e[0] in next_version]  # else no such user
+        if replace:
+            await db.exe(
+                "DELETE FROM user_changes c USING unnest(?::text[], ?::text[], ?::text[]) "
+                "AS v(uid, conv, kind) WHERE c.uid = v.uid AND c.conv = v.conv "
+                "AND c.kind = v.kind",
+                [e[0] for e in logged],
+                [e[1] for e in logged],
+                [e[2] for e in logged],
+            )
+        versions = []
+        for uid, _, _, _ in logged:
+            versions.append(next_version[uid])
+            next_version[uid] += 1
+        await db.exe(
+            "INSERT INTO user_changes (uid, version, conv, kind, value, ts) "
+            "SELECT v.*, ?::bigint FROM unnest(?::text[], ?::bigint[], ?::text[], ?::text[], "
+            "?::bigint[]) AS v",
+            now,
+            [e[0] for e in logged],
+            versions,
+            [e[1] for e in logged],
+            [e[2] for e in logged],
+            [e[3] for e in logged],
+        )
+
     # ------------------------------------------------------------------ messages: write
 
     def append_message(self, msg: NewMessage) -> asyncio.Future[AppendResult]:
-        return self._enqueue(msg.conv, lambda db: self._append(db, msg), shed=True)
+        return self._enqueue(msg.conv, msg, shed=True)
 
     def apply_group(self, change: GroupChange) -> asyncio.Future[GroupResult]:
-        return self._enqueue(change.conv, lambda db: self._group(db, change), shed=False)
+        return self._enqueue(change.conv, change, shed=False)
 
     def _enqueue(
-        self, conv: str, fn: Callable[[Db], Awaitable[Any]], *, shed: bool
+        self, conv: str, what: NewMessage | GroupChange, *, shed: bool
     ) -> asyncio.Future[Any]:
-        """Queue a write of conversation ``conv``. One writer per conversation in this
-        process takes everything queued for it (in submission order) into one transaction,
-        each in a savepoint of its own: this process's writes of a conversation commit in
-        the order they were submitted, and a refused one fails alone."""
+        """Queue a write of conversation ``conv``. A writer takes what is queued, of many
+        conversations at once, into one batch (see `_write`); a conversation with a batch
+        in flight waits for it to finish, so this process's writes of a conversation
+        commit in the order they were submitted."""
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
         if self._closed or self._pool is None:
@@ -330,45 +538,246 @@ class PostgresStore(PgGroups):
         self._pending += 1
         queue = self._queues.get(conv)
         if queue is None:
-            queue = self._queues[conv] = []
-            self._writers.add(asyncio.ensure_future(self._conv_writer(conv, queue)))
-        queue.append((fn, fut))
+            queue = self._queues[conv] = collections.deque()
+        queue.append((what, fut))
+        if conv not in self._busy:
+            self._ready[conv] = None
+        if self._waking:
+            pass  # a writer about to start takes it
+        elif not self._writers:
+            self._start_writer()
+        elif len(self._writers) < self.max_writers and self._late is None:
+            self._late = self._loop.call_later(_WRITER_LATE_S, self._more_writers)
         return fut
 
-    async def _conv_writer(self, conv: str, queue: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+    def _start_writer(self) -> None:
+        # It starts on the next turn of the loop: what is submitted until then joins.
+        self._waking = True
+        self._writers.add(asyncio.ensure_future(self._writer()))
+
+    def _more_writers(self) -> None:
+        """One writer (bigger batches, fewer commits) until a batch has been in flight
+        for _WRITER_LATE_S while others wait (a lock held elsewhere, a big group
+        operation, a slow disk): then another writer takes what waits."""
+        self._late = None
+        if not self._ready or self._waking or len(self._writers) >= self.max_writers:
+            return
+        assert self._loop is not None
+        oldest = min(self._flying.values(), default=None)
+        wait = 0.0 if oldest is None else oldest + _WRITER_LATE_S - self._loop.time()
+        if wait <= 0:
+            self._start_writer()
+        else:
+            self._late = self._loop.call_later(wait, self._more_writers)
+
+    def _take(self) -> list[tuple[str, Any, asyncio.Future[Any]]]:
+        """The next batch: the ready conversations' queued writes, oldest conversation
+        first, at most ``max_batch``; those conversations are busy until it is done."""
+        batch: list[tuple[str, Any, asyncio.Future[Any]]] = []
+        while self._ready and len(batch) < self.max_batch:
+            conv = next(iter(self._ready))
+            del self._ready[conv]
+            queue = self._queues[conv]
+            for _ in range(min(len(queue), self.max_batch - len(batch))):
+                what, fut = queue.popleft()
+                batch.append((conv, what, fut))
+            if not queue:
+                del self._queues[conv]
+            self._busy.add(conv)
+        return batch
+
+    async def _writer(self) -> None:
+        task = asyncio.current_task()
+        self._waking = False
         try:
-            while queue:
-                batch = queue[: self.max_batch]
-                del queue[: self.max_batch]
+            while batch := self._take():
+                assert self._loop is not None
+                self._flying[id(batch)] = self._loop.time()
                 try:
-                    results = await self._tx(
-                        functools.partial(self._run_batch, batch=batch), counted=False
-                    )
-                except TidingsError as exc:
-                    results = [exc] * len(batch)
-                except Exception:  # never leave a caller hanging
-                    log.exception("write batch failed")
-                    results = [TidingsError("internal", "storage error")] * len(batch)
-                self._pending -= len(batch)
-                for (_, fut), res in zip(batch, results, strict=True):
-                    if fut.done():
-                        continue
-                    if isinstance(res, BaseException):
-                        fut.set_exception(res)
-                    else:
-                        fut.set_result(res)
+                    results = await self._write(batch)
+                except BaseException:  # cancelled: never leave a caller hanging
+                    results = [TidingsError("unavailable", "server is shutting down")] * len(batch)
+                    raise
+                finally:
+                    del self._flying[id(batch)]
+                    self._pending -= len(batch)
+                    for conv in dict.fromkeys(op[0] for op in batch):
+                        self._busy.discard(conv)
+                        if conv in self._queues:
+                            self._ready[conv] = None
+                    for (_, _, fut), res in zip(batch, results, strict=True):
+                        if fut.done():
+                            continue
+                        if isinstance(res, BaseException):
+                            fut.set_exception(res)
+                        else:
+                            fut.set_result(res)
         finally:
-            del self._queues[conv]
-            task = asyncio.current_task()
             if task is not None:
                 self._writers.discard(task)
 
-    async def _run_batch(self, db: Db, batch: list[tuple[Any, asyncio.Future[Any]]]) -> list[Any]:
+    async def _write(self, batch: list[tuple[str, Any, asyncio.Future[Any]]]) -> list[Any]:
+        """Write a batch; its results in order (a result or a TidingsError each), never
+        raising. Plain messages go through `tidings_append_batch` (migration 0002): one
+        statement, one round trip and one commit for all of them; those whose message id
+        was not above their conversation's last one go again with ids drawn above it.
+        The rest (recall and edit, group operations, a conversation's first message) and
+        every later write of the same conversations follow in a transaction of their
+        own, each in a savepoint (`_slow_batch`)."""
+        fast: list[int] = []
+        slow: list[int] = []
+        held: set[str] = set()  # conversations whose later writes take the slow path
+        for i, (conv, what, _) in enumerate(batch):
+            if conv not in held and _plain(what):
+                fast.append(i)
+            else:
+                held.add(conv)
+                slow.append(i)
+        results: list[Any] = [None] * len(batch)
+        todo = fast
+        for _ in range(_STALE_TRIES):
+            if not todo:
+                break
+            try:
+                out = await self._tx(
+                    functools.partial(self._fast_batch, msgs=[batch[i][1] for i in todo]),
+                    counted=False,
+                    tx=False,
+                    writer=True,
+                )
+            except _FastFailed:
+                out = [_SLOW] * len(todo)
+            except Exception as exc:  # never leave a caller hanging
+                if not isinstance(exc, TidingsError):
+                    log.exception("write batch failed")
+                    exc = TidingsError("internal", "storage error")
+                # What is left of the batch fails with it (its order kept).
+                return [exc if res is None else res for res in results]
+            stale = []
+            for i, res in zip(todo, out, strict=True):
+                if res is _STALE:  # ids drawn again, above the conversation's last one
+                    stale.append(i)
+                elif res is _SLOW:
+                    slow.append(i)
+                else:
+                    results[i] = res
+            todo = stale
+        slow = sorted(slow + todo)
+        if slow:
+            ops = [batch[i] for i in slow]
+            try:
+                done = await self._tx(
+                    functools.partial(self._slow_batch, ops=ops), counted=False, writer=True
+                )
+            except TidingsError as exc:
+                done = [exc] * len(ops)
+            except Exception:  # never leave a caller hanging
+                log.exception("write batch failed")
+                done = [TidingsError("internal", "storage error")] * len(ops)
+            for i, res in zip(slow, done, strict=True):
+                results[i] = res
+        return results
+
+    async def _fast_batch(self, db: Db, msgs: list[NewMessage]) -> list[Any]:
+        """Append plain messages with one call of `tidings_append_batch` (a statement of
+        its own: it commits by itself); per message its result, a TidingsError, `_SLOW`
+        (left to `_slow_batch`) or `_STALE` (to send again: the id generator is moved
+        past the conversation's last id). Raises `_FastFailed` if the statement fails
+        for another reason than a deadlock or a lost database."""
+        assert self._ids is not None, "worker id not leased"
+        now = self.clock.now_ms()
+        convs = list(dict.fromkeys(m.conv for m in msgs))
+        index = {conv: n for n, conv in enumerate(convs, start=1)}
+        mids = [self._ids.next(now) for _ in msgs]
+        text: list[str | None] = []
+        data: list[bytes | None] = []
+        num: list[int | None] = []
+        for m, mid in zip(msgs, mids, strict=True):  # laid out as the function reads them
+            text += (m.sender, m.dev, m.cid, m.type, m.blocker)
+            data += (m.body_bytes, _pack(list(m.mentions)) if m.mentions else None)
+            bits = m.counted | m.reads << 1 | m.privileged << 2
+            num += (index[m.conv], mid, m.flags, m.reply_to, bits)
+        try:
+            rows = await db.conn.fetch(_APPEND_BATCH, convs, text, data, num, now)
+        except _RETRY:
+            raise
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, _DOWN):
+                raise
+            log.warning("batch append failed, each message again alone: %s: %s", type(exc), exc)
+            raise _FastFailed from exc
+        assert len(rows) == len(msgs) + 1 and rows[-1][0] == "written", "batch answer"
+        db.written += rows[-1][1]
+        out: list[Any] = []
+        dups: list[int] = []
+        for i, (msg, row, mid) in enumerate(zip(msgs, rows, mids, strict=False)):
+            status = row[0]
+            if status == "ok":
+                self.batched += 1
+                out.append(AppendResult(_appended(msg, row[1], mid, now, row[2]), False))
+            elif status == "slow":
+                out.append(_SLOW)
+            elif status == "stale":
+                self._ids.bump(row[3])  # another process's clock is ahead
+                out.append(_STALE)
+            elif status == "dup":
+                dups.append(i)
+                out.append(None)
+            else:
+                out.append(_refusal(status, row[3], now, msg.privileged))
+        if dups:
+            await self._dup_answers(db, [msgs[i] for i in dups], out, dups)
+        return out
+
+    async def _dup_answers(
+        self, db: Db, msgs: list[NewMessage], out: list[Any], where: list[int]
+    ) -> None:
+        """The originals of duplicates (committed: `_fast_batch`'s statement saw them),
+        or the error to answer each with, into ``out`` at ``where``."""
+        try:
+            rows = await db.all(
+                f"SELECT {_READ_COLS} FROM messages WHERE (sender, cid) IN "
+                "(SELECT * FROM unnest(?::text[], ?::text[]))",
+                [m.sender for m in msgs],
+                [m.cid for m in msgs],
+            )
+        except _DOWN as exc:  # the batch is committed: only these go unanswered
+            err = self._unavailable(exc)
+            for i in where:
+                out[i] = err
+            return
+        except asyncpg.PostgresError as exc:
+            log.error("duplicate read failed: %s: %s", type(exc).__name__, exc)
+            for i in where:
+                out[i] = TidingsError("internal", "storage read failed")
+            return
+        found = {(r[3], r[5]): r for r in rows}
+        for i, msg in zip(where, msgs, strict=True):
+            row = found.get((msg.sender, msg.cid))
+            if row is None:  # pragma: no cover - the conflict came from elsewhere
+                out[i] = TidingsError("internal", "client id conflict without a row")
+            else:
+                out[i] = _dup_answer(msg, row)
+
+    async def _slow_batch(
+        self, db: Db, ops: list[tuple[str, Any, asyncio.Future[Any]]]
+    ) -> list[Any]:
+        """Writes one by one, each in a savepoint of its own: a refused one fails alone."""
+        convs = sorted({op[0] for op in ops})
+        if len(convs) > 1:  # lock order: ascending id, as tidings_append_batch
+            await db.all(
+                'SELECT 1 FROM conversations WHERE id = ANY(?::text[]) ORDER BY id COLLATE "C" '
+                "FOR UPDATE",
+                convs,
+            )
         results: list[Any] = []
-        for fn, _ in batch:
+        for _, what, _ in ops:
             try:
                 async with db.conn.transaction():  # a savepoint
-                    results.append(await fn(db))
+                    if isinstance(what, GroupChange):
+                        results.append(await self._group(db, what))
+                    else:
+                        results.append(await self._append(db, what))
             except Answer as answer:
                 results.append(answer.value)
             except TidingsError as exc:
@@ -399,7 +808,7 @@ class PostgresStore(PgGroups):
             # A retry of a message stored before the block still gets its answer.
             if await db.one("SELECT 1 FROM messages WHERE sender=? AND cid=?", msg.sender, msg.cid):
                 raise Answer(await self._duplicate(db, msg))
-            raise TidingsError("blocked", "the recipient does not accept your messages")
+            raise TidingsError("blocked", _BLOCKED)
         if msg.type != GROUP_EVENT and is_group(msg.conv):
             await self._check_group_post(db, msg)
         row = await db.one(
@@ -591,19 +1000,10 @@ class PostgresStore(PgGroups):
         )
         if row is None:  # pragma: no cover - the conflict came from elsewhere
             raise TidingsError("internal", "client id conflict without a row")
-        same = (
-            row[0] == msg.conv
-            and row[6] == msg.type
-            and bytes(row[7]) == msg.body_bytes
-            and row[9] == msg.flags
-            and row[10] == (_pack(list(msg.mentions)) if msg.mentions else None)
-            and row[11] == msg.reply_to
-        )
-        if not same:
-            raise TidingsError(
-                "conflict", f"cid {msg.cid!r} was already used for a different message"
-            )
-        return AppendResult(record(row), True)
+        res = _dup_answer(msg, row)
+        if isinstance(res, TidingsError):
+            raise res
+        return res
 
     # ------------------------------------------------------------------ users, devices
 
@@ -747,41 +1147,66 @@ class PostgresStore(PgGroups):
         return await self._tx(op)
 
     async def write_delivered(self, positions: list[tuple[str, str, int]]) -> list[DeliveredMove]:
-        async def op(db: Db) -> list[DeliveredMove]:
-            now = self.clock.now_ms()
-            moved = []
-            todo = []
-            for conv, uid, seq in positions:
-                pair = direct_members(conv)
-                if pair is None or pair[0] == pair[1] or uid not in pair:
-                    continue
-                todo.append((pair[1] if pair[0] == uid else pair[0], conv, uid, seq))
-            for peer, conv, uid, seq in sorted(todo):  # lock order: the logged user's id
-                last = await db.val("SELECT last_seq FROM conversations WHERE id=?", conv)
-                # Capped here, before binding: an ack may name any seq (even past 2^63).
-                target = min(seq, int(last or 0))
-                n = await db.exe(
-                    "UPDATE members SET delivered_seq=? "
-                    "WHERE conv=? AND uid=? AND delivered_seq < ? AND read_seq < ?",
-                    target,
-                    conv,
-                    uid,
-                    target,
-                    target,
-                )
-                if not n:
-                    continue  # not past what is delivered or read already (or no member)
-                await db.exe(
-                    "DELETE FROM user_changes WHERE uid=? AND conv=? AND kind='peer_delivered'",
-                    peer,
-                    conv,
-                )
-                await self._log(db, peer, conv, "peer_delivered", target, now)
-                blocked = await db.one("SELECT 1 FROM blocks WHERE uid=? AND blocked=?", peer, uid)
-                moved.append(DeliveredMove(conv, uid, target, None if blocked else peer))
-            return moved
+        want: dict[tuple[str, str], tuple[str, int]] = {}
+        for conv, uid, seq in positions:
+            pair = direct_members(conv)
+            if pair is None or pair[0] == pair[1] or uid not in pair:
+                continue
+            # Capped here, before binding: an ack may name any seq (even past 2^63).
+            seq = min(seq, 2**63 - 1)
+            peer = pair[1] if pair[0] == uid else pair[0]
+            if seq > want.get((conv, uid), ("", 0))[1]:
+                want[(conv, uid)] = (peer, seq)
+        if not want:
+            return []
+        keys = sorted(want)
 
-        return await self._tx(op) if positions else []
+        async def op(db: Db) -> list[DeliveredMove]:
+            # Member rows first, in ascending (conversation, user) as the append batches
+            # take them; then the users' change logs, in ascending user id.
+            await db.all(
+                "SELECT 1 FROM members WHERE (conv, uid) IN "
+                "(SELECT * FROM unnest(?::text[], ?::text[])) "
+                'ORDER BY conv COLLATE "C", uid COLLATE "C" FOR UPDATE',
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+            )
+            rows = await db.all(
+                "UPDATE members m SET delivered_seq = v.target FROM ("
+                "  SELECT w.conv, w.uid, least(w.seq, c.last_seq) AS target "
+                "  FROM unnest(?::text[], ?::text[], ?::bigint[]) AS w(conv, uid, seq) "
+                "  JOIN conversations c ON c.id = w.conv) AS v "
+                "WHERE m.conv = v.conv AND m.uid = v.uid "
+                "AND m.delivered_seq < v.target AND m.read_seq < v.target "
+                "RETURNING m.conv, m.uid, v.target",
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+                [want[k][1] for k in keys],
+            )
+            db.written += len(rows)
+            # Not past what is delivered or read already (or no member): nothing to tell.
+            moved = sorted((want[(r[0], r[1])][0], r[0], r[1], r[2]) for r in rows)
+            if not moved:
+                return []
+            await self._log_many(
+                db,
+                [(peer, conv, "peer_delivered", target) for peer, conv, _, target in moved],
+                self.clock.now_ms(),
+                replace=True,
+            )
+            blocks = await db.all(
+                "SELECT uid, blocked FROM blocks WHERE (uid, blocked) IN "
+                "(SELECT * FROM unnest(?::text[], ?::text[]))",
+                [m[0] for m in moved],
+                [m[2] for m in moved],
+            )
+            blocked = {(r[0], r[1]) for r in blocks}
+            return [
+                DeliveredMove(conv, uid, target, None if (peer, uid) in blocked else peer)
+                for peer, conv, uid, target in moved
+            ]
+
+        return await self._tx(op)
 
     async def _summaries(
         self, db: Db, uid: str, where: str, params: tuple[Any, ...], limit: int
