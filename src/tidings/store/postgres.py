@@ -16,8 +16,11 @@ the batch's conversations locked in ascending id (no deadlocks between processes
 message answered on its own (appended, duplicate, refused). What it leaves (a
 conversation's first message, recalls and edits, group operations, and whatever
 follows them in the same conversation) runs after it as before, one savepoint each.
-One writer runs while batches commit promptly (bigger batches, fewer commits); more
-start when one has been in flight for a while (``_more_writers``).
+A commit costs both sides far more than the messages in it, so batches are made big:
+one writer runs while batches commit promptly, and after a batch it waits
+``linger_ms`` for more to join the next while only a few are waiting (never before a
+writer's first batch: a lone message goes at once); more writers start when a batch
+has been in flight for a while (``_more_writers``).
 
 Two orders that SQLite's single writer gives for free are kept explicitly:
 
@@ -132,6 +135,7 @@ class _FastFailed(Exception):
 _SLOW: Any = object()  # a write `tidings_append_batch` left to the general path
 _STALE: Any = object()  # ... not appended: its message id was not above the last one
 _STALE_TRIES = 3  # calls of tidings_append_batch for one batch before the general path
+_LINGER_UNTIL = 16  # writes waiting that make a batch without lingering
 _WRITER_LATE_S = 0.02  # a batch in flight this long while others wait: another writer
 _APPEND_BATCH = "SELECT * FROM tidings_append_batch($1, $2, $3, $4, $5)"
 _BLOCKED = "the recipient does not accept your messages"
@@ -235,6 +239,7 @@ class PostgresStore(PgGroups):
         max_pending: int = 50_000,
         max_batch: int = 200,
         max_writers: int = 3,
+        linger_ms: float = 2.0,
         sync_slack_ms: int = 5_000,
         acquire_timeout_s: float = 5.0,
         command_timeout_s: float = 30.0,
@@ -247,6 +252,9 @@ class PostgresStore(PgGroups):
         # Batches in flight at most (see `_more_writers`); the pool keeps at least one
         # connection for reads.
         self.max_writers = max(1, min(max_writers, pool_size - 1))
+        # After a batch, while fewer than _LINGER_UNTIL writes wait, a writer waits this
+        # long for more to join the next batch (not before a writer's first batch).
+        self.linger_s = linger_ms / 1000
         self.sync_slack_ms = sync_slack_ms
         self.acquire_timeout_s = acquire_timeout_s
         self.command_timeout_s = command_timeout_s
@@ -260,6 +268,7 @@ class PostgresStore(PgGroups):
         self._busy: set[str] = set()
         self._writers: set[asyncio.Task[None]] = set()
         self._waking = False  # a writer task is started and has not taken a batch yet
+        self._queued = 0  # writes queued, not yet in a batch
         self._flying: dict[int, float] = {}  # batches in flight: when each started
         self._late: asyncio.TimerHandle | None = None  # `_more_writers` to come
         self._held: list[asyncpg.Connection] = []  # the writers' connections between batches
@@ -540,6 +549,7 @@ class PostgresStore(PgGroups):
         if queue is None:
             queue = self._queues[conv] = collections.deque()
         queue.append((what, fut))
+        self._queued += 1
         if conv not in self._busy:
             self._ready[conv] = None
         if self._waking:
@@ -581,6 +591,7 @@ class PostgresStore(PgGroups):
             for _ in range(min(len(queue), self.max_batch - len(batch))):
                 what, fut = queue.popleft()
                 batch.append((conv, what, fut))
+                self._queued -= 1
             if not queue:
                 del self._queues[conv]
             self._busy.add(conv)
@@ -590,7 +601,16 @@ class PostgresStore(PgGroups):
         task = asyncio.current_task()
         self._waking = False
         try:
-            while batch := self._take():
+            first = True  # a writer's first batch goes at once
+            while True:
+                if not first and self.linger_s > 0 and 0 < self._queued < _LINGER_UNTIL:
+                    # Writes arrive while one batch is written: wait a moment for more
+                    # to join the next (a commit costs more than the messages in it).
+                    await asyncio.sleep(self.linger_s)
+                first = False
+                batch = self._take()
+                if not batch:
+                    break
                 assert self._loop is not None
                 self._flying[id(batch)] = self._loop.time()
                 try:
