@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -29,7 +30,8 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = os.path.join(data_dir, "server.log")
 
-    def start(self, **settings: Any) -> ServerProcess:
+    def start(self, env: dict[str, str] | None = None, **settings: Any) -> ServerProcess:
+        """Start it (``env``: extra environment, e.g. TIDINGS_FAULTS) and wait for health."""
         os.makedirs(self.data_dir, exist_ok=True)
         merged = {"log_level": "WARNING", **self.settings, **settings}
         args = [
@@ -47,7 +49,14 @@ class ServerProcess:
         for k, v in merged.items():
             args += ["--set", f"{k}={v}"]
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        # Its own process group: with --workers the supervisor's workers go down with it.
+        self.proc = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
@@ -65,6 +74,8 @@ class ServerProcess:
 
     @property
     def admin_key(self) -> str:
+        if "admin_key" in self.settings:
+            return str(self.settings["admin_key"])
         with open(os.path.join(self.data_dir, "admin.key")) as fh:
             return fh.read().strip()
 
@@ -106,7 +117,7 @@ class ServerProcess:
 
     def kill(self) -> None:
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
     def terminate(self, timeout: float = 20) -> int:
@@ -115,8 +126,9 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # workers included
             self.proc.wait(10)
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import socket
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -15,6 +16,7 @@ from tidings import __version__
 from tidings.api.http import HttpApi
 from tidings.api.openapi import build_openapi
 from tidings.bus.memory import MemoryBus
+from tidings.bus.redis import RedisBus
 from tidings.clock import Clock, SystemClock
 from tidings.config import Settings
 from tidings.gateway import tcp, websocket
@@ -68,8 +70,13 @@ class Server:
                 wal_restart_bytes=s.wal_restart_bytes,
                 checkpoint_interval_s=s.checkpoint_interval_ms / 1000,
             )
-        self.bus = MemoryBus()
-        self.hub = Hub(self.clock, login_policy=s.login_policy, publish=self.bus.publish)
+        self._holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.bus: MemoryBus | RedisBus
+        if s.redis_url:
+            self.bus = RedisBus(s.redis_url, self._holder, self.clock, s.node_ttl_ms)
+        else:
+            self.bus = MemoryBus()
+        self.hub = Hub(self.clock, login_policy=s.login_policy, bus=self.bus)
         self.bus.set_handler(self.hub.handle)
         self.accounts = Accounts(
             self.store,
@@ -85,8 +92,13 @@ class Server:
         self.groups = Groups(self.store, self.bus, self.clock, s)
         self.hub.members = MemberCache(self.store)
         self.rooms = Rooms(self.bus, self.clock, s)
-        self.hub.rooms = RoomHub(self.clock, s)
-        self.presence = Presence(self.store, self.clock, self.hub.is_online)
+        self.hub.rooms = RoomHub(self.clock, s, bus=self.bus)
+        self.presence = Presence(
+            self.store,
+            self.clock,
+            self.hub.is_online,
+            self.bus.online if isinstance(self.bus, RedisBus) else None,
+        )
         self.hub.presence = self.presence
         self.hub.presence_batch_s = s.presence_batch_ms / 1000
         self.gate = WriteGate(self.store, s.write_high_water, s.write_low_water)
@@ -113,14 +125,24 @@ class Server:
             self.hub.rooms.online,
             self.hub.rooms.stats,
             lambda: self.hub.online,
+            self._node_info,
         )
         self._runner: web.AppRunner | None = None
         self._tcp_server: asyncio.AbstractServer | None = None
         self._lease_task: asyncio.Task[None] | None = None
         self._worker_id = -1
-        self._holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.http_port = 0
         self.tcp_port = 0
+
+    def _node_info(self) -> dict[str, Any]:
+        redis = self.settings.redis_url != ""
+        return {
+            "pid": os.getpid(),
+            "worker_id": self._worker_id,
+            "store": "postgres" if self.settings.database_url else "sqlite",
+            "bus": "redis" if redis else "memory",
+            "bus_connected": self.bus.connected if isinstance(self.bus, RedisBus) else True,
+        }
 
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=3 << 20)

@@ -95,7 +95,9 @@ class HttpApi:
         room_online: Callable[[str], int],
         room_stats: Callable[[], tuple[int, int, int, int, int]],
         online: Callable[[], int],
+        node_info: Callable[[], dict[str, Any]] = dict,
     ) -> None:
+        self.node_info = node_info  # pid, worker id, store and bus kinds (health)
         self.rooms = rooms
         self.room_online = room_online
         self.room_stats = room_stats
@@ -367,7 +369,9 @@ class HttpApi:
 
     async def health(self, request: web.Request, _: None) -> tuple[int, m.Health]:
         pending = self.messaging.store.backlog()
-        return 200, m.Health("ok", __version__, self.online(), pending, *self.room_stats())
+        return 200, m.Health(
+            "ok", __version__, self.online(), pending, *self.room_stats(), **self.node_info()
+        )
 
     async def put_user(self, request: web.Request, body: m.PutUser) -> tuple[int, m.UserOut]:
         user, created = await self.accounts.put_user(

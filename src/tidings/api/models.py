@@ -32,6 +32,11 @@ class Health(msgspec.Struct, frozen=True):
     room_ticks_late: int = 0  # ticks that started more than a tick period late
     room_deliveries: int = 0  # room posts written to viewers since start
     room_tick_ms: int = 0  # wall time spent in room ticks since start
+    pid: int = 0  # this process (one of the workers, in a cluster)
+    worker_id: int = -1  # the worker id it leased for message ids
+    store: str = ""  # "sqlite" or "postgres"
+    bus: str = ""  # "memory" or "redis"; with "redis", bus_connected says if it is up
+    bus_connected: bool = True
 
 
 class PutUser(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
