@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import Harness, next_message
-from tests.procserver import ServerProcess, wait_until
+from tests.procserver import ServerProcess, free_port, wait_until
 from tests.rawclient import Raw
 from tidings.bench.services import Postgres, Redis, postgres_server, redis_server
 from tidings.client import Client, MessageEvent, PresenceChanged, ReadReceipt, RoomEvent
@@ -326,3 +326,40 @@ async def test_workers_share_one_port(tmp_path: Any, pg_server: Postgres, redis_
             await c.close()
     finally:
         node.stop()
+
+
+def test_serve_refuses_clearly(tmp_path: Any) -> None:
+    """`--workers 2` on SQLite is refused before anything starts (exit 2), and an
+    unreachable PostgreSQL or Redis ends start-up with a one-line reason (exit 1), not a
+    traceback."""
+    import subprocess
+    import sys
+
+    def serve(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tidings",
+                "serve",
+                "--port",
+                "0",
+                "--tcp-port",
+                "-1",
+                "--data-dir",
+                str(tmp_path),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    r = serve("--workers", "2")
+    assert r.returncode == 2 and "needs database_url" in r.stderr
+    assert "Traceback" not in r.stderr
+    dead = f"127.0.0.1:{free_port()}"
+    r = serve("--set", f"database_url=postgresql://x@{dead}/db")
+    assert r.returncode == 1 and "cannot start" in r.stderr and "Traceback" not in r.stderr
+    r = serve("--set", f"redis_url=redis://{dead}/0")
+    assert r.returncode == 1 and "Redis at" in r.stderr and "Traceback" not in r.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -226,6 +227,17 @@ class Server:
                 log.warning("worker id lease lost; now worker %d (was %d)", wid, self._worker_id)
                 self.store.set_worker_id(wid)
                 self._worker_id = wid
+
+    async def abort(self) -> None:
+        """Release what a failed ``start()`` opened (nothing was served)."""
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        with contextlib.suppress(Exception):
+            await self.bus.close()
+        with contextlib.suppress(Exception):
+            await self.store.close()
 
     async def drain(self) -> None:
         """Stop accepting, finish in-flight writes, close connections as going away."""

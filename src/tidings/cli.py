@@ -48,9 +48,16 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 
 async def _serve(settings: Settings, worker: int | None = None) -> int:
     from tidings.app import Server
+    from tidings.bus.base import BusUnavailable
+    from tidings.protocol.errors import TidingsError
 
     server = Server(settings)
-    await server.start()
+    try:
+        await server.start()
+    except (OSError, BusUnavailable, TidingsError) as exc:  # PostgreSQL or Redis away
+        print(f"tidings: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        await server.abort()
+        return 1
     # Start-up objects live for the whole run: keep them out of the cyclic collector, and
     # collect the young generation less often (allocation-heavy message path).
     gc.collect()
