@@ -4,18 +4,24 @@ and reconnects, a node started against no Redis."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+import redis as syncredis
 import redis.asyncio as aioredis
 
 from tests.bus_contract import BusContract, Got, event, settle
+from tests.conftest import Harness, next_message
 from tidings.bench.services import Redis, free_port, redis_server
 from tidings.bus.base import Bus, BusUnavailable, RoomEvent
 from tidings.bus.redis import RedisBus
+from tidings.client import Client, Disconnected, PresenceChanged
 from tidings.clock import SystemClock
+from tidings.protocol import close
 
 
 class RedisNodes:
@@ -203,3 +209,125 @@ async def test_scripts_flushed_behind_the_bus_are_loaded_again(redis_srv: Redis)
     await admin.aclose()
     await a.close()
     await b.close()
+
+
+# ---------------------------------------------------------------------- servers in a cluster
+
+_DB = itertools.count(1)
+
+
+@pytest.fixture
+def cluster(make_server: Any, pg_dsn: str, redis_srv: Redis) -> Any:
+    """Makes servers (in this process) sharing one PostgreSQL database and one Redis
+    (a database of its own for each test)."""
+    url = redis_srv.url.rsplit("/", 1)[0] + f"/{next(_DB) % 16}"
+    with syncredis.Redis.from_url(url) as r:
+        r.flushdb()
+
+    async def make(n: int = 2, **overrides: Any) -> list[Harness]:
+        settings = {
+            "database_url": pg_dsn,
+            "redis_url": url,
+            "node_ttl_ms": 1_000,
+            "signing_key": "a-signing-key-all-the-nodes-of-the-cluster-share",
+            "presence_batch_ms": 100,
+            **overrides,
+        }
+        nodes = [await make_server(**settings) for _ in range(n)]
+        for h in nodes:
+            h.server.hub.resync_jitter_s = 0.05
+        return nodes
+
+    return make
+
+
+async def next_of(client: Client, kind: type, timeout: float = 5.0) -> Any:
+    async def get() -> Any:
+        async for ev in client.events():
+            if isinstance(ev, kind):
+                return ev
+        raise AssertionError("event stream ended")
+
+    return await asyncio.wait_for(get(), timeout)
+
+
+async def quiet(client: Client, kind: type, for_s: float = 0.4) -> list[Any]:
+    """The events of ``kind`` until none came for ``for_s``."""
+    got = []
+    while True:
+        try:
+            got.append(await next_of(client, kind, for_s))
+        except TimeoutError:
+            return got
+
+
+async def test_messages_cross_nodes_to_every_device(cluster: Any) -> None:
+    """A message sent on node A reaches the recipient's devices on A and on B, and the
+    sender's other device on B, each once."""
+    a, b = await cluster()
+    assert isinstance(a.server.bus, RedisBus) and isinstance(b.server.bus, RedisBus)
+    alice = await a.client("alice")
+    alice2 = await b.client("alice", "d2")
+    bob_a = await a.client("bob", "b1")
+    bob_b = await b.client("bob", "b2")
+    pushes = a.server.hub.pushes + b.server.hub.pushes
+    sent = await alice.send(to="bob", text="hello across")
+    for c in (bob_a, bob_b, alice2):
+        ev = await next_message(c)
+        assert ev.message.mid == sent.mid
+    await asyncio.sleep(0.1)
+    assert a.server.hub.pushes + b.server.hub.pushes - pushes == 3  # no second copy
+    reply = await bob_b.send(to="alice", text="back")
+    ev = await next_message(alice)
+    while ev.echo:
+        ev = await next_message(alice)
+    assert ev.message.mid == reply.mid
+
+
+async def test_presence_is_cluster_wide_between_servers(cluster: Any) -> None:
+    """A contact on another node is pushed online/offline; leaving one of two nodes is
+    not offline; a query on any node sees devices on every node."""
+    a, b = await cluster()
+    alice = await a.client("alice")
+    bob = await b.client("bob")
+    await bob.send(to="alice", text="hi")  # contacts now
+    await quiet(alice, PresenceChanged)  # bob's first coming online may still arrive
+    bob2 = await a.client("bob", "b2")
+    await bob.close()
+    with pytest.raises(TimeoutError):
+        await next_of(alice, PresenceChanged, 0.6)  # still on node A
+    assert [(p.user, p.online) for p in await alice.presence(["bob"])] == [("bob", True)]
+    await bob2.close()
+    ev = await next_of(alice, PresenceChanged)
+    assert [(p.user, p.online) for p in ev.users] == [("bob", False)]
+    await b.client("bob", "b3")
+    ev = await next_of(alice, PresenceChanged)
+    assert [(p.user, p.online) for p in ev.users] == [("bob", True)]
+    assert [(p.user, p.online) for p in await alice.presence(["bob"])] == [("bob", True)]
+
+
+async def test_login_policy_kicks_across_nodes(cluster: Any) -> None:
+    """Under one_total, a new session on node B kicks the user's session on node A."""
+    a, b = await cluster(login_policy="one_total")
+    first = await a.client("carol", "c1")
+    await b.client("carol", "c2")
+    ev = await next_of(first, Disconnected)
+    assert ev.final and ev.code == close.KICKED
+
+
+async def test_a_dead_nodes_lost_publish_is_found_by_resync(cluster: Any) -> None:
+    """Node B commits a message and dies before publishing it: within the node TTL the
+    recipient on node A gets a resync hint, syncs, and has it (nothing waits for the
+    next message or pong)."""
+    a, b = await cluster()
+    alice = await a.client("alice", heartbeat_s=60, dead_after_s=120)
+    bob = await b.client("bob", heartbeat_s=60, dead_after_s=120)
+    await bob.send(to="alice", text="first")
+    await next_message(alice)
+    bus_b = b.server.bus
+    assert isinstance(bus_b, RedisBus)
+    await bus_b.halt()  # B is gone as far as the cluster is concerned
+    lost = await bob.send(to="alice", text="committed, never published")
+    ev = await next_message(alice, timeout=5)
+    assert ev.message.mid == lost.mid
+    assert a.server.hub.resyncs >= 1

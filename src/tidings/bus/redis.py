@@ -166,7 +166,8 @@ class RedisBus:
         await self._cancel(self._tasks)
         if self._connected and self._client is not None:
             try:
-                await asyncio.wait_for(self.lua.leave(self._client), 2)
+                async with asyncio.timeout(2):
+                    await self.lua.leave(self._client)
             except (*LOST, RedisError) as exc:
                 log.warning("bus: leaving cleanly failed (%s): others see a dead node", exc)
         await self._teardown()
@@ -401,7 +402,8 @@ class RedisBus:
         may have failed meanwhile)."""
         try:
             if self._client is not None:
-                await asyncio.wait_for(self.lua.load(self._client), self._timeout_s)
+                async with asyncio.timeout(self._timeout_s):
+                    await self.lua.load(self._client)
                 self._queue.appendleft(Op(RECONCILE, False))
                 self._wake.set()
         finally:
@@ -438,11 +440,11 @@ class RedisBus:
         self._lost.set()
 
     async def _supervise(self) -> None:
-        while True:
+        while not self._closed:
             await self._lost.wait()
             await self._teardown()
             delay = 0.05
-            while True:
+            while not self._closed:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 try:
                     await self._connect()
@@ -463,7 +465,8 @@ class RedisBus:
             client_name=f"tidings-bus:{self.node_id}",  # for CLIENT LIST
         )
         self._client = client
-        await asyncio.wait_for(self._open(client), self._timeout_s)
+        async with asyncio.timeout(self._timeout_s):
+            await self._open(client)
         self._lost.clear()
         self._connected = True
         self._queue.appendleft(Op(RECONCILE, True))
@@ -487,8 +490,8 @@ class RedisBus:
             assert pubsub.connection is not None
             self._sub_seen = asyncio.get_running_loop().time()
             self._spawn(self._read(pubsub.connection), self._conn_tasks)
-        mine = client.smembers(self.lua.mine)
-        have = {m.decode() for m in await asyncio.wait_for(mine, self._timeout_s)}  # type: ignore[arg-type]
+        async with asyncio.timeout(self._timeout_s):
+            have = {m.decode() for m in await client.smembers(self.lua.mine)}  # type: ignore[misc]
         for uid in have - self.local:
             self._queue.appendleft(Op(DOWN, uid))
         for uid in self.local - have:
@@ -518,13 +521,16 @@ class RedisBus:
 
     @staticmethod
     async def _cancel(tasks: set[asyncio.Task[None]]) -> None:
+        """Cancel ``tasks`` and wait for them, a little: a task that ignored its
+        cancellation must not hang the caller (a server's drain)."""
         me = asyncio.current_task()
         doomed = [t for t in tasks if t is not me]
         for t in doomed:
             t.cancel()
-        for t in doomed:
-            with contextlib.suppress(BaseException):
-                await t
+        if doomed:
+            _, stuck = await asyncio.wait(doomed, timeout=2)
+            for t in stuck:
+                log.error("bus: task %s did not stop when cancelled", t.get_coro())
 
     async def _read(self, conn: Connection) -> None:
         """The subscription: every message goes to the handler (but our own echoes on
@@ -551,7 +557,8 @@ class RedisBus:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.node_ttl_ms / 3000)
-            await asyncio.wait_for(self._beat(client), self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):
+                await self._beat(client)
             pubsub = self._pubsub
             if pubsub is not None and pubsub.connection is not None:
                 if loop.time() - self._sub_seen > 2 * self._timeout_s:

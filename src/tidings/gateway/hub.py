@@ -378,7 +378,8 @@ class Hub:
             try:
                 if self.bus is not None:
                     await self.bus.flush()  # the bus's answers about the last sessions
-                await asyncio.wait_for(self.flush_presence(), LAST_PRESENCE_S)
+                async with asyncio.timeout(LAST_PRESENCE_S):
+                    await self.flush_presence()
             except TimeoutError:
                 log.warning("last presence flush cut short after %.0f s", LAST_PRESENCE_S)
             except Exception:
