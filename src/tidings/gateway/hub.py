@@ -317,7 +317,7 @@ class Hub:
         change too, so they are loaded again."""
         log.info("resync hint (%s %s): %d sessions here sync", hint.reason, hint.node, self.online)
         if self.members is not None:
-            self.members = MemberCache(self.members.store, self.members.max_members)
+            self.members.clear()
         if self._resync_task is not None and not self._resync_task.done():
             self._resync_again = True  # a new pass once this one is done
             return

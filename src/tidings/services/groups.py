@@ -246,25 +246,53 @@ class Groups:
 Deliver = Callable[[MessageEvent, set[str]], None]
 
 
+class _Members:
+    """One group's member set as this node knows it."""
+
+    __slots__ = ("added", "held", "ids", "last", "snapshot_seq", "timer")
+
+    def __init__(self, snapshot_seq: int, ids: set[str], added: dict[str, int]) -> None:
+        self.snapshot_seq = snapshot_seq  # the store's last seq when the set was read
+        self.ids = ids
+        self.added = added  # the seq before each member's add entry, if after 0
+        self.last = snapshot_seq  # the last entry applied
+        self.held: dict[int, MessageEvent] = {}  # entries that came early, by seq
+        self.timer: asyncio.TimerHandle | None = None
+
+
 class MemberCache:
     """The member sets of groups this node fans out to: each loaded once from the store,
-    then kept current by the group's own entries, which the hub hands over in commit
-    order. Entries arriving while a set loads wait for it, in order. Bounded: the least
-    recently used sets are dropped past ``max_members`` member ids in all."""
+    then kept current by the group's own entries, applied in seq order. Entries arriving
+    while a set loads wait for it. On a cluster, entries of one group published by
+    different nodes may arrive out of order: an entry that comes before its predecessor
+    is held (up to ``gap_wait_s``) until the gap fills; if it does not (the entry was
+    lost: its node died before publishing, or the bus was away), the set is read again
+    from the store and the held entries applied to that. Bounded: the least recently
+    used sets are dropped past ``max_members`` member ids in all."""
 
-    def __init__(self, store: Store, max_members: int = 2_000_000) -> None:
+    def __init__(self, store: Store, max_members: int = 2_000_000, gap_wait_s: float = 0.2) -> None:
         self.store = store
         self.max_members = max_members
-        # conv -> (the snapshot's seq, member ids, the seq before each later member's add)
-        self._sets: OrderedDict[str, tuple[int, set[str], dict[str, int]]] = OrderedDict()
+        self.gap_wait_s = gap_wait_s
+        self._sets: OrderedDict[str, _Members] = OrderedDict()
         self._waiting: dict[str, list[MessageEvent]] = {}
         self._held = 0
         self._loading: set[asyncio.Task[None]] = set()
         self.loads = 0  # statistics
+        self.reloads = 0  # statistics: sets read again after a gap that did not fill
 
     def members(self, conv: str) -> set[str] | None:
         got = self._sets.get(conv)
-        return None if got is None else got[1]
+        return None if got is None else got.ids
+
+    def clear(self) -> None:
+        """Forget every set (they may have missed a change): each is read again when
+        its next entry comes. Loads in flight finish into the new state."""
+        for got in self._sets.values():
+            if got.timer is not None:
+                got.timer.cancel()
+        self._sets.clear()
+        self._held = 0
 
     def handle(self, event: MessageEvent, deliver: Deliver) -> None:
         conv = event.record.conv
@@ -274,31 +302,56 @@ class MemberCache:
             return
         got = self._sets.get(conv)
         if got is None:
-            self._waiting[conv] = [event]
-            task = asyncio.ensure_future(self._load(conv, deliver))
-            self._loading.add(task)
-            task.add_done_callback(self._loading.discard)
+            self._start_load(conv, [event], deliver)
             return
         self._sets.move_to_end(conv)
-        self._apply(conv, got, event, deliver)
+        self._ordered(conv, got, event, deliver)
 
-    def _apply(
-        self,
-        conv: str,
-        got: tuple[int, set[str], dict[str, int]],
-        event: MessageEvent,
-        deliver: Deliver,
-    ) -> None:
-        snapshot_seq, ids, added = got
+    def _start_load(self, conv: str, events: list[MessageEvent], deliver: Deliver) -> None:
+        self._waiting[conv] = events
+        task = asyncio.ensure_future(self._load(conv, deliver))
+        self._loading.add(task)
+        task.add_done_callback(self._loading.discard)
+
+    def _ordered(self, conv: str, got: _Members, event: MessageEvent, deliver: Deliver) -> None:
         seq = event.record.seq
-        if seq <= snapshot_seq:
-            # An entry that waited for the snapshot: the members then, not those added
-            # after it (they must not get what came before they joined).
-            then = {u for u in ids if added.get(u, 0) < seq} if added else ids
-            deliver(event, then.union(event.left) if event.left else then)
+        if seq <= got.last:
+            if seq <= got.snapshot_seq:
+                # An entry older than the snapshot: the members then, not those added
+                # after it (they must not get what came before they joined).
+                ids = got.ids
+                then = {u for u in ids if got.added.get(u, 0) < seq} if got.added else ids
+                deliver(event, then.union(event.left) if event.left else then)
+            return  # (else applied already)
+        if seq > got.last + 1:  # an earlier entry is still on its way
+            got.held[seq] = event
+            if got.timer is None:
+                loop = asyncio.get_running_loop()
+                got.timer = loop.call_later(self.gap_wait_s, self._gap_timeout, conv, deliver)
             return
-        if added:  # entries come in commit order: none older than the snapshot is left
-            added.clear()
+        self._apply(got, event, deliver)
+        while got.last + 1 in got.held:
+            self._apply(got, got.held.pop(got.last + 1), deliver)
+        if not got.held and got.timer is not None:
+            got.timer.cancel()
+            got.timer = None
+
+    def _gap_timeout(self, conv: str, deliver: Deliver) -> None:
+        got = self._sets.get(conv)
+        if got is None or not got.held:
+            return
+        got.timer = None
+        self.reloads += 1
+        del self._sets[conv]
+        self._held -= len(got.ids)
+        self._start_load(conv, [got.held[k] for k in sorted(got.held)], deliver)
+
+    def _apply(self, got: _Members, event: MessageEvent, deliver: Deliver) -> None:
+        """Apply the next entry in seq order."""
+        got.last = event.record.seq
+        if got.added:  # in order past the snapshot: none older than it is left to come
+            got.added.clear()
+        ids = got.ids
         if event.joined:
             before = len(ids)
             ids.update(event.joined)
@@ -317,11 +370,13 @@ class MemberCache:
             self._waiting.pop(conv, None)  # devices find the entries on their next sync
             return
         self.loads += 1
-        got = (seq, {u for u, _ in uids}, {u: a for u, a in uids if a > 0})
+        got = _Members(seq, {u for u, _ in uids}, {u: a for u, a in uids if a > 0})
         self._sets[conv] = got
         self._held += len(uids)
         for event in self._waiting.pop(conv, []):
-            self._apply(conv, got, event, deliver)
+            self._ordered(conv, got, event, deliver)
         while self._held > self.max_members and len(self._sets) > 1:
-            _, (_, dropped, _) = self._sets.popitem(last=False)
-            self._held -= len(dropped)
+            _, dropped = self._sets.popitem(last=False)
+            if dropped.timer is not None:
+                dropped.timer.cancel()
+            self._held -= len(dropped.ids)
