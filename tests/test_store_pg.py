@@ -331,7 +331,7 @@ async def test_batch_statement_failure_retries_each_alone(
 ) -> None:
     """If the batch statement itself fails, its messages go again one by one (each in a
     savepoint): all are stored once, nothing is lost or doubled."""
-    import tidings.store.postgres as pg
+    import tidings.store.postgres_append as pg
 
     store = await _opened(pg_dsn, "n")
     await with_users(store, "a", "b", "c")

@@ -4,10 +4,34 @@ the number of rows a statement touched."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from typing import Any
 
 import asyncpg
+
+# Connection-level failures: the database is down, restarting, unreachable or full.
+DOWN = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    # The client's own state after the connection broke mid-transaction.
+    asyncpg.InternalClientError,
+)
+RETRY = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)  # run it again
+
+
+class Answer(Exception):
+    """Raised inside a transaction to roll it back and answer ``value`` (a duplicate)."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__("answer")
+        self.value = value
 
 
 @functools.lru_cache(maxsize=2048)

@@ -51,6 +51,7 @@ from tidings.store.base import (
     tombstone,
 )
 from tidings.store.migrations import apply_sqlite
+from tidings.store.rows import EMPTY_BODY, MSG_COLS, READ_COLS, SUMMARY_COLS, conv_summary, record
 from tidings.store.sqlite_groups import SqliteGroups, not_member, read_target
 
 log = logging.getLogger(__name__)
@@ -58,32 +59,7 @@ T = TypeVar("T")
 
 _STOP = object()
 _pack = msgspec.msgpack.Encoder().encode
-_unpack = msgspec.msgpack.Decoder().decode
-_MSG_COLS = "conv, seq, mid, sender, dev, cid, type, body, ts, flags, mentions, reply_to"
-_READ_COLS = _MSG_COLS + ", edit_version, recalled, ctotal"
 KIND_DIRECT = 1
-_EMPTY_BODY = _pack({})
-
-
-def _record(row: tuple[Any, ...]) -> MessageRecord:
-    return MessageRecord(
-        conv=row[0],
-        seq=row[1],
-        mid=row[2],
-        sender=row[3],
-        dev=row[4],
-        cid=row[5],
-        type=row[6],
-        body=_unpack(row[7]),
-        ts=row[8],
-        flags=row[9],
-        mentions=tuple(_unpack(row[10])) if row[10] else (),
-        reply_to=row[11],
-        size=len(row[7]),
-        edit_version=row[12],
-        recalled=bool(row[13]),
-        n=row[14],
-    )
 
 
 class _MsgOp:
@@ -443,7 +419,7 @@ class SqliteStore(SqliteGroups):
             mid = self._ids.next(now)
             mentions = _pack(list(msg.mentions)) if msg.mentions else None
             cur = conn.execute(
-                f"INSERT INTO messages ({_MSG_COLS}, ctotal, target, edit_version) "
+                f"INSERT INTO messages ({MSG_COLS}, ctotal, target, edit_version) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(sender, cid) DO NOTHING",
                 (
                     msg.conv,
@@ -559,7 +535,7 @@ class SqliteStore(SqliteGroups):
                 )
             conn.execute(
                 "UPDATE messages SET recalled=1, body=? WHERE conv=? AND seq=?",
-                (_EMPTY_BODY, msg.conv, amend.target_seq),
+                (EMPTY_BODY, msg.conv, amend.target_seq),
             )
             # Earlier edit entries carry content too: a recall removes it from them.
             conn.execute(
@@ -605,13 +581,13 @@ class SqliteStore(SqliteGroups):
     @staticmethod
     def _by_cid(conn: sqlite3.Connection, sender: str, cid: str) -> MessageRecord:
         row = conn.execute(
-            f"SELECT {_READ_COLS} FROM messages WHERE sender=? AND cid=?", (sender, cid)
+            f"SELECT {READ_COLS} FROM messages WHERE sender=? AND cid=?", (sender, cid)
         ).fetchone()
-        return _record(row)
+        return record(row)
 
     def _duplicate(self, conn: sqlite3.Connection, msg: NewMessage) -> AppendResult | TidingsError:
         row = conn.execute(
-            f"SELECT {_READ_COLS} FROM messages WHERE sender=? AND cid=?", (msg.sender, msg.cid)
+            f"SELECT {READ_COLS} FROM messages WHERE sender=? AND cid=?", (msg.sender, msg.cid)
         ).fetchone()
         if row is None:  # pragma: no cover - the conflict came from elsewhere
             return TidingsError("internal", "client id conflict without a row")
@@ -627,7 +603,7 @@ class SqliteStore(SqliteGroups):
             return TidingsError(
                 "conflict", f"cid {msg.cid!r} was already used for a different message"
             )
-        return AppendResult(_record(row), True)
+        return AppendResult(record(row), True)
 
     def _checkpoint_main(self) -> None:
         """Backfill the WAL into the database often (PASSIVE: never blocks the writer).
@@ -840,12 +816,7 @@ class SqliteStore(SqliteGroups):
         self, conn: sqlite3.Connection, uid: str, where: str, params: tuple[Any, ...], limit: int
     ) -> list[ConvSummary]:
         rows = conn.execute(
-            "SELECT c.id, c.last_seq, c.last_mid, c.last_ts, c.counted - m.read_counted, "
-            "m.read_seq, CASE WHEN c.kind = 1 THEN (SELECT max(p.read_seq) FROM members p "
-            "             WHERE p.conv = c.id AND p.uid != m.uid) END, "
-            "m.muted, m.pinned, m.hidden_seq, m.draft, g.name, g.member_count, m.joined_seq, "
-            "CASE WHEN c.kind = 1 THEN (SELECT max(p.delivered_seq, p.read_seq) FROM members p "
-            "             WHERE p.conv = c.id AND p.uid != m.uid) END "
+            f"SELECT {SUMMARY_COLS.format(greatest='max')} "
             "FROM members m JOIN conversations c ON c.id = m.conv "
             "LEFT JOIN groups g ON g.conv = c.id "
             f"WHERE m.uid=? AND c.last_seq > 0 {where} "
@@ -854,13 +825,11 @@ class SqliteStore(SqliteGroups):
         ).fetchall()
         out = []
         for row in rows:
-            conv, last_seq, last_mid, last_ts, unread, read_seq, peer_read = row[:7]
-            muted, pinned, hidden_seq, draft, title, size, floor, peer_delivered = row[7:]
-            direct = title is None  # groups have no "read up to N" of a peer
+            conv, last_seq = row[0], row[1]
             found = conn.execute(
-                f"SELECT {_READ_COLS} FROM messages WHERE conv=? AND seq=?", (conv, last_seq)
+                f"SELECT {READ_COLS} FROM messages WHERE conv=? AND seq=?", (conv, last_seq)
             ).fetchone()
-            last = _record(found) if found else None
+            last = record(found) if found else None
             if last is not None:
                 target = amend_target(last)
                 if conn.execute(
@@ -868,26 +837,7 @@ class SqliteStore(SqliteGroups):
                     (uid, conv, last_seq, -1 if target is None else target),
                 ).fetchone():
                     last = tombstone(last)
-            settings = ConvSettings(bool(muted), bool(pinned), hidden_seq >= last_seq, draft)
-            # Notes to self: the only member is the peer too (delivered as far as read).
-            peer_read = peer_read if peer_read is not None else read_seq if direct else 0
-            out.append(
-                ConvSummary(
-                    conv,
-                    last_seq,
-                    last_mid,
-                    last_ts,
-                    unread,
-                    read_seq,
-                    peer_read,
-                    last,
-                    settings,
-                    title or "",
-                    size or 0,
-                    floor,
-                    peer_read if peer_delivered is None else peer_delivered,
-                )
-            )
+            out.append(conv_summary(row, last))
         return out
 
     async def conversation_list(self, uid: str, limit: int) -> tuple[list[ConvSummary], int]:
@@ -1150,32 +1100,30 @@ class SqliteStore(SqliteGroups):
     ) -> list[MessageRecord]:
         def op(conn: sqlite3.Connection) -> list[MessageRecord]:
             rows = conn.execute(
-                f"SELECT {_READ_COLS} FROM messages WHERE conv=? AND seq<? AND seq>? "
+                f"SELECT {READ_COLS} FROM messages WHERE conv=? AND seq<? AND seq>? "
                 "ORDER BY seq DESC LIMIT ?",
                 (conv, before if before > 0 else 2**63 - 1, floor, limit),
             ).fetchall()
-            return [_record(r) for r in reversed(rows)]
+            return [record(r) for r in reversed(rows)]
 
         return await self._read(op)
 
     async def messages_after(self, conv: str, after: int, limit: int) -> list[MessageRecord]:
         def op(conn: sqlite3.Connection) -> list[MessageRecord]:
             rows = conn.execute(
-                f"SELECT {_READ_COLS} FROM messages WHERE conv=? AND seq>? ORDER BY seq LIMIT ?",
+                f"SELECT {READ_COLS} FROM messages WHERE conv=? AND seq>? ORDER BY seq LIMIT ?",
                 (conv, after, limit),
             ).fetchall()
-            return [_record(r) for r in rows]
+            return [record(r) for r in rows]
 
         return await self._read(op)
 
     async def messages_in(self, spans: list[tuple[str, int, int]]) -> list[MessageRecord]:
         def op(conn: sqlite3.Connection) -> list[MessageRecord]:
             out: list[MessageRecord] = []
-            sql = (
-                f"SELECT {_READ_COLS} FROM messages WHERE conv=? AND seq>? AND seq<=? ORDER BY seq"
-            )
+            sql = f"SELECT {READ_COLS} FROM messages WHERE conv=? AND seq>? AND seq<=? ORDER BY seq"
             for conv, after, upto in spans:
-                out.extend(_record(r) for r in conn.execute(sql, (conv, after, upto)))
+                out.extend(record(r) for r in conn.execute(sql, (conv, after, upto)))
             return out
 
         return await self._read(op) if spans else []

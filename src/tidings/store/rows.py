@@ -1,0 +1,76 @@
+"""Rows of the message and conversation tables as records, the same for both stores
+(SQLite and PostgreSQL select the same columns in the same order)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from tidings.store.base import ConvSettings, ConvSummary, MessageRecord
+
+pack = msgspec.msgpack.Encoder().encode
+unpack = msgspec.msgpack.Decoder().decode
+MSG_COLS = "conv, seq, mid, sender, dev, cid, type, body, ts, flags, mentions, reply_to"
+READ_COLS = MSG_COLS + ", edit_version, recalled, ctotal"
+EMPTY_BODY = pack({})
+
+
+def record(row: Sequence[Any]) -> MessageRecord:
+    """A message from the ``READ_COLS`` of its row."""
+    return MessageRecord(
+        conv=row[0],
+        seq=row[1],
+        mid=row[2],
+        sender=row[3],
+        dev=row[4],
+        cid=row[5],
+        type=row[6],
+        body=unpack(row[7]),
+        ts=row[8],
+        flags=row[9],
+        mentions=tuple(unpack(row[10])) if row[10] else (),
+        reply_to=row[11],
+        size=len(row[7]),
+        edit_version=row[12],
+        recalled=bool(row[13]),
+        n=row[14],
+    )
+
+
+# The columns of a conversation summary's row, before its last entry (both stores).
+SUMMARY_COLS = (
+    "c.id, c.last_seq, c.last_mid, c.last_ts, c.counted - m.read_counted, "
+    "m.read_seq, CASE WHEN c.kind = 1 THEN (SELECT max(p.read_seq) FROM members p "
+    "             WHERE p.conv = c.id AND p.uid <> m.uid) END, "
+    "m.muted, m.pinned, m.hidden_seq, m.draft, g.name, g.member_count, m.joined_seq, "
+    "CASE WHEN c.kind = 1 THEN (SELECT max({greatest}(p.delivered_seq, p.read_seq)) "
+    "             FROM members p WHERE p.conv = c.id AND p.uid <> m.uid) END"
+)
+
+
+def conv_summary(row: Sequence[Any], last: MessageRecord | None) -> ConvSummary:
+    """A summary from the ``SUMMARY_COLS`` of its row and its last entry (as the member
+    sees it: a tombstone if they deleted it)."""
+    conv, last_seq, last_mid, last_ts, unread, read_seq, peer_read = row[:7]
+    muted, pinned, hidden_seq, draft, title, size, floor, peer_delivered = row[7:15]
+    direct = title is None  # groups have no "read up to N" of a peer
+    settings = ConvSettings(bool(muted), bool(pinned), hidden_seq >= last_seq, draft)
+    # Notes to self: the only member is the peer too (delivered as far as read).
+    peer_read = peer_read if peer_read is not None else read_seq if direct else 0
+    return ConvSummary(
+        conv,
+        last_seq,
+        last_mid,
+        last_ts,
+        unread,
+        read_seq,
+        peer_read,
+        last,
+        settings,
+        title or "",
+        size or 0,
+        floor,
+        peer_read if peer_delivered is None else peer_delivered,
+    )
