@@ -45,6 +45,7 @@ window.WebSocket = class extends Native {
       }
       handler(ev);
     };
+    window.injectFrame = (frame) => handler({ data: JSON.stringify(frame) });
   }
   get onmessage() { return super.onmessage; }
 };
@@ -173,6 +174,36 @@ async def test_gap_sync_and_the_pong_watermark(
     assert await tab.page.evaluate("window.droppedPushes") == [2, 4]
     assert await tab.page.evaluate("window.c.syncAnswers") >= 3  # connect, gap, watermark
     assert await tab.page.evaluate(f"window.c.held.get('{conv}')") == 4
+    tab.assert_no_errors()
+
+
+async def test_a_resync_hint_makes_the_client_sync(
+    browser: Browser, server: ServerProcess, proxy: Proxy
+) -> None:
+    """A lost last push is not found by a pong for a long while (heartbeat one minute);
+    a `resync` frame (what a node sends after a bus outage or a peer node's death) makes
+    the client sync at once and deliver it, once."""
+    tab = await page_via(browser, proxy, lossy=True)
+    await start_client(tab.page, proxy, server.token("hint-a", "chromium"), heartbeatMs=60_000)
+    await tab.page.evaluate("() => { window.dropPush = (m) => m.seq === 2; }")
+    async with Client(f"ws://127.0.0.1:{server.port}/v1/ws", server.token("hint-b", "py")) as b:
+        await b.send(to="hint-a", text="one")
+        await b.send(to="hint-a", text="two")
+
+        async def dropped() -> bool:
+            return bool(await tab.page.evaluate("window.droppedPushes.length"))
+
+        await eventually(dropped, 10, "the second push dropped")
+        await asyncio.sleep(0.5)
+        assert [e[6] for e in await log(tab.page, "message")] == ["one"]
+        await tab.page.evaluate("() => window.injectFrame({t: 'resync'})")
+
+        async def both() -> bool:
+            return len(await log(tab.page, "message")) >= 2
+
+        await eventually(both, 5, "the lost push by the resync hint")
+    await asyncio.sleep(0.3)
+    assert [e[6] for e in await log(tab.page, "message")] == ["one", "two"]
     tab.assert_no_errors()
 
 
