@@ -281,8 +281,10 @@ async def test_sigkill_between_commit_and_publish(
         assert [m["body"]["text"] for m in b.history("d:alice|bob")] == [
             f"m{i}" for i in range(1, 11)
         ]
-        await asyncio.sleep(0.5)
-        assert bob.held.get("d:alice|bob") == 10
+        await wait_until(lambda: bob.held.get("d:alice|bob") == 10, 5, "Bob holds 1..10")
+        await wait_until(lambda: alice.held.get("d:alice|bob") == 10, 5, "Alice holds 1..10")
+        mine = await alice.history("d:alice|bob")
+        assert [(m.seq, m.body["text"]) for m in mine.msgs] == [(i, f"m{i}") for i in range(1, 11)]
         await alice.close()
         await bob.close()
     finally:
