@@ -227,14 +227,16 @@ def _get(url: str) -> str:
         return str(r.read().decode())
 
 
-def _node(tmp_path: Any, name: str, dsn: str, redis_url: str, **settings: Any) -> ServerProcess:
+def _node(
+    tmp_path: Any, name: str, dsn: str, redis_url: str, keys: bool = True, **settings: Any
+) -> ServerProcess:
     return ServerProcess(
         str(tmp_path / name),
         database_url=dsn,
         redis_url=redis_url,
         heartbeat_ms=1_000,
         retransmit_ms=300,
-        **KEYS,
+        **(KEYS if keys else {}),
         **FAST,
         **settings,
     )
@@ -296,7 +298,9 @@ async def test_workers_share_one_port(tmp_path: Any, pg_server: Postgres, redis_
     """`tidings serve --workers 2`: both workers accept on the one port, and clients
     connected to different workers talk to each other, in order, exactly once. A worker
     killed with SIGKILL is started again by the supervisor."""
-    node = _node(tmp_path, "w", pg_server.new_database(), redis_url, workers=2)
+    # No keys given: the workers make them in the data directory, once, and share them
+    # (a token issued by one worker is accepted by the other).
+    node = _node(tmp_path, "w", pg_server.new_database(), redis_url, keys=False, workers=2)
     node.start()
     try:
 

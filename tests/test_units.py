@@ -6,6 +6,7 @@ import ast
 import itertools
 import os
 import pathlib
+from typing import Any
 
 import msgspec
 import pytest
@@ -193,3 +194,29 @@ def test_message_ids_stay_above_stored_ids_after_clock_step_back() -> None:
     nxt = restarted.next(1_800_000_000_000 - 5_000)  # the clock went back 5 s
     assert nxt > stored
     assert restarted.next(1_800_000_000_000 + 10) > nxt
+
+
+def _key_in_child(path: str, out: Any) -> None:
+    from tidings.services.secrets import load_or_create
+
+    out.put(load_or_create(path, ""))
+
+
+def test_keys_made_once_when_workers_start_together(tmp_path: Any) -> None:
+    """Eight processes making the signing key at the same moment (`--workers 8` on a new
+    data directory) all end up with the one key, and the file is 0600 with no leftovers."""
+    import multiprocessing
+    import stat
+
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    path = str(tmp_path / "signing.key")
+    procs = [ctx.Process(target=_key_in_child, args=(path, out)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    keys = [out.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert len(set(keys)) == 1 and len(keys[0]) >= 40
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert os.listdir(tmp_path) == ["signing.key"]
