@@ -131,6 +131,35 @@ async def test_device_on_another_node_syncs_and_both_get_pushes(
     assert text(await incoming(desk)) == "live"
 
 
+async def test_a_message_in_the_window_before_the_route_lands_is_not_missed(
+    cluster: Callable[..., Any],
+) -> None:
+    """Bob's route to node B lands in Redis a moment after his `ready`. A message Alice
+    sends on node A in that moment (after Bob's first sync) is not pushed to B; once the
+    route is in, B sees a newer watermark than the one `ready` carried and tells Bob's
+    device to sync. (Bob pings once a minute: only that hint can bring it in time.)"""
+    a, b = await cluster(), await cluster()
+    alice = await a.client("alice")
+    await b.user("bob")
+    bus, hub = b.server.bus, b.server.hub
+    real_online, real_routed = bus.user_online, hub.routed
+    deferred: list[str] = []
+    bus.user_online = deferred.append  # type: ignore[method-assign]
+
+    async def route_lands_late() -> bool:
+        await asyncio.sleep(0.5)  # Bob's device has synced by now
+        await alice.send(to="bob", text="in the window")  # committed, pushed nowhere
+        for uid in deferred:
+            real_online(uid)
+        return await real_routed()
+
+    hub.routed = route_lands_late  # type: ignore[method-assign]
+    bob = await b.client("bob", heartbeat_s=60, dead_after_s=120)
+    assert text(await incoming(bob, 10)) == "in the window"
+    await alice.send(to="bob", text="after")
+    assert text(await incoming(bob, 10)) == "after"
+
+
 async def test_group_and_room_across_nodes(cluster: Callable[..., Any]) -> None:
     """A group's members on three nodes all get its messages in order; a live room's
     viewers on two nodes both get a post made on a third."""

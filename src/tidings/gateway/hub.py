@@ -113,6 +113,12 @@ class Hub:
                 SessionStarted(session.uid, session.device, session.platform, session.session_id)
             )
 
+    async def routed(self) -> bool:
+        if self.bus is None or not self.bus.shared:
+            return False
+        await self.bus.flush()
+        return True
+
     def join_room(self, session: Session, room: str) -> int:
         assert self.rooms is not None
         return self.rooms.join(session, room)

@@ -56,6 +56,11 @@ class Registry(Protocol):
         """Called once the session passed every check (login policy kicks happen here)."""
         ...
 
+    async def routed(self) -> bool:
+        """Wait until the users registered so far are routed to this node cluster-wide;
+        False (at once) when there is no cluster (routing here is immediate)."""
+        ...
+
     def track(self, session: Session) -> None:
         """Watch an unauthenticated session for the auth timeout."""
         ...

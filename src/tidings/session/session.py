@@ -58,6 +58,7 @@ from tidings.protocol.frames import (
     ReceiptItem,
     ReceiptList,
     Receipts,
+    Resync,
     RoomSend,
     Send,
     Sent,
@@ -291,6 +292,22 @@ class Session:
             self.close(close.TOKEN_REVOKED, "token revoked")
         elif self.state == "ready":
             self.ctx.registry.announce(self)
+            await self._routed(claims.uid, wm)
+
+    async def _routed(self, uid: str, wm: int) -> None:
+        """On a cluster this node's route for the user lands in the shared registry a
+        moment after `ready`: a message committed elsewhere in between was not pushed
+        here, and the device's first sync may have run before it committed. Once the
+        route is in, a newer watermark than `ready`'s means such a message may exist:
+        the device is told to sync (everything committed later is pushed)."""
+        if not await self.ctx.registry.routed() or self.state != "ready":
+            return
+        try:
+            later = await self.ctx.store.watermark(uid)
+        except TidingsError:  # the store is away: the next pong's watermark tells
+            return
+        if later > wm and self.state == "ready":
+            self._reply(Resync())
 
     def _auth_failed(self, rid: int, err: TidingsError) -> None:
         self._error(rid, err)
