@@ -178,6 +178,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _install_uvloop()
     if args.scenario == "sync":
         return sync.main(args)
+    if args.scenario == "connections":
+        from tidings.bench import conns
+
+        return conns.main(args)
     if args.scenario in ("room", "group"):
         return fanout.main(args, args.scenario)
     return direct.main(args)
@@ -221,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_arguments(bsub.add_parser("sync", help="a device back after missing messages"))
     fanout.add_room_arguments(bsub.add_parser("room", help="a live room's fan-out"))
     fanout.add_group_arguments(bsub.add_parser("group", help="a large group's fan-out"))
+    from tidings.bench import conns
+
+    conns.add_arguments(bsub.add_parser("connections", help="idle connections, logins, restart"))
     bench.set_defaults(func=cmd_bench)
     return p
 

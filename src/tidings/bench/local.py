@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 import aiohttp
 
@@ -44,6 +44,7 @@ class LocalServer:
     _tmp: tempfile.TemporaryDirectory[str] | None = None
     _log: IO[bytes] | None = None
     argv: list[str] = field(default_factory=list)
+    _pin: Any = None
 
     def start(self) -> None:
         if not self.data_dir:
@@ -76,6 +77,10 @@ class LocalServer:
             if cores:
                 os.sched_setaffinity(0, cores)
 
+        self._pin = pin
+        self._spawn()
+
+    def _spawn(self) -> None:
         env = dict(os.environ)
         env.pop("TIDINGS_ADMIN_KEY", None)
         self.proc = subprocess.Popen(
@@ -83,10 +88,23 @@ class LocalServer:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=pin,
+            preexec_fn=self._pin,
             env=env,
         )
         self._wait_healthy()
+
+    def restart(self) -> int | None:
+        """SIGTERM (the server drains), then the same command again on the same ports and
+        data; returns the old process's exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code: int | None = self.proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._spawn()
+        return code
 
     def _wait_healthy(self) -> None:
         assert self.proc is not None
