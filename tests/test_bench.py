@@ -178,3 +178,72 @@ def test_bench_room_refuses_bad_arguments() -> None:
     for bad in (["--viewers", "0"], ["--rate", "-1"], ["--high-share", "2"], ["--tick-ms", "500"]):
         proc = bench("room", *bad, timeout=60)
         assert proc.returncode != 0 and "must be in" in proc.stderr, (bad, proc.stderr)
+
+
+def test_bench_connections_small_run(tmp_path: Path) -> None:
+    """Login storm, idle hold with heartbeats and a restart: every connection logs in,
+    every ping is answered, every client is back and synced after the restart, and the
+    JSON holds the figures docs/benchmarks.md quotes."""
+    out = tmp_path / "conns.json"
+    proc = bench(
+        "connections",
+        "--connections",
+        "300",
+        "--hold",
+        "2",
+        "--heartbeat",
+        "1",
+        "--json",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    assert (r["ready"], r["failed"], r["back"], r["back_failed"]) == (300, 0, 300, 0)
+    assert r["saw_close"] == 300 and r["restart_old_exit_code"] == 0
+    assert r["logins_per_s"] > 0 and r["login_server_cpu_us"] > 0
+    assert r["hold_pings"] >= 300 and r["hold_pongs"] == r["hold_pings"]
+    assert r["rss_kb_per_conn"] is not None and r["kb_per_conn"] is not None
+    assert r["restart_all_back_s"] > 0 and r["heartbeat_cpu_us_per_ping"] > 0
+    assert "login storm" in proc.stdout and "all back and synced" in proc.stdout
+
+
+def test_bench_connections_refuses_bad_arguments() -> None:
+    proc = bench("connections", "--connections", "0")
+    assert proc.returncode != 0 and "--connections" in proc.stderr
+    proc = bench("connections", "--connections", "50000")
+    assert proc.returncode != 0 and "--connections" in proc.stderr
+
+
+def test_bench_direct_one_worker_against_two(tmp_path: Path) -> None:
+    """`--store postgres --workers 1,2` starts PostgreSQL and Redis itself, runs each
+    set-up in turn and reports them side by side with ratios; more than one worker on
+    SQLite is refused."""
+    out = tmp_path / "cluster.json"
+    proc = bench(
+        "direct",
+        "--store",
+        "postgres",
+        "--workers",
+        "1,2",
+        "--pairs",
+        "4",
+        "--rate",
+        "100",
+        "--duration",
+        "2",
+        "--warmup",
+        "0.5",
+        "--no-pin",
+        "--json",
+        str(out),
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    assert [s["workers"] for s in r["setups"]] == [1, 2]
+    assert all(run["valid"] and run["lost"] == 0 for run in r["runs"])
+    two = [c for c in r["comparison"] if c["workers"] == 2]
+    assert two and "msgs_per_s_ratio" in two[0] and two[0]["postgres_cpu_us_per_msg"]
+    assert "side by side" in proc.stdout
+    proc = bench("direct", "--workers", "2")
+    assert proc.returncode != 0 and "--store postgres" in proc.stderr
