@@ -16,7 +16,7 @@ import pytest
 
 from tidings.domain.ids import direct_conversation_id
 from tidings.protocol.errors import TidingsError
-from tidings.store.base import Amend, DeliveredMove, NewMessage, Store
+from tidings.store.base import Amend, AuthState, DeliveredMove, NewMessage, Store
 
 Opener = Callable[[], Awaitable[Store]]
 _pack = msgspec.msgpack.encode
@@ -168,6 +168,7 @@ class StoreContract:
         r2 = await store.append_message(new_msg("a", "c", "2"))
         assert await store.watermark("a") == r2.record.mid
         assert await store.watermark("b") == r1.record.mid
+        assert (await store.login_state("j", "a", "d"))[1] == r2.record.mid
         changed = await store.changed_conversations("a", r1.record.mid, 100)
         assert [c.conv for c in changed] == ["d:a|c"]
         everything = await store.changed_conversations("a", 0, 100)
@@ -197,6 +198,9 @@ class StoreContract:
         await store.revoke_device("u", "d", 1234)
         state = await store.auth_state("j1", "u", "d")
         assert state.token_revoked and state.device_revoked_before_ms == 1234
+        state, wm = await store.login_state("j1", "u", "d")  # the same, with the watermark
+        assert state.token_revoked and state.device_revoked_before_ms == 1234 and wm == 0
+        assert (await store.login_state("j2", "u", "other"))[0] == AuthState(False, 0)
         await store.close()
         store = await open_store()
         assert (await store.auth_state("j1", "u", "d")).token_revoked

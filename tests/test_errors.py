@@ -243,6 +243,40 @@ async def test_revoked_token_is_refused_and_live_connection_closed(harness: Harn
     err(await again.login(token), "token_revoked", 1)
 
 
+async def test_token_revoked_while_its_login_is_checked(harness: Harness, monkeypatch: Any) -> None:
+    """A revocation stored and published while a hello's token is being checked (before
+    the session is registered, so the published event finds nothing to close) still ends
+    that session right after `ready`; an untouched login does not read the store a second
+    time."""
+    store = harness.server.store
+    original = store.login_state
+    reads = {"auth_state": 0}
+    token = await harness.token("alice")
+    other = await harness.token("alice", "d2")
+
+    async def slow(*args: Any) -> Any:
+        got = await original(*args)
+        await harness.server.accounts.revoke_token(token)  # meanwhile, a logout
+        return got
+
+    real_auth_state = store.auth_state
+
+    async def counted(*args: Any) -> Any:
+        reads["auth_state"] += 1
+        return await real_auth_state(*args)
+
+    monkeypatch.setattr(store, "auth_state", counted)
+    clean = await Raw.ws(harness.ws_url)
+    assert (await clean.login(other))["t"] == "ready"
+    await asyncio.sleep(0.1)
+    assert reads["auth_state"] == 0  # nothing revoked meanwhile: one read per login
+    monkeypatch.setattr(store, "login_state", slow)
+    raw = await Raw.ws(harness.ws_url)
+    assert (await raw.login(token))["t"] == "ready"
+    assert await raw.closed() == close.TOKEN_REVOKED
+    assert reads["auth_state"] == 1
+
+
 async def test_forbidden_and_not_found(harness: Harness) -> None:
     """Reading someone else's conversation is `forbidden`; unknown users/convs `not_found`."""
     raw = await authed(harness)

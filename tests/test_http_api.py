@@ -317,7 +317,7 @@ async def test_sdk_reconnects_promptly_after_refused_hello(
     from tidings.protocol.errors import TidingsError
 
     store = harness.server.store
-    original = store.auth_state
+    original = store.login_state
     calls = {"n": 0}
 
     async def flaky(*args: Any) -> Any:
@@ -326,7 +326,7 @@ async def test_sdk_reconnects_promptly_after_refused_hello(
             raise TidingsError("unavailable", "database restarting", retry_after_ms=100)
         return await original(*args)
 
-    monkeypatch.setattr(store, "auth_state", flaky)
+    monkeypatch.setattr(store, "login_state", flaky)
     t0 = time.monotonic()
     c = await harness.client("alice", "flaky", backoff_min_s=0.05)
     assert c.ready.is_set() and time.monotonic() - t0 < 3

@@ -49,6 +49,7 @@ from tidings.session.session import Session
 log = logging.getLogger(__name__)
 RESYNC = Resync()
 FULL_SWEEP_EVERY = 4  # each session's idle timeout and token expiry: every 4 rounds (1 s)
+REVOKED_KEPT = 10_000  # users' last revocation times kept before the old ones go
 RESYNC_CHUNK = 100  # resync hints written at once
 LAST_PRESENCE_S = 2.0  # on stop, how long the last presence changes may take
 
@@ -77,6 +78,9 @@ class Hub:
         self._presence_changed: dict[str, bool] = {}
         self._presence_task: asyncio.Task[None] | None = None
         self.by_user: dict[str, set[Session]] = {}
+        # When each user last had a token or device revoked (a login in progress checks
+        # it after registering: see Session._authenticate).
+        self._revoked_at: dict[str, float] = {}
         self.pending: set[Session] = set()  # not yet authenticated
         self.busy: set[Session] = set()  # with pushes waiting for an ack (retransmit timers)
         self._sweeps = 0
@@ -257,7 +261,16 @@ class Hub:
             s.push(rec.conv, rec.seq, encoded_for(push, s.link, cache))
         self.pushes += len(targets)
 
+    def revoked_since(self, uid: str, since: float) -> bool:
+        if self.bus is None or self.bus.shared:
+            return True  # revocations reach this node only for users online here
+        return self._revoked_at.get(uid, -1.0) >= since
+
     def _revoke(self, event: RevokeEvent) -> None:
+        self._revoked_at[event.uid] = self.clock.monotonic()
+        if len(self._revoked_at) > REVOKED_KEPT:  # only the last moments matter
+            cutoff = self.clock.monotonic() - 60
+            self._revoked_at = {u: t for u, t in self._revoked_at.items() if t >= cutoff}
         for s in list(self.by_user.get(event.uid, ())):
             if s.device != event.device:
                 continue

@@ -21,7 +21,7 @@ from tidings.bus.base import Bus, RevokeEvent
 from tidings.clock import Clock
 from tidings.domain.ids import normalize_user_id, validate_device
 from tidings.protocol.errors import TidingsError
-from tidings.store.base import Store, UserRecord
+from tidings.store.base import AuthState, Store, UserRecord
 
 ALGORITHM = "HS256"
 ISSUER = "tidings"
@@ -198,13 +198,22 @@ class Accounts:
             raise TidingsError("auth_failed", "invalid token claims") from None
 
     async def verify(self, token: str) -> Claims:
+        claims = self.unexpired(token)
+        self.check_state(claims, await self.store.auth_state(claims.jti, claims.uid, claims.device))
+        return claims
+
+    def unexpired(self, token: str) -> Claims:
+        """``decode`` and the expiry against this server's clock (no store read)."""
         claims = self.decode(token)
         if claims.expires_ms <= self.clock.now_ms():
             raise TidingsError("token_expired", "the token has expired")
-        state = await self.store.auth_state(claims.jti, claims.uid, claims.device)
+        return claims
+
+    @staticmethod
+    def check_state(claims: Claims, state: AuthState) -> None:
+        """Refuse a token its user revoked (logout) or issued before its device's kick."""
         if state.token_revoked or claims.issued_ms < state.device_revoked_before_ms:
             raise TidingsError("token_revoked", "the token was revoked")
-        return claims
 
     async def revoke_token(self, token: str) -> Claims:
         """Logout: the token stops working and its live connections are closed."""

@@ -56,6 +56,12 @@ class Registry(Protocol):
         """Called once the session passed every check (login policy kicks happen here)."""
         ...
 
+    def revoked_since(self, uid: str, since: float) -> bool:
+        """Whether a revocation of one of ``uid``'s tokens or devices may have been
+        published since monotonic time ``since`` (always True when this node cannot see
+        every revocation: on a cluster)."""
+        ...
+
     async def routed(self) -> bool:
         """Wait until the users registered so far are routed to this node cluster-wide;
         False (at once) when there is no cluster (routing here is immediate)."""

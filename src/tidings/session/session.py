@@ -268,10 +268,11 @@ class Session:
         self._spawn(f.id, self._authenticate(f), on_error=self._auth_failed)
 
     async def _authenticate(self, f: Hello) -> None:
-        claims = await self.ctx.accounts.verify(f.token)
-        if self.state != "auth":
-            return
-        wm = await self.ctx.store.watermark(claims.uid)
+        accounts = self.ctx.accounts
+        claims = accounts.unexpired(f.token)
+        started = self.ctx.clock.monotonic()
+        state, wm = await self.ctx.store.login_state(claims.jti, claims.uid, claims.device)
+        accounts.check_state(claims, state)
         if self.state != "auth":
             return
         self.uid = claims.uid
@@ -286,11 +287,14 @@ class Session:
         self.state = "ready"
         self.ctx.registry.register(self)
         # A revocation stored while the token was being checked was published before this
-        # session was registered: look once more, now that later ones will reach us.
-        state = await self.ctx.store.auth_state(claims.jti, claims.uid, claims.device)
-        if state.token_revoked or claims.issued_ms < state.device_revoked_before_ms:
-            self.close(close.TOKEN_REVOKED, "token revoked")
-        elif self.state == "ready":
+        # session was registered: look once more, now that later ones will reach us (a
+        # single node saw every revocation itself and asks the store only after one).
+        if self.ctx.registry.revoked_since(claims.uid, started):
+            state = await self.ctx.store.auth_state(claims.jti, claims.uid, claims.device)
+            if state.token_revoked or claims.issued_ms < state.device_revoked_before_ms:
+                self.close(close.TOKEN_REVOKED, "token revoked")
+                return
+        if self.state == "ready":
             self.ctx.registry.announce(self)
             await self._routed(claims.uid, wm)
 

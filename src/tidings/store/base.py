@@ -267,6 +267,10 @@ class Store(Protocol):
 
     async def auth_state(self, jti: str, uid: str, device: str) -> AuthState: ...
 
+    async def login_state(self, jti: str, uid: str, device: str) -> tuple[AuthState, int]:
+        """``auth_state`` and ``watermark(uid)`` in one read (what a login needs)."""
+        ...
+
     # -- read state
     async def mark_read(self, uid: str, conv: str, seq: int) -> ReadState:
         """Advance ``uid``'s read position in ``conv`` to ``seq`` (capped at the last seq;

@@ -483,6 +483,23 @@ class PostgresStore(PgAppend, PgGroups):
 
         return await self._read(op)
 
+    async def login_state(self, jti: str, uid: str, device: str) -> tuple[AuthState, int]:
+        async def op(db: Db) -> tuple[AuthState, int]:
+            row = await db.one(
+                "SELECT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti=?), "
+                "(SELECT revoked_before FROM devices WHERE uid=? AND device=?), "
+                "(SELECT max(c.last_mid) FROM members m JOIN conversations c "
+                " ON c.id = m.conv WHERE m.uid=?)",
+                jti,
+                uid,
+                device,
+                uid,
+            )
+            assert row is not None
+            return AuthState(bool(row[0]), int(row[1] or 0)), int(row[2] or 0)
+
+        return await self._read(op)
+
     # ------------------------------------------------------------------ read state
 
     async def mark_read(self, uid: str, conv: str, seq: int) -> ReadState:

@@ -742,13 +742,25 @@ class SqliteStore(SqliteGroups):
 
         await self._write(op)
 
+    @staticmethod
+    def _auth_state(conn: sqlite3.Connection, jti: str, uid: str, device: str) -> AuthState:
+        revoked = conn.execute("SELECT 1 FROM revoked_tokens WHERE jti=?", (jti,)).fetchone()
+        row = conn.execute(
+            "SELECT revoked_before FROM devices WHERE uid=? AND device=?", (uid, device)
+        ).fetchone()
+        return AuthState(bool(revoked), row[0] if row else 0)
+
     async def auth_state(self, jti: str, uid: str, device: str) -> AuthState:
-        def op(conn: sqlite3.Connection) -> AuthState:
-            revoked = conn.execute("SELECT 1 FROM revoked_tokens WHERE jti=?", (jti,)).fetchone()
-            row = conn.execute(
-                "SELECT revoked_before FROM devices WHERE uid=? AND device=?", (uid, device)
+        return await self._read(lambda conn: self._auth_state(conn, jti, uid, device))
+
+    async def login_state(self, jti: str, uid: str, device: str) -> tuple[AuthState, int]:
+        def op(conn: sqlite3.Connection) -> tuple[AuthState, int]:
+            (wm,) = conn.execute(
+                "SELECT max(c.last_mid) FROM members m JOIN conversations c ON c.id = m.conv "
+                "WHERE m.uid=?",
+                (uid,),
             ).fetchone()
-            return AuthState(bool(revoked), row[0] if row else 0)
+            return self._auth_state(conn, jti, uid, device), int(wm or 0)
 
         return await self._read(op)
 
