@@ -220,3 +220,74 @@ def test_keys_made_once_when_workers_start_together(tmp_path: Any) -> None:
     assert len(set(keys)) == 1 and len(keys[0]) >= 40
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert os.listdir(tmp_path) == ["signing.key"]
+
+
+def test_token_checks_refuse_every_kind_of_bad_token() -> None:
+    """The token check (HS256 only, constant-time signature, the claims' shape): a good
+    token passes; any change, another algorithm even with the right key, a missing or
+    wrong issuer, a non-integer or past expiry, a non-object payload and malformed
+    segments are refused with a clear code."""
+    import jwt
+
+    from tidings.bus.memory import MemoryBus
+    from tidings.clock import SystemClock
+    from tidings.protocol.errors import TidingsError
+    from tidings.services.accounts import Accounts
+
+    key = "k" * 64
+    accounts = Accounts(
+        None,  # type: ignore[arg-type]  # decoding reads no store
+        MemoryBus(),
+        SystemClock(),
+        key,
+        "admin",
+        token_ttl_s=3600,
+        allow_registration=False,
+    )
+    exp = int(SystemClock().now_ms() / 1000) + 3600
+    good = {
+        "iss": "tidings",
+        "sub": "alice",
+        "jti": "j",
+        "dev": "d",
+        "plat": "bot",
+        "ims": 1,
+        "exp": exp,
+    }
+    token = jwt.encode(good, key, algorithm="HS256")
+    claims = accounts.decode(token)
+    assert (claims.uid, claims.device, claims.expires_ms) == ("alice", "d", exp * 1000)
+
+    def code(tok: object) -> str:
+        with pytest.raises(TidingsError) as err:
+            accounts.decode(tok)  # type: ignore[arg-type]
+        return err.value.code
+
+    head, body, sig = token.split(".")
+    flipped = body[:-2] + ("A" if body[-2] != "A" else "B") + body[-1]
+    assert code(f"{head}.{flipped}.{sig}") == "auth_failed"
+    assert code(f"{head}.{body}.{sig[:-2]}AA") == "auth_failed"
+    assert code(jwt.encode(good, key, algorithm="HS512")) == "auth_failed"
+    assert code(jwt.encode(good, None, algorithm="none")) == "auth_failed"
+    for change in ({"iss": "other"}, {"exp": str(exp)}, {"exp": True}, {"exp": exp - 7200}):
+        bad = {**good, **change}
+        want = "token_expired" if change == {"exp": exp - 7200} else "auth_failed"
+        assert code(jwt.encode(bad, key, algorithm="HS256")) == want, change
+    no_iss = {k: v for k, v in good.items() if k != "iss"}
+    assert code(jwt.encode(no_iss, key, algorithm="HS256")) == "auth_failed"
+    no_dev = {k: v for k, v in good.items() if k != "dev"}
+    assert code(jwt.encode(no_dev, key, algorithm="HS256")) == "auth_failed"
+    import base64
+    import hashlib
+    import hmac
+
+    def signed(h: bytes, p: bytes) -> str:
+        enc = [base64.urlsafe_b64encode(x).rstrip(b"=").decode() for x in (h, p)]
+        mac = hmac.new(key.encode(), ".".join(enc).encode(), hashlib.sha256).digest()
+        return ".".join([*enc, base64.urlsafe_b64encode(mac).rstrip(b"=").decode()])
+
+    assert code(signed(b'{"alg":"HS256"}', b'["not","an","object"]')) == "auth_failed"
+    assert code(signed(b'{"alg":"HS256"}', b"not json")) == "auth_failed"
+    assert code(signed(b"[]", b"{}")) == "auth_failed"
+    for junk in ("", "a.b", "a.b.c.d", "@@.@@.@@", f"{head}.{body}.", "x" * 5000, 42, None):
+        assert code(junk) == "auth_failed", junk
