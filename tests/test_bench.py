@@ -247,3 +247,33 @@ def test_bench_direct_one_worker_against_two(tmp_path: Path) -> None:
     assert "side by side" in proc.stdout
     proc = bench("direct", "--workers", "2")
     assert proc.returncode != 0 and "--store postgres" in proc.stderr
+
+
+def test_bench_direct_against_the_relay_ceiling(tmp_path: Path) -> None:
+    """`--peer relay` runs the same rates against Tidings and then against the minimal
+    relay (no IM work), side by side with the ratios; the relay delivers every message
+    too (it is a fair ceiling, not a sink)."""
+    out = tmp_path / "relay.json"
+    proc = bench(
+        "direct",
+        "--peer",
+        "relay",
+        "--pairs",
+        "4",
+        "--rate",
+        "100",
+        "--duration",
+        "2",
+        "--warmup",
+        "0.5",
+        "--json",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    assert [s["label"] for s in r["setups"]] == ["tidings", "relay"]
+    assert all(run["valid"] and run["lost"] == 0 for run in r["runs"])
+    relay = [c for c in r["comparison"] if c["setup"] == "relay"]
+    assert relay and relay[0]["msgs_per_s"] > 0 and "server_cpu_us_per_msg_ratio" in relay[0]
+    proc = bench("direct", "--peer", "relay", "--store", "postgres")
+    assert proc.returncode != 0 and "--peer" in proc.stderr

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from tidings.bench.local import LOOPBACK, LocalServer, create_users
+from tidings.bench.local import LOOPBACK, LocalRelay, LocalServer, create_users
 from tidings.bench.observe import (
     code_info,
     listener_pid,
@@ -113,6 +113,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the started server's store; postgres also starts Redis (default sqlite)",
     )
     p.add_argument(
+        "--peer",
+        choices=("relay",),
+        help="also run the same rates against a peer started the same way, side by side: "
+        "relay = the ceiling, a minimal aiohttp relay with no IM work (bench/relay.py)",
+    )
+    p.add_argument(
         "--workers",
         default="1",
         help="worker processes of the started server; a comma list (e.g. 1,2) runs the "
@@ -180,6 +186,7 @@ class Plan:
         self.data_dir: str = args.data_dir or ""
         self.keep_data: bool = args.keep_data
         self.json_path: str | None = args.json_path
+        self.peer: str | None = args.peer
         self.store: str = args.store
         try:
             self.workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
@@ -191,6 +198,8 @@ class Plan:
             raise SystemExit("--workers above 1 needs --store postgres (SQLite has one writer)")
         if self.url is not None and (self.store != "sqlite" or self.workers != [1]):
             raise SystemExit("--store and --workers apply to a server the bench starts")
+        if self.peer and (self.url is not None or self.store != "sqlite"):
+            raise SystemExit("--peer compares with a SQLite server the bench starts")
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -406,6 +415,8 @@ def _main(plan: Plan) -> int:
         with contextlib.ExitStack() as stack:
             if plan.url is not None:
                 _run_setup(plan, report, None)
+            elif plan.peer:
+                _run_with_peer(plan, report)
             elif plan.store == "sqlite":
                 _run_setup(plan, report, dict(plan.server_settings))
             else:
@@ -434,9 +445,38 @@ def _run_cluster(plan: Plan, report: dict[str, Any], stack: contextlib.ExitStack
         sub: dict[str, Any] = {"settings": {}, "machine": report["machine"]}
         _run_setup(plan, sub, settings, {"postgres": pg.pid, "redis": redis.pid})
         sub.pop("machine")
-        setups.append({"workers": n, "store": "postgres", **sub})
+        setups.append(
+            {"label": f"{n} worker{'s' if n > 1 else ''}", "workers": n, "store": "postgres", **sub}
+        )
     report["setups"] = setups
     report["runs"] = [dict(r, workers=s["workers"]) for s in setups for r in s["runs"]]
+    report["comparison"] = compare_setups(setups)
+    print(comparison_table(report["comparison"]), flush=True)
+
+
+def _run_with_peer(plan: Plan, report: dict[str, Any]) -> None:
+    """Tidings (SQLite, as without --peer), then the peer on the same core with the same
+    clients and rates; side by side, with each figure's ratio to Tidings'."""
+    setups = []
+    print("== tidings", flush=True)
+    sub: dict[str, Any] = {"settings": {}, "machine": report["machine"]}
+    _run_setup(plan, sub, dict(plan.server_settings))
+    sub.pop("machine")
+    setups.append({"label": "tidings", **sub})
+    print(f"== {plan.peer}", flush=True)
+    sub = {"settings": {}, "machine": report["machine"]}
+    relay = LocalRelay(plan.server_cores)
+    relay.start()
+    try:
+        target = Target(relay.url, relay.port, relay.pid, None)
+        sub["settings"]["server"] = {"started": True, "argv": relay.argv[1:]}
+        _run_setup(plan, sub, None, given=(target, "relay"))
+    finally:
+        relay.stop()
+    sub.pop("machine")
+    setups.append({"label": str(plan.peer), **sub})
+    report["setups"] = setups
+    report["runs"] = [dict(r, setup=s["label"]) for s in setups for r in s["runs"]]
     report["comparison"] = compare_setups(setups)
     print(comparison_table(report["comparison"]), flush=True)
 
@@ -446,10 +486,13 @@ def _run_setup(
     report: dict[str, Any],
     settings: dict[str, str] | None,
     others: dict[str, int] | None = None,
+    given: tuple[Target, str] | None = None,
 ) -> None:
     server: LocalServer | None = None
     try:
-        if settings is not None:
+        if given is not None:
+            target, admin_key = given
+        elif settings is not None:
             server, target = _start_server(plan, report, settings)
             admin_key = server.admin_key()
         else:

@@ -190,3 +190,54 @@ async def create_users(
 
         await asyncio.gather(*(one(u) for u in uids))
     return tokens
+
+
+class LocalRelay:
+    """The ceiling peer (``tidings.bench.relay``) in its own process, pinned like the
+    server."""
+
+    def __init__(self, cores: list[int]) -> None:
+        self.cores = cores
+        self.port = free_port()
+        self.argv = [sys.executable, "-m", "tidings.bench.relay", "--port", str(self.port)]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        cores = set(self.cores)
+
+        def pin() -> None:
+            if cores:
+                os.sched_setaffinity(0, cores)
+
+        self.proc = subprocess.Popen(
+            self.argv, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, preexec_fn=pin
+        )
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the relay exited ({self.proc.returncode})")
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.1)
+        raise RuntimeError("the relay did not become healthy")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -172,7 +172,11 @@ def compare_setups(setups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for setup in setups:
         for run in setup["runs"]:
             base = base_runs.get(run["offered_per_s"])
-            item: dict[str, Any] = {"workers": setup["workers"], "valid": run["valid"]}
+            item: dict[str, Any] = {
+                "setup": setup["label"],
+                "workers": setup.get("workers"),
+                "valid": run["valid"],
+            }
             for _, key, _ in _COMPARED:
                 item[key] = run.get(key)
                 if base is not None and run.get(key) and base.get(key):
@@ -185,7 +189,7 @@ def compare_setups(setups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def comparison_table(items: list[dict[str, Any]]) -> str:
     lines = ["set-ups side by side (ratio to the first set-up in brackets):"]
     lines.append(
-        f"{'workers':>8}  {'offered/s':>9}  "
+        f"{'set-up':>10}  {'offered/s':>9}  "
         + "  ".join(f"{title:>16}" for title, _, _ in _COMPARED)
     )
     for item in items:
@@ -194,8 +198,8 @@ def comparison_table(items: list[dict[str, Any]]) -> str:
             value = item.get(key)
             text = "-" if value is None else fmt.format(value)
             ratio = item.get(f"{key}_ratio")
-            if ratio is not None and item["workers"] != items[0]["workers"]:
+            if ratio is not None and item["setup"] != items[0]["setup"]:
                 text += f" ({ratio:.2f}x)"
             cells.append(f"{text:>16}")
-        lines.append(f"{item['workers']:>8}  {item['offered_per_s']:>9.0f}  " + "  ".join(cells))
+        lines.append(f"{item['setup']:>10}  {item['offered_per_s']:>9.0f}  " + "  ".join(cells))
     return "\n".join(lines)
