@@ -129,6 +129,8 @@ class SqliteStore(SqliteGroups):
         self._stop_checkpoint = threading.Event()
         self._local = threading.local()
         self._read_pool: ThreadPoolExecutor | None = None
+        self._reads: list[tuple[Callable[[sqlite3.Connection], Any], Any]] = []
+        self._reads_scheduled = False
         self._wconn: sqlite3.Connection | None = None
         self._closed = False
         self.wal_restarts = 0
@@ -639,17 +641,52 @@ class SqliteStore(SqliteGroups):
         return conn
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on a reader thread. Reads asked for in the same turn of the loop go
+        to the threads together (split over them), and come back with one wake-up per
+        thread: under load (a login storm, heartbeats) the hand-over to and from a
+        thread cost more than the small indexed reads themselves."""
+        assert self._loop is not None and self._read_pool is not None
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._reads.append((fn, fut))
+        if not self._reads_scheduled:
+            self._reads_scheduled = True
+            self._loop.call_soon(self._submit_reads)
+        return await fut
+
+    def _submit_reads(self) -> None:
+        self._reads_scheduled = False
+        batch, self._reads = self._reads, []
         assert self._read_pool is not None
-        loop = asyncio.get_running_loop()
+        n = min(self._readers_n, len(batch))
+        for i in range(n):
+            self._read_pool.submit(self._run_reads, batch[i::n])
 
-        def run() -> T:
-            return fn(self._reader())
+    def _run_reads(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], Any]]) -> None:
+        """On a reader thread: each read of the batch in turn, each failing alone."""
+        conn = self._reader()
+        results: list[tuple[Any, Any, BaseException | None]] = []
+        for fn, fut in batch:
+            try:
+                results.append((fut, fn(conn), None))
+            except sqlite3.Error as exc:
+                log.error("read failed: %s", exc)
+                err = TidingsError("unavailable", "storage read failed", retry_after_ms=500)
+                results.append((fut, None, err))
+            except Exception as exc:  # the caller's own error (e.g. TidingsError)
+                results.append((fut, None, exc))
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            self._loop.call_soon_threadsafe(self._resolve_reads, results)
 
-        try:
-            return await loop.run_in_executor(self._read_pool, run)
-        except sqlite3.Error as exc:
-            log.error("read failed: %s", exc)
-            raise TidingsError("unavailable", "storage read failed", retry_after_ms=500) from exc
+    @staticmethod
+    def _resolve_reads(results: list[tuple[Any, Any, BaseException | None]]) -> None:
+        for fut, value, exc in results:
+            if fut.cancelled():
+                continue
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(value)
 
     # ------------------------------------------------------------------ users, devices
 
