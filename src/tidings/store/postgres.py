@@ -70,7 +70,7 @@ from tidings.store.migrations import migration_scripts
 from tidings.store.pgconn import DOWN, RETRY, Answer, Db, keep_session
 from tidings.store.postgres_append import PgAppend
 from tidings.store.postgres_groups import PgGroups, not_member, read_target
-from tidings.store.rows import READ_COLS, SUMMARY_COLS, conv_summary, record
+from tidings.store.rows import READ_COLS, SUMMARY_COLS, conv_summary, deletions, record
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -786,16 +786,7 @@ class PostgresStore(PgAppend, PgGroups):
                 upto,
                 limit + 1,
             )
-            last = upto
-            if len(rows) > limit:
-                rows = rows[:limit]
-                last = rows[-1][2] if rows else after
-            out: dict[str, list[int]] = {}
-            for conv, seq, _ in rows:
-                out.setdefault(conv, []).append(seq)
-            for seqs in out.values():
-                seqs.sort()
-            return out, last
+            return deletions(rows, limit, after, upto)
 
         return await self._read(op) if upto > after else ({}, upto)
 

@@ -28,7 +28,7 @@ from tidings.store.base import (
     NewMessage,
 )
 from tidings.store.pgconn import DOWN, RETRY, Answer, Db
-from tidings.store.rows import EMPTY_BODY, MSG_COLS, READ_COLS, pack, record
+from tidings.store.rows import EMPTY_BODY, MSG_COLS, READ_COLS, appended, pack, record
 
 log = logging.getLogger("tidings.store.postgres")
 T = TypeVar("T")
@@ -74,25 +74,6 @@ def _plain(what: Any) -> bool:
         and _clean(what.sender)
         and _clean(what.type)
         and (what.blocker is None or _clean(what.blocker))
-    )
-
-
-def _appended(msg: NewMessage, seq: int, mid: int, ts: int, ctotal: int) -> MessageRecord:
-    return MessageRecord(
-        conv=msg.conv,
-        seq=seq,
-        mid=mid,
-        sender=msg.sender,
-        dev=msg.dev,
-        cid=msg.cid,
-        type=msg.type,
-        body=msg.body,
-        ts=ts,
-        flags=msg.flags,
-        mentions=msg.mentions,
-        reply_to=msg.reply_to,
-        size=len(msg.body_bytes),
-        n=ctotal,
     )
 
 
@@ -377,7 +358,7 @@ class PgAppend:
             status = row[0]
             if status == "ok":
                 self.batched += 1
-                out.append(AppendResult(_appended(msg, row[1], mid, now, row[2]), False))
+                out.append(AppendResult(appended(msg, row[1], mid, now, row[2]), False))
             elif status == "slow":
                 out.append(_SLOW)
             elif status == "stale":
@@ -533,24 +514,7 @@ class PgAppend:
                 msg.sender,
                 seq + 1,
             )
-        rec = MessageRecord(
-            conv=msg.conv,
-            seq=seq + 1,
-            mid=mid,
-            sender=msg.sender,
-            dev=msg.dev,
-            cid=msg.cid,
-            type=msg.type,
-            body=msg.body,
-            ts=now,
-            flags=msg.flags,
-            mentions=msg.mentions,
-            reply_to=msg.reply_to,
-            size=len(msg.body_bytes),
-            edit_version=edit_version,
-            n=ctotal,
-        )
-        return AppendResult(rec, False)
+        return AppendResult(appended(msg, seq + 1, mid, now, ctotal, edit_version), False)
 
     async def _check_group_post(self, db: Db, msg: NewMessage) -> None:
         row = await db.one(

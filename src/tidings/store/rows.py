@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from tidings.store.base import ConvSettings, ConvSummary, MessageRecord
+from tidings.store.base import ConvSettings, ConvSummary, MessageRecord, NewMessage
 
 pack = msgspec.msgpack.Encoder().encode
 unpack = msgspec.msgpack.Decoder().decode
@@ -37,6 +37,47 @@ def record(row: Sequence[Any]) -> MessageRecord:
         recalled=bool(row[13]),
         n=row[14],
     )
+
+
+def appended(
+    msg: NewMessage, seq: int, mid: int, ts: int, ctotal: int, edit_version: int = 0
+) -> MessageRecord:
+    """The record of ``msg`` as just appended at ``seq``."""
+    return MessageRecord(
+        conv=msg.conv,
+        seq=seq,
+        mid=mid,
+        sender=msg.sender,
+        dev=msg.dev,
+        cid=msg.cid,
+        type=msg.type,
+        body=msg.body,
+        ts=ts,
+        flags=msg.flags,
+        mentions=msg.mentions,
+        reply_to=msg.reply_to,
+        size=len(msg.body_bytes),
+        edit_version=edit_version,
+        n=ctotal,
+    )
+
+
+def deletions(
+    rows: Sequence[Sequence[Any]], limit: int, after: int, upto: int
+) -> tuple[dict[str, list[int]], int]:
+    """``deletions_since``'s answer from its change-log rows (conv, seq, version) in
+    version order, at most ``limit`` + 1 of them: the seqs by conversation, ascending,
+    and the version of the last one included (``upto`` when all fit)."""
+    last = upto
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1][2] if rows else after
+    out: dict[str, list[int]] = {}
+    for conv, seq, _ in rows:
+        out.setdefault(conv, []).append(seq)
+    for seqs in out.values():
+        seqs.sort()
+    return out, last
 
 
 # The columns of a conversation summary's row, before its last entry (both stores).

@@ -51,7 +51,16 @@ from tidings.store.base import (
     tombstone,
 )
 from tidings.store.migrations import apply_sqlite
-from tidings.store.rows import EMPTY_BODY, MSG_COLS, READ_COLS, SUMMARY_COLS, conv_summary, record
+from tidings.store.rows import (
+    EMPTY_BODY,
+    MSG_COLS,
+    READ_COLS,
+    SUMMARY_COLS,
+    appended,
+    conv_summary,
+    deletions,
+    record,
+)
 from tidings.store.sqlite_groups import SqliteGroups, not_member, read_target
 
 log = logging.getLogger(__name__)
@@ -455,24 +464,7 @@ class SqliteStore(SqliteGroups):
         touched[msg.conv] = (seq + 1, mid, now, ctotal)
         if msg.reads:
             readers[(msg.conv, msg.sender)] = (seq + 1, ctotal)
-        rec = MessageRecord(
-            conv=msg.conv,
-            seq=seq + 1,
-            mid=mid,
-            sender=msg.sender,
-            dev=msg.dev,
-            cid=msg.cid,
-            type=msg.type,
-            body=msg.body,
-            ts=now,
-            flags=msg.flags,
-            mentions=msg.mentions,
-            reply_to=msg.reply_to,
-            size=len(msg.body_bytes),
-            edit_version=edit_version,
-            n=ctotal,
-        )
-        return AppendResult(rec, False)
+        return AppendResult(appended(msg, seq + 1, mid, now, ctotal, edit_version), False)
 
     def _check_group_post(self, conn: sqlite3.Connection, msg: NewMessage) -> TidingsError | None:
         row = conn.execute(
@@ -1058,16 +1050,7 @@ class SqliteStore(SqliteGroups):
                 "AND version <= ? AND kind='deleted' ORDER BY version LIMIT ?",
                 (uid, after, upto, limit + 1),
             ).fetchall()
-            last = upto
-            if len(rows) > limit:
-                rows = rows[:limit]
-                last = rows[-1][2] if rows else after
-            out: dict[str, list[int]] = {}
-            for conv, seq, _ in rows:
-                out.setdefault(conv, []).append(seq)
-            for seqs in out.values():
-                seqs.sort()
-            return out, last
+            return deletions(rows, limit, after, upto)
 
         return await self._read(op) if upto > after else ({}, upto)
 
