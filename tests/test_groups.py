@@ -599,3 +599,31 @@ async def test_member_cache_applies_entries_in_seq_order_across_publishers() -> 
     cache.handle(ev(12), deliver)
     await asyncio.sleep(0.05)
     assert got[5:] == [(12, {"o", "m", "n"})] and cache.loads == 3
+
+
+async def test_member_cache_late_entry_skips_members_who_joined_after_it() -> None:
+    """An entry published late by another node, older than a later add, does not go to
+    the member that add brought in (a group without visible history)."""
+    from tidings.bus.base import MessageEvent
+    from tidings.services.groups import MemberCache
+    from tidings.store.base import MessageRecord
+
+    class Store:
+        async def member_snapshot(self, conv: str) -> tuple[int, list[tuple[str, int]]]:
+            return 5, [("a", 0), ("b", 0)]
+
+    cache = MemberCache(Store(), gap_wait_s=0.1)  # type: ignore[arg-type]
+    got: list[tuple[int, set[str]]] = []
+
+    def deliver(e: MessageEvent, users: set[str]) -> None:
+        got.append((e.record.seq, set(users)))
+
+    def ev(seq: int, joined: tuple[str, ...] = ()) -> MessageEvent:
+        rec = MessageRecord("g:y", seq, seq, "a", "d", f"c{seq}", "text", {}, 0)
+        return MessageEvent(rec, (), joined=joined)
+
+    cache.handle(ev(6, joined=("c",)), deliver)  # c joins at 6
+    await asyncio.sleep(0.02)
+    cache.handle(ev(7), deliver)
+    cache.handle(ev(5), deliver)  # older than c's add, arriving last
+    assert got == [(6, {"a", "b", "c"}), (7, {"a", "b", "c"}), (5, {"a", "b"})]

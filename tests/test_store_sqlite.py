@@ -139,3 +139,28 @@ async def test_write_gate_resumes_after_any_commit(tmp_path: Any) -> None:
     await asyncio.gather(fut, store.put_user("c", "c", "", None, 1))
     assert not session.link.paused and not gate.paused
     await store.close()
+
+
+async def test_a_reader_that_cannot_open_fails_its_reads(
+    open_store: Opener, monkeypatch: Any
+) -> None:
+    """A reader thread that cannot open its connection (out of file descriptors, say)
+    answers its batch `unavailable` at once instead of leaving the reads waiting; once it
+    can open again, reads work."""
+    store = await open_store()
+    assert isinstance(store, SqliteStore)
+    await with_users(store, "a")
+
+    def broken() -> sqlite3.Connection:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    real = store._reader
+    monkeypatch.setattr(store, "_reader", broken)
+    with pytest.raises(TidingsError) as err:
+        await asyncio.wait_for(store.get_user("a"), 5)
+    assert err.value.code == "unavailable"
+    monkeypatch.setattr(store, "_reader", real)
+    assert (await store.get_user("a")) is not None
+    await store.close()
+    with pytest.raises(TidingsError):
+        await asyncio.wait_for(store.get_user("a"), 5)  # closed: refused, not hanging

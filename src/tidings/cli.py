@@ -115,12 +115,15 @@ def _supervise(settings: Settings) -> int:
     stopping = False
 
     def spawn(n: int) -> None:
+        # Signals wait while forking: the child must not run the supervisor's handler.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
                 _install_uvloop()
                 code = asyncio.run(_serve(settings, worker=n))
             except BaseException:
@@ -129,6 +132,7 @@ def _supervise(settings: Settings) -> int:
                 logging.shutdown()
                 os._exit(code)
         children[pid] = n
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -143,6 +147,7 @@ def _supervise(settings: Settings) -> int:
     for n in range(settings.workers):
         spawn(n)
     restarts: list[float] = []
+    gave_up = False
     while children:
         try:
             pid, status = os.wait()
@@ -156,12 +161,14 @@ def _supervise(settings: Settings) -> int:
         restarts = [t for t in restarts if now - t < 60] + [now]
         if len(restarts) > 10 * settings.workers:
             log.error("workers keep dying (last: %d, exit %d); giving up", n, code)
+            gave_up = True
             stop(signal.SIGTERM, None)
             continue
         log.error("worker %d (pid %d) exited with %d; starting it again", n, pid, code)
         time.sleep(0.2)
-        spawn(n)
-    return 0
+        if not stopping:  # (a SIGTERM may have come during the pause)
+            spawn(n)
+    return 1 if gave_up else 0
 
 
 def cmd_admin_key(args: argparse.Namespace) -> int:

@@ -254,7 +254,8 @@ class _Members:
     def __init__(self, snapshot_seq: int, ids: set[str], added: dict[str, int]) -> None:
         self.snapshot_seq = snapshot_seq  # the store's last seq when the set was read
         self.ids = ids
-        self.added = added  # the seq before each member's add entry, if after 0
+        self.added = added  # the seq before each member's add entry, if after 0 (kept:
+        # an entry older than a member's add may still arrive, published late elsewhere)
         self.last = snapshot_seq  # the last entry applied
         self.held: dict[int, MessageEvent] = {}  # entries that came early, by seq
         self.timer: asyncio.TimerHandle | None = None
@@ -348,14 +349,16 @@ class MemberCache:
 
     def _apply(self, got: _Members, event: MessageEvent, deliver: Deliver) -> None:
         """Apply the next entry in seq order."""
-        got.last = event.record.seq
-        if got.added:  # in order past the snapshot: none older than it is left to come
-            got.added.clear()
+        seq = got.last = event.record.seq
         ids = got.ids
         if event.joined:
             before = len(ids)
             ids.update(event.joined)
             self._held += len(ids) - before
+            # Entries older than this one may still come (published late by another
+            # node): they must not go to whoever joins here.
+            for uid in event.joined:
+                got.added[uid] = seq - 1
         deliver(event, ids.union(event.left) if event.left else ids)
         if event.left:
             before = len(ids)

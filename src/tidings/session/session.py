@@ -73,7 +73,7 @@ from tidings.protocol.frames import Settings as SettingsFrame
 from tidings.services.groups import GroupOp, info_out, profile_of
 from tidings.services.messaging import MAX_MENTIONS, conv_item, to_wire
 from tidings.session.context import Link, ServerContext
-from tidings.store.base import AppendResult
+from tidings.store.base import AppendResult, AuthState
 
 log = logging.getLogger(__name__)
 
@@ -286,32 +286,31 @@ class Session:
         self._reply(Ready(f.id, self.uid, self.device, str(wm), self.session_id))
         self.state = "ready"
         self.ctx.registry.register(self)
+        again: AuthState | None = None
         # A revocation stored while the token was being checked was published before this
-        # session was registered: look once more, now that later ones will reach us (a
-        # single node saw every revocation itself and asks the store only after one).
-        if self.ctx.registry.revoked_since(claims.uid, started):
-            state = await self.ctx.store.auth_state(claims.jti, claims.uid, claims.device)
-            if state.token_revoked or claims.issued_ms < state.device_revoked_before_ms:
-                self.close(close.TOKEN_REVOKED, "token revoked")
+        # session was registered: look once more, now that later ones will reach us. A
+        # single node saw every revocation itself and asks the store only after one. On a
+        # cluster this node's route for the user reaches the shared registry a moment
+        # after `ready`; once it is in, one read gives the token's state and the user's
+        # watermark: a newer one than `ready`'s means a message committed elsewhere in
+        # that moment may not have been pushed here, and the device is told to sync.
+        if await self.ctx.registry.routed():
+            if self.state != "ready":
                 return
+            again, later = await self.ctx.store.login_state(
+                claims.jti, claims.uid, claims.device
+            )
+            if later > wm and self.state == "ready":
+                self._reply(Resync())
+        elif self.ctx.registry.revoked_since(claims.uid, started):
+            again = await self.ctx.store.auth_state(claims.jti, claims.uid, claims.device)
+        if again is not None and (
+            again.token_revoked or claims.issued_ms < again.device_revoked_before_ms
+        ):
+            self.close(close.TOKEN_REVOKED, "token revoked")
+            return
         if self.state == "ready":
             self.ctx.registry.announce(self)
-            await self._routed(claims.uid, wm)
-
-    async def _routed(self, uid: str, wm: int) -> None:
-        """On a cluster this node's route for the user lands in the shared registry a
-        moment after `ready`: a message committed elsewhere in between was not pushed
-        here, and the device's first sync may have run before it committed. Once the
-        route is in, a newer watermark than `ready`'s means such a message may exist:
-        the device is told to sync (everything committed later is pushed)."""
-        if not await self.ctx.registry.routed() or self.state != "ready":
-            return
-        try:
-            later = await self.ctx.store.watermark(uid)
-        except TidingsError:  # the store is away: the next pong's watermark tells
-            return
-        if later > wm and self.state == "ready":
-            self._reply(Resync())
 
     def _auth_failed(self, rid: int, err: TidingsError) -> None:
         self._error(rid, err)

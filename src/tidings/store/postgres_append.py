@@ -453,12 +453,13 @@ class PgAppend:
             if await db.one("SELECT 1 FROM messages WHERE sender=? AND cid=?", msg.sender, msg.cid):
                 raise Answer(await self._duplicate(db, msg))
             raise TidingsError("blocked", _BLOCKED)
-        if msg.type != GROUP_EVENT and is_group(msg.conv):
-            await self._check_group_post(db, msg)
         row = await db.one(
             "SELECT last_seq, counted, last_mid FROM conversations WHERE id=? FOR UPDATE",
             msg.conv,
         )
+        if msg.type != GROUP_EVENT and is_group(msg.conv):
+            # After the lock: a removal or mute committed elsewhere is seen, not raced.
+            await self._check_group_post(db, msg)
         if row is None:
             await self._create_conversation(db, msg)
             row = await db.one(

@@ -105,6 +105,10 @@ class PgGroups:
             self, db: Db, uid: str, conv: str, kind: str, value: int, now: int
         ) -> int: ...
 
+        async def _log_many(
+            self, db: Db, entries: list[tuple[str, str, str, int]], now: int, *, replace: bool
+        ) -> None: ...
+
         async def _read(self, fn: Callable[[Db], Awaitable[T]]) -> T: ...
 
         async def _snapshot(self, fn: Callable[[Db], Awaitable[T]]) -> T: ...
@@ -440,8 +444,10 @@ class PgGroups:
 
     async def write_reads(self, reads: list[tuple[str, str, int]]) -> None:
         async def op(db: Db) -> None:
-            now = self.clock.now_ms()
-            for uid, conv, seq in sorted(reads):  # lock order: ascending user id
+            moved: list[tuple[str, str, str, int]] = []
+            # Lock order (as appends and group operations take them): member rows in
+            # (conversation, user) order, then users' rows in user order.
+            for uid, conv, seq in sorted(reads, key=lambda r: (r[1], r[0])):
                 if await db.exe(
                     "UPDATE members SET read_seq=?, read_counted="
                     "(SELECT ctotal FROM messages WHERE conv=? AND seq=?) "
@@ -453,7 +459,9 @@ class PgGroups:
                     uid,
                     seq,
                 ):
-                    await self._log(db, uid, conv, "read", seq, now)
+                    moved.append((uid, conv, "read", seq))
+            if moved:
+                await self._log_many(db, sorted(moved), self.clock.now_ms(), replace=False)
 
         if reads:
             await self._tx(op)

@@ -651,12 +651,23 @@ class SqliteStore(SqliteGroups):
         assert self._read_pool is not None
         n = min(self._readers_n, len(batch))
         for i in range(n):
-            self._read_pool.submit(self._run_reads, batch[i::n])
+            part = batch[i::n]
+            try:
+                self._read_pool.submit(self._run_reads, part)
+            except RuntimeError:  # the pool is shut down (closing)
+                err = TidingsError("unavailable", "server is shutting down")
+                self._resolve_reads([(fut, None, err) for _, fut in part])
 
     def _run_reads(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], Any]]) -> None:
         """On a reader thread: each read of the batch in turn, each failing alone."""
-        conn = self._reader()
         results: list[tuple[Any, Any, BaseException | None]] = []
+        try:
+            conn = self._reader()
+        except (sqlite3.Error, OSError) as exc:  # cannot even open it (e.g. out of files)
+            log.error("cannot open a read connection: %s", exc)
+            err = TidingsError("unavailable", "storage read failed", retry_after_ms=500)
+            results = [(fut, None, err) for _, fut in batch]
+            batch = []
         for fn, fut in batch:
             try:
                 results.append((fut, fn(conn), None))
