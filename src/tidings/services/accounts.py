@@ -41,6 +41,8 @@ def _b64(segment: str) -> bytes:
 
 def _segment(segment: str) -> dict[str, Any]:
     return _json_object(_b64(segment))
+
+
 MAX_PASSWORD_BYTES = 1024
 MIN_PASSWORD_CHARS = 8
 
