@@ -297,9 +297,7 @@ class Session:
         if await self.ctx.registry.routed():
             if self.state != "ready":
                 return
-            again, later = await self.ctx.store.login_state(
-                claims.jti, claims.uid, claims.device
-            )
+            again, later = await self.ctx.store.login_state(claims.jti, claims.uid, claims.device)
             if later > wm and self.state == "ready":
                 self._reply(Resync())
         elif self.ctx.registry.revoked_since(claims.uid, started):
