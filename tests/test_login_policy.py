@@ -87,3 +87,24 @@ def test_unknown_policy_is_refused() -> None:
 
     with pytest.raises(ValueError):
         Settings(login_policy="one_per_platfrom")
+
+
+async def test_a_late_announcement_of_an_older_login_kicks_nobody_newer(make_server: Any) -> None:
+    """On a cluster the announcement of a login can arrive after a later login on another
+    node: it must not kick that newer session (the newest login wins, whatever the
+    order the announcements travel in); a newer announcement still kicks."""
+    from tidings.bus.base import SessionStarted
+
+    h: Harness = await make_server(login_policy="one_total")
+    newer = await login(h, "dora", "desk", "desktop")
+    session = next(iter(h.server.hub.by_user["dora"]))
+    h.server.hub.handle(
+        SessionStarted("dora", "phone", "ios", "older-session", session.ready_ms - 1_000)
+    )
+    assert await still_open(newer)
+    h.server.hub.handle(
+        SessionStarted("dora", "phone", "ios", "newest-session", session.ready_ms + 1_000)
+    )
+    frame = await newer.recv()
+    assert frame is not None and frame["t"] == "kicked"
+    assert await newer.closed() == close.KICKED

@@ -93,12 +93,15 @@ class DeletedNotice(msgspec.Struct, frozen=True, tag="deleted"):
 
 class SessionStarted(msgspec.Struct, frozen=True, tag="session"):
     """A device of ``uid`` authenticated: under a login policy, older sessions it
-    supersedes (on any node) are kicked."""
+    supersedes (on any node) are kicked. Older means an earlier (``started_ms``,
+    ``session``): the announcement of an earlier login that arrives late kicks nobody
+    newer."""
 
     uid: str
     device: str
     platform: str
     session: str
+    started_ms: int = 0  # when it was admitted (`ready`), UTC ms
 
 
 class PresenceEntry(msgspec.Struct, frozen=True, array_like=True):

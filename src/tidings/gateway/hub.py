@@ -114,7 +114,13 @@ class Hub:
         """The session is fully admitted: apply the login policy to the user's others."""
         if self.login_policy != "unlimited" and self.publish is not None:
             self.publish(
-                SessionStarted(session.uid, session.device, session.platform, session.session_id)
+                SessionStarted(
+                    session.uid,
+                    session.device,
+                    session.platform,
+                    session.session_id,
+                    session.ready_ms,
+                )
             )
 
     async def routed(self) -> bool:
@@ -202,9 +208,12 @@ class Hub:
             if self.login_policy == "one_per_platform"
             else "signed in elsewhere",
         )
+        newest = (event.started_ms, event.session)
         for s in list(self.by_user.get(event.uid, ())):
             if s.device == event.device or s.session_id == event.session:
                 continue
+            if (s.ready_ms, s.session_id) > newest:
+                continue  # a later login than the announced one (which came late)
             if self.login_policy == "one_per_platform" and s.platform != event.platform:
                 continue
             self._write_all(frame, [s])

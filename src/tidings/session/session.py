@@ -113,6 +113,7 @@ class Session:
         self.platform = ""
         self.jti = ""
         self.issued_ms = 0
+        self.ready_ms = 0  # when `ready` went out, UTC ms (login policies: newest wins)
         self.expires_ms = 0
         self.session_id = secrets.token_hex(8)
         self.auth_deadline = now + s.auth_timeout_ms / 1000
@@ -285,6 +286,7 @@ class Session:
         # is either pushed (we are registered from here on) or found by the device's sync.
         self._reply(Ready(f.id, self.uid, self.device, str(wm), self.session_id))
         self.state = "ready"
+        self.ready_ms = self.ctx.clock.now_ms()
         self.ctx.registry.register(self)
         again: AuthState | None = None
         # A revocation stored while the token was being checked was published before this
