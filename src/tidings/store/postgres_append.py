@@ -18,7 +18,6 @@ from tidings.domain.groups import MEMBER, check_post, is_group
 from tidings.domain.ids import MessageIdGenerator
 from tidings.protocol.errors import TidingsError
 from tidings.store.base import (
-    EVENT_TYPES,
     GROUP_EVENT,
     Amend,
     AppendResult,
@@ -28,7 +27,16 @@ from tidings.store.base import (
     NewMessage,
 )
 from tidings.store.pgconn import DOWN, RETRY, Answer, Db
-from tidings.store.rows import EMPTY_BODY, MSG_COLS, READ_COLS, appended, pack, record
+from tidings.store.rows import (
+    AMEND_TARGET_COLS,
+    EMPTY_BODY,
+    MSG_COLS,
+    READ_COLS,
+    amend_refusal,
+    appended,
+    pack,
+    record,
+)
 
 log = logging.getLogger("tidings.store.postgres")
 T = TypeVar("T")
@@ -542,28 +550,14 @@ class PgAppend:
         row = None
         if amend.target_seq <= last_seq:
             row = await db.one(
-                "SELECT sender, ts, recalled, type, dev FROM messages WHERE conv=? AND seq=?",
+                f"SELECT {AMEND_TARGET_COLS} FROM messages WHERE conv=? AND seq=?",
                 msg.conv,
                 amend.target_seq,
             )
-        if row is None:
-            raise TidingsError("not_found", f"no entry {amend.target_seq} in this conversation")
-        sender, ts, recalled, mtype, dev = row
-        if sender != msg.sender or mtype == "system" or dev == "server":
-            raise TidingsError("forbidden", f"only the sender can {amend.action} a message")
-        if mtype == GROUP_EVENT:
-            raise TidingsError(
-                "forbidden", f"a group's membership entries cannot be {amend.action}ed"
-            )
-        if mtype in EVENT_TYPES:
-            raise TidingsError("invalid", f"an event entry cannot be {amend.action}ed")
-        if recalled:
-            raise TidingsError("conflict", "the message was recalled")
+        refused = amend_refusal(row, msg, amend, now)
+        if refused is not None:
+            raise refused
         if amend.action == "recall":
-            if now - ts > amend.window_ms:
-                raise TidingsError(
-                    "forbidden", f"messages can be recalled within {amend.window_ms // 1000} s"
-                )
             await db.exe(
                 "UPDATE messages SET recalled=1, body=? WHERE conv=? AND seq=?",
                 EMPTY_BODY,
@@ -578,9 +572,6 @@ class PgAppend:
                 amend.target_seq,
             )
             return 0
-        new_body = amend.new_body or {}
-        if mtype == "text" and not (isinstance(new_body.get("text"), str) and new_body["text"]):
-            raise TidingsError("invalid", "an edit of a text message needs a non-empty text")
         version = await db.val(
             "UPDATE messages SET body=?, edit_version=edit_version+1 WHERE conv=? AND seq=? "
             "RETURNING edit_version",

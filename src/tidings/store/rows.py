@@ -8,7 +8,16 @@ from typing import Any
 
 import msgspec
 
-from tidings.store.base import ConvSettings, ConvSummary, MessageRecord, NewMessage
+from tidings.protocol.errors import TidingsError
+from tidings.store.base import (
+    EVENT_TYPES,
+    GROUP_EVENT,
+    Amend,
+    ConvSettings,
+    ConvSummary,
+    MessageRecord,
+    NewMessage,
+)
 
 pack = msgspec.msgpack.Encoder().encode
 unpack = msgspec.msgpack.Decoder().decode
@@ -78,6 +87,38 @@ def deletions(
     for seqs in out.values():
         seqs.sort()
     return out, last
+
+
+# What an amend needs of its target: its row's (sender, ts, recalled, type, dev).
+AMEND_TARGET_COLS = "sender, ts, recalled, type, dev"
+
+
+def amend_refusal(
+    target: Sequence[Any] | None, msg: NewMessage, amend: Amend, now: int
+) -> TidingsError | None:
+    """Why a recall or edit of ``target`` (its ``AMEND_TARGET_COLS``, None: no such
+    entry) by ``msg`` is refused, or None when it may go ahead."""
+    if target is None:
+        return TidingsError("not_found", f"no entry {amend.target_seq} in this conversation")
+    sender, ts, recalled, mtype, dev = target
+    if sender != msg.sender or mtype == "system" or dev == "server":
+        return TidingsError("forbidden", f"only the sender can {amend.action} a message")
+    if mtype == GROUP_EVENT:
+        return TidingsError("forbidden", f"a group's membership entries cannot be {amend.action}ed")
+    if mtype in EVENT_TYPES:
+        return TidingsError("invalid", f"an event entry cannot be {amend.action}ed")
+    if recalled:
+        return TidingsError("conflict", "the message was recalled")
+    if amend.action == "recall":
+        if now - ts > amend.window_ms:
+            return TidingsError(
+                "forbidden", f"messages can be recalled within {amend.window_ms // 1000} s"
+            )
+        return None
+    new_body = amend.new_body or {}
+    if mtype == "text" and not (isinstance(new_body.get("text"), str) and new_body["text"]):
+        return TidingsError("invalid", "an edit of a text message needs a non-empty text")
+    return None
 
 
 # The columns of a conversation summary's row, before its last entry (both stores).

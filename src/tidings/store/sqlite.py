@@ -32,7 +32,6 @@ from tidings.domain.groups import check_post, is_group
 from tidings.domain.ids import MAX_WORKER, MessageIdGenerator, direct_members
 from tidings.protocol.errors import TidingsError
 from tidings.store.base import (
-    EVENT_TYPES,
     GROUP_EVENT,
     Amend,
     AppendResult,
@@ -52,10 +51,12 @@ from tidings.store.base import (
 )
 from tidings.store.migrations import apply_sqlite
 from tidings.store.rows import (
+    AMEND_TARGET_COLS,
     EMPTY_BODY,
     MSG_COLS,
     READ_COLS,
     SUMMARY_COLS,
+    amend_refusal,
     appended,
     conv_summary,
     deletions,
@@ -506,27 +507,13 @@ class SqliteStore(SqliteGroups):
         row = None
         if amend.target_seq <= last_seq:
             row = conn.execute(
-                "SELECT sender, ts, recalled, type, dev FROM messages WHERE conv=? AND seq=?",
+                f"SELECT {AMEND_TARGET_COLS} FROM messages WHERE conv=? AND seq=?",
                 (msg.conv, amend.target_seq),
             ).fetchone()
-        if row is None:
-            return TidingsError("not_found", f"no entry {amend.target_seq} in this conversation")
-        sender, ts, recalled, mtype, dev = row
-        if sender != msg.sender or mtype == "system" or dev == "server":
-            return TidingsError("forbidden", f"only the sender can {amend.action} a message")
-        if mtype == GROUP_EVENT:
-            return TidingsError(
-                "forbidden", f"a group's membership entries cannot be {amend.action}ed"
-            )
-        if mtype in EVENT_TYPES:
-            return TidingsError("invalid", f"an event entry cannot be {amend.action}ed")
-        if recalled:
-            return TidingsError("conflict", "the message was recalled")
+        refused = amend_refusal(row, msg, amend, now)
+        if refused is not None:
+            return refused
         if amend.action == "recall":
-            if now - ts > amend.window_ms:
-                return TidingsError(
-                    "forbidden", f"messages can be recalled within {amend.window_ms // 1000} s"
-                )
             conn.execute(
                 "UPDATE messages SET recalled=1, body=? WHERE conv=? AND seq=?",
                 (EMPTY_BODY, msg.conv, amend.target_seq),
@@ -537,9 +524,6 @@ class SqliteStore(SqliteGroups):
                 (_pack({"seq": amend.target_seq}), msg.conv, amend.target_seq),
             )
             return 0
-        new_body = amend.new_body or {}
-        if mtype == "text" and not (isinstance(new_body.get("text"), str) and new_body["text"]):
-            return TidingsError("invalid", "an edit of a text message needs a non-empty text")
         conn.execute(
             "UPDATE messages SET body=?, edit_version=edit_version+1 WHERE conv=? AND seq=?",
             (amend.new_body_bytes, msg.conv, amend.target_seq),
