@@ -627,3 +627,94 @@ async def test_member_cache_late_entry_skips_members_who_joined_after_it() -> No
     cache.handle(ev(7), deliver)
     cache.handle(ev(5), deliver)  # older than c's add, arriving last
     assert got == [(6, {"a", "b", "c"}), (7, {"a", "b", "c"}), (5, {"a", "b"})]
+
+
+async def test_refusals_for_targets_sizes_and_muted_amends(make_server: Any) -> None:
+    """The documented refusals not shown elsewhere: a target that is not a member
+    (`not_found`) for remove, mute, role and transfer; a remove of more than 100 users
+    (`too_large`); a transfer not naming exactly one user (`invalid`); recall and edit by
+    a muted member (`muted`). None of them writes an entry."""
+    clock = ManualClock()
+    h = await make_server(clock=clock)
+    await users(h, "o", "m", "outsider", *(f"u{i}" for i in range(101)))
+    o = await Dev.open(h, "o")
+    m = await Dev.open(h, "m")
+    conv = (await o.ok_group("create", users=["m"]))["conv"]
+    for op, extra in (
+        ("remove", {}),
+        ("mute", {"duration_ms": 1000}),
+        ("role", {"role": "admin"}),
+        ("transfer", {}),
+    ):
+        err(await o.group(op, conv=conv, users=["outsider"], **extra), "not_found")
+    err(await o.group("remove", conv=conv, users=[f"u{i}" for i in range(101)]), "too_large")
+    err(
+        await o.group("mute", conv=conv, users=[f"u{i}" for i in range(101)], duration_ms=9),
+        "too_large",
+    )
+    err(await o.group("transfer", conv=conv, users=["m", "o"]), "invalid")
+    err(await o.group("transfer", conv=conv, users=[]), "invalid")
+    sent = await m.send(conv, "before the mute", "c1")
+    assert sent["t"] == "sent"
+    await o.ok_group("mute", conv=conv, users=["m"], duration_ms=60_000)
+    recall = {"t": "send", "conv": conv, "type": "recall", "body": {"seq": sent["seq"]}}
+    err(await m.ask({**recall, "cid": "r1"}), "muted")
+    edit = {
+        "t": "send",
+        "conv": conv,
+        "type": "edit",
+        "body": {"seq": sent["seq"], "body": {"text": "changed"}},
+    }
+    err(await m.ask({**edit, "cid": "e1"}), "muted")
+    info = (await o.ok_group("info", conv=conv))["info"]
+    assert info["last_seq"] == sent["seq"] + 1  # only the mute entry after the message
+    assert info["member_count"] == 2 and info["owner"] == "o"
+    for d in (o, m):
+        await d.raw.close()
+
+
+def test_group_push_is_encoded_once_per_codec_and_framing() -> None:
+    """A group entry for many members' devices is encoded once per (codec, framing):
+    every device of the same kind gets the very same bytes object; the sending device
+    gets nothing."""
+    from tidings.bus.base import MessageEvent
+    from tidings.clock import SystemClock
+    from tidings.gateway.hub import Hub
+    from tidings.protocol.codec import Codec
+    from tidings.store.base import MessageRecord
+
+    class Link:
+        def __init__(self, codec: str, framing: str) -> None:
+            self.codec = Codec(codec)
+            self.framing = framing
+
+        def frame(self, payload: bytes) -> bytes:
+            return self.framing.encode() + payload
+
+    class Device:
+        def __init__(self, uid: str, device: str, codec: str, framing: str) -> None:
+            self.uid, self.device = uid, device
+            self.link = Link(codec, framing)
+            self.got: list[bytes] = []
+
+        def push(self, conv: str, seq: int, data: bytes) -> None:
+            self.got.append(data)
+
+    hub = Hub(SystemClock())
+    kinds = [("json", "ws"), ("msgpack", "ws"), ("msgpack", "tcp")]
+    devices = [Device(f"u{i}", "d1", *kinds[i % 3]) for i in range(30)] + [
+        Device("u0", "d2", "json", "ws")
+    ]
+    for d in devices:
+        hub.by_user.setdefault(d.uid, set()).add(d)  # type: ignore[arg-type]
+    rec = MessageRecord("g:team", 7, 70, "u0", "d1", "c7", "text", {"text": "hi"}, 1)
+    hub._deliver(MessageEvent(rec, (), "d1"), {f"u{i}" for i in range(30)})
+    sender = devices[0]
+    assert sender.got == []
+    got = [d for d in devices if d is not sender]
+    assert all(len(d.got) == 1 for d in got)
+    assert len({id(d.got[0]) for d in got}) == 3  # one bytes object per kind
+    for kind in kinds:
+        same = {id(d.got[0]) for d in got if (d.link.codec.name, d.link.framing) == kind}
+        assert len(same) == 1
+    assert hub.pushes == 30

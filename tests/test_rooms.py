@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from typing import Any
 
 import msgspec
@@ -17,6 +18,7 @@ from tests.test_errors import err
 from tests.test_http_api import call
 from tidings.bus.base import RoomEvent as BusRoomEvent
 from tidings.client import Client, RequestError, RoomEvent
+from tidings.clock import SystemClock
 from tidings.config import Settings
 from tidings.domain.rooms import Lanes, RateLimits, RoomPost, check_room
 from tidings.gateway.rooms import RoomHub
@@ -216,6 +218,72 @@ def test_tick_writes_the_same_bytes_to_every_viewer() -> None:
     for v in viewers:
         hub.leave_all(v)  # type: ignore[arg-type]
     assert hub.rooms == {}
+
+
+def test_coalescing_off_sends_each_post_alone_at_once() -> None:
+    """``room_coalesce=False``: every post (chat beyond the render budget too) is its own
+    frame, written at once as the same bytes to every viewer of a codec and kept in the
+    ring; likes and the online count still wait for the tick."""
+    clock = ManualTime()
+    settings = Settings(room_coalesce=False, room_render_per_s=10, room_tick_ms=100)
+    hub = RoomHub(clock, settings, random.Random(3))
+    js = Codec("json")
+    viewers = [FakeSession(hub, js) for _ in range(4)]
+    for v in viewers:
+        hub.join(v, "r:live")  # type: ignore[arg-type]
+    clock.t = 0.05
+    for i in range(5):  # five times the render budget of one tick (1 post)
+        hub.post(BusRoomEvent("r:live", "a", "chat", {"n": i}, i))
+    hub.post(BusRoomEvent("r:live", "b", "like", {}, 9))
+    for v in viewers:
+        assert len(v.link.writes) == 5
+    assert all(v.link.writes[2] is viewers[0].link.writes[2] for v in viewers)
+    frames = [msgspec.json.decode(w[1:]) for w in viewers[0].link.writes]
+    assert [f["msgs"][0]["body"]["n"] for f in frames] == [0, 1, 2, 3, 4]
+    assert all(len(f["msgs"]) == 1 and f["ts"] == 50 and "dropped" not in f for f in frames)
+    assert hub.deliveries == 5 * 4
+    clock.t = 0.1
+    hub.tick(clock.t)  # the likes and the first online count, no posts again
+    tick = msgspec.json.decode(viewers[0].link.writes[-1][1:])
+    assert tick == {"t": "room", "room": "r:live", "likes": 1, "online": 4, "ts": 100}
+    assert [p.body["n"] for p in hub.rooms["r:live"].lanes.ring] == [0, 1, 2, 3, 4]
+    slow = FakeSession(hub, js, full=True)
+    hub.join(slow, "r:live")  # type: ignore[arg-type]
+    for _ in range(10):  # the buffers are looked at every 10th tick
+        clock.t += 0.1
+        hub.tick(clock.t)
+    assert slow.closed == close.SLOW_CONSUMER and hub.online("r:live") == 4
+
+
+async def test_tick_scheduler_keeps_its_period_and_skips_late_ticks() -> None:
+    """The real tick loop: ticks on a fixed period; after the loop was blocked for
+    several periods one late tick runs (counted), not a burst of the missed ones."""
+    hub = RoomHub(SystemClock(), Settings(room_tick_ms=20))
+    v = FakeSession(hub, Codec("json"))
+    hub.join(v, "r:t")  # type: ignore[arg-type]
+    hub.start()
+    try:
+        await asyncio.sleep(0.205)
+        assert 5 <= hub.ticks <= 11, hub.ticks
+        hub.post(BusRoomEvent("r:t", "a", "gift", {}, 1))
+        await asyncio.sleep(0.045)
+        assert any(b'"kind":"gift"' in w for w in v.link.writes)
+        before, late = hub.ticks, hub.late_ticks
+        time.sleep(0.15)  # noqa: ASYNC251 (the loop is blocked for 7 periods, on purpose)
+        await asyncio.sleep(0.012)
+        assert hub.ticks - before <= 2, (before, hub.ticks)
+        assert hub.late_ticks == late + 1
+        await asyncio.sleep(0.1)
+        assert 3 <= hub.ticks - before <= 8
+    finally:
+        await hub.stop()
+
+
+def test_tick_setting_is_bounded() -> None:
+    for bad in (0, 101, -5):
+        with pytest.raises(ValueError, match="room_tick_ms"):
+            Settings(room_tick_ms=bad)
+    assert Settings(room_tick_ms=1).room_tick_ms == 1
 
 
 def test_posts_for_rooms_without_viewers_here_are_dropped() -> None:

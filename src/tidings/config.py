@@ -49,6 +49,9 @@ class Settings:
     group_read_flush_ms: int = 1_000  # group read positions are written this often (max kept)
     # live rooms
     room_tick_ms: int = 100  # a room's posts go out once per tick (at most 100 ms)
+    # False: each post goes to every viewer as its own frame as it arrives (no tick, no
+    # sampling); likes and the online count still go out with the ticks.
+    room_coalesce: bool = True
     room_render_per_s: float = 50.0  # posts a viewer gets per second; chat beyond is sampled
     room_ring_size: int = 20  # recent posts a viewer gets on joining (0: none)
     room_chat_per_s: float = 20.0  # per-user rate limits, per room

@@ -137,6 +137,12 @@ class Lanes:
     def like(self, n: int = 1) -> None:
         self.likes += n
 
+    def remember(self, p: RoomPost) -> None:
+        """Put a post that went out on its own (coalescing off) in the ring."""
+        if self.ring.maxlen:
+            self.ring.append(p)
+            self.ring_version += 1
+
     @property
     def pending(self) -> bool:
         return bool(self.high or self.low or self.likes)

@@ -31,15 +31,14 @@ def _write_all(viewers: dict[Session, Any], data: bytes, limit: int, check: bool
     """The hot loop: the same bytes straight to every viewer's transport. With ``check``
     (about once a second) viewers whose send buffer is over ``limit`` are closed after
     the loop: a viewer that does not read costs at most a second of frames."""
-    if not check:
-        for t in viewers.values():
-            t.write(data)
-        return
-    slow = []
-    for s, t in viewers.items():
+    for t in viewers.values():
         t.write(data)
-        if t.get_write_buffer_size() > limit:
-            slow.append(s)
+    if check:
+        _close_slow(viewers, limit)
+
+
+def _close_slow(viewers: dict[Session, Any], limit: int) -> None:
+    slow = [s for s, t in viewers.items() if t.get_write_buffer_size() > limit]
     for s in slow:
         s.close(close.SLOW_CONSUMER, "send buffer full")
 
@@ -159,8 +158,26 @@ class RoomHub:
             return
         if event.kind == "like":
             room.lanes.like()
-        else:
-            room.lanes.post(RoomPost(event.sender, event.kind, event.body, event.ts))
+            return
+        post = RoomPost(event.sender, event.kind, event.body, event.ts)
+        if self.s.room_coalesce:
+            room.lanes.post(post)
+            return
+        # Coalescing off: this post alone, now, to every viewer.
+        room.lanes.remember(post)
+        frame = RoomFrame(room.name, [_wire(post)], ts=self.clock.now_ms())
+        self._send(room, frame, 1, False)
+
+    def _send(self, room: Room, frame: RoomFrame, posts: int, check: bool) -> None:
+        """``frame`` to every viewer of ``room``: encoded once per (codec, framing)."""
+        for group in list(room.groups.values()):
+            if not group:
+                continue
+            first = next(iter(group))
+            data = encoded_for(frame, first.link, {})
+            _write_all(group, data, self.s.send_buffer_bytes, check)
+            self.frames += len(group)
+            self.deliveries += posts * len(group)
 
     def tick(self, now: float) -> None:
         """Send every room's batch (and, when due, its online count)."""
@@ -175,6 +192,9 @@ class RoomHub:
                 room.online_due = now + interval
             batch = room.lanes.take()
             if batch is None and not online:
+                if check and not self.s.room_coalesce:
+                    for group in list(room.groups.values()):
+                        _close_slow(group, self.s.send_buffer_bytes)
                 continue
             msgs = [] if batch is None else [_wire(p) for p in (*batch.high, *batch.low)]
             frame = RoomFrame(
@@ -185,14 +205,7 @@ class RoomHub:
                 online,
                 ts=now_ms,
             )
-            for group in list(room.groups.values()):
-                if not group:
-                    continue
-                first = next(iter(group))
-                data = encoded_for(frame, first.link, {})
-                _write_all(group, data, self.s.send_buffer_bytes, check)
-                self.frames += len(group)
-                self.deliveries += len(msgs) * len(group)
+            self._send(room, frame, len(msgs), check)
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())

@@ -172,6 +172,8 @@ class Groups:
             users = self._users(req, MAX_ADD if req.op == "add" else MAX_REMOVE)
             if not users:
                 raise TidingsError("invalid", f"{req.op} needs `users`")
+            if req.op == "transfer" and len(users) != 1:
+                raise TidingsError("invalid", "transfer names exactly one user")
             change = msgspec.structs.replace(change, users=users)
         if req.op == "role":
             return msgspec.structs.replace(change, role=parse_role(req.role))
