@@ -20,7 +20,7 @@ from tidings.bus.memory import MemoryBus
 from tidings.bus.redis import RedisBus
 from tidings.clock import Clock, SystemClock
 from tidings.config import Settings
-from tidings.gateway import tcp, websocket
+from tidings.gateway import tcp, websocket, wsfast
 from tidings.gateway.hub import Hub
 from tidings.gateway.rooms import RoomHub
 from tidings.gateway.tls import server_context
@@ -130,6 +130,8 @@ class Server:
         )
         self._runner: web.AppRunner | None = None
         self._tcp_server: asyncio.AbstractServer | None = None
+        self._http_server: asyncio.AbstractServer | None = None
+        self._ws_gateway: wsfast.WsGateway | None = None
         self._lease_task: asyncio.Task[None] | None = None
         self._worker_id = -1
         self.http_port = 0
@@ -177,19 +179,23 @@ class Server:
         )
         await self._runner.setup()
         shared = s.workers > 1  # several processes bind the same ports (SO_REUSEPORT)
-        site = web.TCPSite(
-            self._runner,
+        # The HTTP port: WebSocket upgrades to /v1/ws are taken by hand (wsfast), every
+        # other request goes to aiohttp's request handler.
+        aiohttp_server = self._runner.server
+        assert aiohttp_server is not None
+        self._ws_gateway = wsfast.WsGateway(self.ctx, aiohttp_server)
+        loop = asyncio.get_running_loop()
+        self._http_server = await loop.create_server(
+            self._ws_gateway,
             s.host,
             s.port,
-            ssl_context=ssl_ctx,
+            ssl=ssl_ctx,
             backlog=s.backlog,
             reuse_address=True,
             reuse_port=shared or None,
         )
-        await site.start()
-        self.http_port = int(self._runner.addresses[-1][1])
+        self.http_port = int(self._http_server.sockets[0].getsockname()[1])
         if s.tcp_port >= 0:
-            loop = asyncio.get_running_loop()
             self._tcp_server = await loop.create_server(
                 lambda: tcp.TcpLink(self.ctx),
                 s.host,
@@ -232,6 +238,8 @@ class Server:
         """Release what a failed ``start()`` opened (nothing was served)."""
         if self._lease_task is not None:
             self._lease_task.cancel()
+        if self._http_server is not None:
+            self._http_server.close()
         if self._runner is not None:
             await self._runner.cleanup()
         with contextlib.suppress(Exception):
@@ -244,9 +252,8 @@ class Server:
         s = self.settings
         if self._tcp_server is not None:
             self._tcp_server.close()
-        if self._runner is not None:
-            for site in list(self._runner.sites):
-                await site.stop()
+        if self._http_server is not None:
+            self._http_server.close()
         deadline = self.clock.monotonic() + s.drain_timeout_s
         # Queued writes commit, then their answers are written (the commit callbacks run
         # on this loop a few iterations after the writer thread finishes a batch).
@@ -256,6 +263,12 @@ class Server:
             await asyncio.sleep(0.01)
         self.hub.close_all(close.GOING_AWAY, "server shutting down")
         await asyncio.sleep(0.05)
+        if self._ws_gateway is not None:
+            # Clients answer the close; those that have not within a second are cut.
+            until = self.clock.monotonic() + 1.0
+            while self._ws_gateway.conns and self.clock.monotonic() < until:
+                await asyncio.sleep(0.01)
+            self._ws_gateway.abort_all()
         await self.hub.stop()
         await self.messaging.reads.stop()
         await self.messaging.delivered.stop()
