@@ -191,6 +191,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return conns.main(args)
     if args.scenario in ("room", "group"):
         return fanout.main(args, args.scenario)
+    if args.scenario == "compare":
+        from tidings.bench import compare
+
+        return compare.main(args)
     return direct.main(args)
 
 
@@ -235,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tidings.bench import conns
 
     conns.add_arguments(bsub.add_parser("connections", help="idle connections, logins, restart"))
+    from tidings.bench import compare
+
+    compare.add_arguments(bsub.add_parser("compare", help="Tidings side by side with its peers"))
     bench.set_defaults(func=cmd_bench)
     return p
 

@@ -22,6 +22,7 @@ import secrets
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -40,11 +41,13 @@ from tidings.bench.observe import (
     store_files,
     window_figures,
 )
+from tidings.bench.peers import DirectPeer
 from tidings.bench.report import (
     compare_setups,
     comparison_table,
     summarise,
     summary,
+    summary_line,
     table_header,
     table_row,
 )
@@ -62,6 +65,8 @@ MAX_PROCS = 16
 MAX_TEXT_BYTES = 4_096
 MAX_MESSAGES_PER_STEP = 5_000_000
 READY_TIMEOUT_S = 120.0
+SATURATED_FRACTION = 0.5  # a set-up delivering less than this share of the offered rate
+PEER_NAMES = ("relay", "synapse", "mqtt-qos0", "mqtt-qos1")
 START_DELAY_S = 0.5
 
 # Per-connection limits of a self-started server, raised so they never shape the load.
@@ -114,9 +119,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--peer",
-        choices=("relay",),
-        help="also run the same rates against a peer started the same way, side by side: "
-        "relay = the ceiling, a minimal aiohttp relay with no IM work (bench/relay.py)",
+        default="",
+        help="also run the same rates against peers started the same way, side by side "
+        f"(a comma list of {', '.join(PEER_NAMES)}): relay = the ceiling, a minimal "
+        "aiohttp relay with no IM work (bench/relay.py); synapse = Matrix Synapse on "
+        "SQLite; mqtt-qos0/1 = Mosquitto point to point (scripts/bench-peers.sh installs "
+        "them)",
+    )
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="run every rate even after a set-up saturated (by default a set-up's higher "
+        "rates are skipped once it delivers less than half of what was offered)",
     )
     p.add_argument(
         "--workers",
@@ -186,7 +200,11 @@ class Plan:
         self.data_dir: str = args.data_dir or ""
         self.keep_data: bool = args.keep_data
         self.json_path: str | None = args.json_path
-        self.peer: str | None = args.peer
+        self.peers = [p.strip() for p in str(args.peer or "").split(",") if p.strip()]
+        unknown = [p for p in self.peers if p not in PEER_NAMES]
+        if unknown or len(set(self.peers)) != len(self.peers):
+            raise SystemExit(f"--peer: a comma list of {', '.join(PEER_NAMES)}")
+        self.keep_going: bool = args.keep_going
         self.store: str = args.store
         try:
             self.workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
@@ -198,7 +216,7 @@ class Plan:
             raise SystemExit("--workers above 1 needs --store postgres (SQLite has one writer)")
         if self.url is not None and (self.store != "sqlite" or self.workers != [1]):
             raise SystemExit("--store and --workers apply to a server the bench starts")
-        if self.peer and (self.url is not None or self.store != "sqlite"):
+        if self.peers and (self.url is not None or self.store != "sqlite"):
             raise SystemExit("--peer compares with a SQLite server the bench starts")
 
     def describe(self) -> dict[str, Any]:
@@ -218,6 +236,7 @@ class Plan:
             "client_cores": self.client_cores,
             "store": self.store,
             "workers": self.workers,
+            "peers": self.peers,
         }
 
 
@@ -317,7 +336,7 @@ def _spawn_workers(
             "cores": cores,
         }
         proc: multiprocessing.process.BaseProcess = ctx.Process(
-            target=worker_main, args=(child, cfg), daemon=True
+            target=target.worker, args=(child, cfg), daemon=True
         )
         proc.start()
         child.close()
@@ -372,8 +391,10 @@ class Target:
     pid: int | None
     data_dir: str | None
     nonce: str = field(default_factory=lambda: secrets.token_hex(4))
-    users: list[tuple[str, str, str, str]] = field(default_factory=list)
+    users: list[tuple[Any, ...]] = field(default_factory=list)
     others: dict[str, int] = field(default_factory=dict)  # name -> pid: PostgreSQL, Redis
+    worker: Callable[[Connection, dict[str, Any]], None] = worker_main  # load generator
+    saturated_at: float | None = None  # the first rate the set-up fell far behind at
 
 
 def _start_server(
@@ -415,8 +436,8 @@ def _main(plan: Plan) -> int:
         with contextlib.ExitStack() as stack:
             if plan.url is not None:
                 _run_setup(plan, report, None)
-            elif plan.peer:
-                _run_with_peer(plan, report)
+            elif plan.peers:
+                _run_with_peers(plan, report)
             elif plan.store == "sqlite":
                 _run_setup(plan, report, dict(plan.server_settings))
             else:
@@ -454,31 +475,56 @@ def _run_cluster(plan: Plan, report: dict[str, Any], stack: contextlib.ExitStack
     print(comparison_table(report["comparison"]), flush=True)
 
 
-def _run_with_peer(plan: Plan, report: dict[str, Any]) -> None:
-    """Tidings (SQLite, as without --peer), then the peer on the same core with the same
-    clients and rates; side by side, with each figure's ratio to Tidings'."""
+def make_peer(name: str) -> DirectPeer:
+    """A peer by name (imported only when asked for)."""
+    if name == "relay":
+        return LocalRelay()
+    if name == "synapse":
+        from tidings.bench.peer_synapse import SynapsePeer
+
+        return SynapsePeer()
+    if name in ("mqtt-qos0", "mqtt-qos1"):
+        from tidings.bench.peer_mqtt import MosquittoPeer
+
+        return MosquittoPeer(qos=int(name[-1]))
+    raise ValueError(f"unknown peer {name!r}")
+
+
+def _run_with_peers(plan: Plan, report: dict[str, Any]) -> None:
+    """Tidings (SQLite, as without --peer), then each peer on the same core with the
+    same rates and equally lean clients; side by side, with each figure's ratio to
+    Tidings'."""
     setups = []
     print("== tidings", flush=True)
     sub: dict[str, Any] = {"settings": {}, "machine": report["machine"]}
     _run_setup(plan, sub, dict(plan.server_settings))
     sub.pop("machine")
     setups.append({"label": "tidings", **sub})
-    print(f"== {plan.peer}", flush=True)
-    sub = {"settings": {}, "machine": report["machine"]}
-    relay = LocalRelay(plan.server_cores)
-    relay.start()
-    try:
-        target = Target(relay.url, relay.port, relay.pid, None)
-        sub["settings"]["server"] = {"started": True, "argv": relay.argv[1:]}
-        _run_setup(plan, sub, None, given=(target, "relay"))
-    finally:
-        relay.stop()
-    sub.pop("machine")
-    setups.append({"label": str(plan.peer), **sub})
+    for name in plan.peers:
+        print(f"== {name}", flush=True)
+        sub = {"settings": {}, "machine": report["machine"]}
+        peer = make_peer(name)
+        try:
+            peer.start(plan.server_cores)
+            target = Target(peer.url, peer.port, peer.pid, None, worker=peer.worker)
+            sub["settings"]["server"] = {"started": True, "peer": name}
+            _run_setup(plan, sub, None, given=(target, peer))
+        except (RuntimeError, OSError, aiohttp.ClientError) as exc:
+            # One peer that cannot run does not cost the others' figures.
+            print(f"{name}: {exc}", file=sys.stderr, flush=True)
+            sub["error"] = str(exc)
+            sub.setdefault("runs", [])
+        finally:
+            peer.stop()
+        sub.pop("machine")
+        setups.append({"label": name, **sub})
     report["setups"] = setups
     report["runs"] = [dict(r, setup=s["label"]) for s in setups for r in s["runs"]]
     report["comparison"] = compare_setups(setups)
     print(comparison_table(report["comparison"]), flush=True)
+    for s in setups:
+        if "summary" in s:
+            print(summary_line(s["label"], s["summary"]), flush=True)
 
 
 def _run_setup(
@@ -486,12 +532,14 @@ def _run_setup(
     report: dict[str, Any],
     settings: dict[str, str] | None,
     others: dict[str, int] | None = None,
-    given: tuple[Target, str] | None = None,
+    given: tuple[Target, DirectPeer] | None = None,
 ) -> None:
     server: LocalServer | None = None
+    admin_key = ""
     try:
+        peer: DirectPeer | None = None
         if given is not None:
-            target, admin_key = given
+            target, peer = given
         elif settings is not None:
             server, target = _start_server(plan, report, settings)
             admin_key = server.admin_key()
@@ -501,14 +549,16 @@ def _run_setup(
         target.others = dict(others or {})
         if plan.client_cores:
             os.sched_setaffinity(0, set(plan.client_cores))
-        uids = [
-            (f"bench-{target.nonce}-{i}-s", f"bench-{target.nonce}-{i}-r")
-            for i in range(plan.pairs)
-        ]
-        tokens = asyncio.run(
-            create_users(target.base_url, admin_key, [u for p in uids for u in p], "bench")
-        )
-        target.users = [(s, tokens[s], r, tokens[r]) for s, r in uids]
+        if peer is not None:
+            target.users = peer.make_pairs(plan.pairs, target.nonce)
+        else:
+            uids = [
+                (f"bench-{target.nonce}-{i}-s", f"bench-{target.nonce}-{i}-r")
+                for i in range(plan.pairs)
+            ]
+            names = [u for p in uids for u in p]
+            tokens = asyncio.run(create_users(target.base_url, admin_key, names, "bench"))
+            target.users = [(s, tokens[s], r, tokens[r]) for s, r in uids]
         _sweep(plan, target, server, report)
     finally:
         if server is not None:
@@ -530,6 +580,10 @@ def _sweep(plan: Plan, target: Target, server: LocalServer | None, report: dict[
     runs: list[dict[str, Any]] = []
     report["runs"] = runs
     for step, rate in enumerate(plan.rates):
+        if target.saturated_at is not None and not plan.keep_going:
+            print(f"{rate:>10.0f}  skipped: saturated at {target.saturated_at:g}/s", flush=True)
+            report.setdefault("skipped_rates", []).append(rate)
+            continue
         if step and plan.pause:
             time.sleep(plan.pause)
         load = os.getloadavg()
@@ -537,9 +591,13 @@ def _sweep(plan: Plan, target: Target, server: LocalServer | None, report: dict[
         row["loadavg_before"] = load
         runs.append(row)
         print(table_row(row), flush=True)
+        if row["msgs_per_s"] < SATURATED_FRACTION * rate:
+            target.saturated_at = rate
         if server is not None and server.proc is not None and server.proc.poll() is not None:
             print(f"the server exited:\n{server.log_tail()}", file=sys.stderr)
             break
     report["summary"] = summary(runs)
+    if len(runs) > 1:
+        print(summary_line("sweep", report["summary"]), flush=True)
     if len(runs) == 1:
         report.update({k: v for k, v in runs[0].items() if k not in report})

@@ -273,7 +273,8 @@ def _loop(
                 _flush_acks(viewers)
             if not ready and now >= next_bulk:
                 next_bulk = now + bulk_interval_s
-                ready = [fd for fd, _ in bulk.poll(0)]
+                # Every ready connection: epoll's default is at most 1,023 events a call.
+                ready = [fd for fd, _ in bulk.poll(0, len(by_fd))]
             for fd in ready[-BULK_SLICE:]:
                 if not _read(by_fd[fd], hist, khist):
                     bulk.unregister(fd)
@@ -283,7 +284,7 @@ def _loop(
         while time.monotonic() - quiet_since < QUIET_S and time.monotonic() < cap:
             got = False
             for ep in (quick, bulk):
-                for fd, _ in ep.poll(0.05):
+                for fd, _ in ep.poll(0.05, len(by_fd)):
                     got = True
                     if not _read(by_fd[fd], hist, khist):
                         ep.unregister(fd)

@@ -12,7 +12,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import IO, Any
 
 import aiohttp
@@ -194,10 +196,12 @@ async def create_users(
 
 class LocalRelay:
     """The ceiling peer (``tidings.bench.relay``) in its own process, pinned like the
-    server."""
+    server: a :class:`~tidings.bench.peers.DirectPeer` loaded by Tidings' own load
+    generators (it speaks just enough of the protocol for them)."""
 
-    def __init__(self, cores: list[int]) -> None:
-        self.cores = cores
+    name = "relay"
+
+    def __init__(self) -> None:
         self.port = free_port()
         self.argv = [sys.executable, "-m", "tidings.bench.relay", "--port", str(self.port)]
         self.proc: subprocess.Popen[bytes] | None = None
@@ -211,12 +215,26 @@ class LocalRelay:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self) -> None:
-        cores = set(self.cores)
+    @property
+    def worker(self) -> Callable[[Connection, dict[str, Any]], None]:
+        from tidings.bench.worker import worker_main
+
+        return worker_main
+
+    def make_pairs(self, pairs: int, nonce: str) -> list[tuple[Any, ...]]:
+        """The relay takes a user id as its token."""
+        out: list[tuple[Any, ...]] = []
+        for i in range(pairs):
+            s, r = f"bench-{nonce}-{i}-s", f"bench-{nonce}-{i}-r"
+            out.append((s, s, r, r))
+        return out
+
+    def start(self, cores: list[int]) -> None:
+        mask = set(cores)
 
         def pin() -> None:
-            if cores:
-                os.sched_setaffinity(0, cores)
+            if mask:
+                os.sched_setaffinity(0, mask)
 
         self.proc = subprocess.Popen(
             self.argv, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, preexec_fn=pin

@@ -139,13 +139,23 @@ def table_row(row: dict[str, Any]) -> str:
     return "  ".join(cells) + "  " + status
 
 
+P99_BOUND_MS = 20.0  # the sweep's latency bound: the highest rate that keeps p99 under it
+
+
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a sweep shows: the most it delivered, the highest valid rate, and the
+    highest valid rate whose p99 stayed under P99_BOUND_MS."""
     valid = [r for r in runs if r["valid"]]
     best = max(valid, key=lambda r: r["msgs_per_s"], default=None)
+    fast = [r for r in valid if r["p99_ms"] is not None and r["p99_ms"] < P99_BOUND_MS]
+    bounded = max(fast, key=lambda r: r["offered_per_s"], default=None)
     return {
         "max_valid_offered_per_s": best["offered_per_s"] if best else None,
         "max_valid_msgs_per_s": best["msgs_per_s"] if best else None,
         "max_msgs_per_s": max((r["msgs_per_s"] for r in runs), default=None),
+        "p99_bound_ms": P99_BOUND_MS,
+        "max_rate_p99_under_bound": bounded["offered_per_s"] if bounded else None,
+        "server_cpu_us_per_msg_at_that_rate": bounded["server_cpu_us_per_msg"] if bounded else None,
         "p99_ms_by_rate": {f"{r['offered_per_s']:g}": r["p99_ms"] for r in runs},
         "all_valid": bool(runs) and len(valid) == len(runs),
     }
@@ -163,6 +173,18 @@ _COMPARED = (
     ("redis cpu%", "redis_cpu_pct", "{:.0f}"),
     ("cli cpu%", "client_cpu_pct", "{:.0f}"),
 )
+
+
+def summary_line(label: str, s: dict[str, Any]) -> str:
+    most = s.get("max_msgs_per_s")
+    bound = s.get("max_rate_p99_under_bound")
+    most_text = "-" if most is None else f"{most:,.0f}"
+    bound_text = "none" if bound is None else f"{bound:,.0f}/s"
+    return (
+        f"{label}: most delivered {most_text}/s; highest valid rate "
+        f"{s.get('max_valid_offered_per_s') or '-'}/s; highest with p99 < "
+        f"{s.get('p99_bound_ms', P99_BOUND_MS):g} ms: {bound_text}"
+    )
 
 
 def compare_setups(setups: list[dict[str, Any]]) -> list[dict[str, Any]]:
