@@ -53,17 +53,18 @@ class Sizes:
             self.connections, self.hold = 300, 2.0
             self.room_sizes, self.room_rate, self.room_senders = [50, 200], 20.0, 2
             self.room_duration = 2.0
+            self.room_tidings_only: list[int] = []
             self.members, self.online, self.group_rate, self.group_duration = 60, 30, 5.0, 2.0
         else:
             self.pairs = 100
             self.rates = [50.0, 200.0, 1000.0, 2000.0, 5000.0, 10000.0, 15000.0, 20000.0]
             self.direct_duration, self.direct_warmup = 4.0, 1.0
             self.connections, self.hold = 15_000, 10.0
-            self.room_sizes, self.room_rate, self.room_senders = [500, 2000, 5000], 100.0, 10
+            self.room_sizes, self.room_rate, self.room_senders = [200, 1000, 2000], 200.0, 20
             self.room_duration = 5.0
+            self.room_tidings_only = [15_000]  # the peers would owe millions of deliveries
             self.members, self.online, self.group_rate = 10_000, 5_000, 5.0
             self.group_duration = 8.0
-        self.socketio_max_viewers = max(self.room_sizes)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -157,8 +158,10 @@ def run_rooms(out: str, z: Sizes) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     rate, senders, duration = z.room_rate, z.room_senders, z.room_duration
     common = ["--senders", str(senders), "--rate", f"{rate:g}", "--duration", f"{duration:g}"]
-    for v in z.room_sizes:
+    for v in [*z.room_sizes, *z.room_tidings_only]:
         for setup in ROOM_SETUPS:
+            if v in z.room_tidings_only and setup != "tidings":
+                continue
             name = f"room-{setup}-{v}"
             data: dict[str, Any] | None
             if setup.startswith("tidings"):
@@ -170,8 +173,6 @@ def run_rooms(out: str, z: Sizes) -> list[dict[str, Any]]:
                     expected = data.get("posts_sent", 0) * v
                     data["lost"] = max(0, expected - data.get("delivered", 0))
             elif setup == "python-socketio":
-                if v > z.socketio_max_viewers:
-                    continue
                 data = _peer_room(
                     out,
                     name,
@@ -198,13 +199,26 @@ def run_rooms(out: str, z: Sizes) -> list[dict[str, Any]]:
 
 
 def _room_row(setup: str, viewers: int, d: dict[str, Any]) -> dict[str, Any]:
+    """One set-up's figures, on the same footing: deliveries per second over the time
+    they took to arrive, and the server's CPU until the last one was in (a server that
+    fell behind pays for its backlog after the posting period)."""
+    us = (
+        d.get("server_cpu_us_per_delivery_until_drained")  # Tidings, Mosquitto
+        or (
+            d["server_cpu_s_through_drain"] * 1e6 / d["deliveries"]  # python-socketio
+            if d.get("server_cpu_s_through_drain") and d.get("deliveries")
+            else None
+        )
+        or d.get("server_cpu_us_per_delivery")
+    )
     return {
         "setup": setup,
         "viewers": viewers,
-        "deliveries_per_s": d.get("deliveries_per_s"),
+        "deliveries_per_s": d.get("deliveries_per_s_over_span") or d.get("deliveries_per_s"),
         "server_cpu_pct": d.get("server_cpu_pct"),
-        "deliveries_per_server_cpu_s": d.get("deliveries_per_server_cpu_s"),
-        "server_cpu_us_per_delivery": d.get("server_cpu_us_per_delivery"),
+        "deliveries_per_server_cpu_s": round(1e6 / us) if us else None,
+        "server_cpu_us_per_delivery": round(us, 3) if us else None,
+        "behind": bool(d.get("behind") or d.get("drain_capped")),
         "p50_ms": d.get("p50_ms"),
         "p99_ms": d.get("p99_ms"),
         "lost": d.get("lost"),
@@ -285,8 +299,9 @@ def room_tables(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
             if r["setup"] != "tidings" and ratio is not None:
                 ratios.setdefault(r["setup"], {})[str(v)] = round(ratio, 2)
             cell = "-" if r["setup"] == "tidings" or ratio is None else f"{ratio:.1f}x"
+            label = f"{r['setup']} (fell behind)" if r.get("behind") else r["setup"]
             lines.append(
-                f"| {_fmt(v)} | {r['setup']} | {_fmt(r['deliveries_per_s'])} | "
+                f"| {_fmt(v)} | {label} | {_fmt(r['deliveries_per_s'])} | "
                 f"{_fmt(r['server_cpu_pct'], '.0f')} | {_fmt(e)} | "
                 f"{_fmt(r['server_cpu_us_per_delivery'], '.2f')} | {_fmt(r['p50_ms'], '.1f')} | "
                 f"{_fmt(r['p99_ms'], '.1f')} | {_fmt(r['lost'])} | {cell} |"
