@@ -277,3 +277,49 @@ def test_bench_direct_against_the_relay_ceiling(tmp_path: Path) -> None:
     assert relay and relay[0]["msgs_per_s"] > 0 and "server_cpu_us_per_msg_ratio" in relay[0]
     proc = bench("direct", "--peer", "relay", "--store", "postgres")
     assert proc.returncode != 0 and "--peer" in proc.stderr
+
+
+def test_bench_compare_room_side_by_side_rewrites_the_docs(tmp_path: Path) -> None:
+    """`bench compare --quick --only room`: every room set-up (Tidings with and without
+    coalescing, python-socketio, Mosquitto QoS 0 and 1) at each size delivers every
+    post to every viewer, the ratios are computed, the plot is drawn, and the marked
+    section of the given Markdown file is replaced (the rest of it kept)."""
+    from tidings.bench.compare import BEGIN, END, ROOM_PNG, ROOM_SETUPS
+
+    doc = tmp_path / "docs" / "bench.md"
+    doc.parent.mkdir()
+    doc.write_text(f"# Before\n\n{BEGIN}\nold table\n{END}\n\n# After\n")
+    out = tmp_path / "out"
+    proc = bench(
+        "compare",
+        "--quick",
+        "--only",
+        "room",
+        "--out",
+        str(out),
+        "--docs",
+        str(doc),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "compare.json").read_text())
+    rows = res["rooms"]
+    assert {(r["setup"], r["viewers"]) for r in rows} == {
+        (s, v) for s in ROOM_SETUPS for v in (50, 200)
+    }
+    for r in rows:
+        assert r["lost"] == 0, r
+        assert r["deliveries_per_server_cpu_s"] and r["p99_ms"] is not None, r
+    ratios = res["headline"]["room_ratios"]
+    assert set(ratios) == (set(ROOM_SETUPS) - {"tidings"}) | {
+        "tidings-no-coalescing/mqtt-qos0",
+        "tidings-no-coalescing/mqtt-qos1",
+    }
+    text = doc.read_text()
+    assert text.startswith("# Before") and text.rstrip().endswith("# After")
+    assert "old table" not in text and "| 200 | python-socketio |" in text
+    assert f"![server CPU per delivery against room size](img/{ROOM_PNG})" in text
+    png = (doc.parent / "img" / ROOM_PNG).read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000
+    proc = bench("compare", "--only", "nothing")
+    assert proc.returncode != 0 and "--only" in proc.stderr

@@ -73,6 +73,7 @@ WIRE = Histogram()  # tick began -> the frame arrived in the viewer's kernel
 BULK_SLICE = 200  # bulk reads between two looks at the timed viewers
 QUIET_S = 0.5  # the end: read until nothing came for this long ...
 DRAIN_CAP_S = 15.0  # ... or this long at most
+FINISH_CAP_S = 30.0  # senders wait at most this long for the server to read their posts
 
 
 class Viewer:
@@ -388,9 +389,37 @@ def senders_main(conn: Connection, cfg: dict[str, Any]) -> None:
         while time.monotonic() < end:
             _drain(socks, tails, counts)
             time.sleep(0.05)
+        _finish(socks, tails, counts)
         conn.send(("result", counts))
     except Exception:
         conn.send(("error", traceback.format_exc()))
+
+
+def _finish(socks: list[socket.socket], tails: list[bytes], counts: dict[str, int]) -> None:
+    """End the senders without losing posts: a socket closed with unread data sends a
+    reset, and the server's kernel then drops what the server had not read yet (a
+    server behind on a busy room would lose those posts). So: half-close, and read
+    until the server has read everything and closed its end (bounded)."""
+    for sock in socks:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+    open_socks = list(range(len(socks)))
+    deadline = time.monotonic() + FINISH_CAP_S
+    while open_socks and time.monotonic() < deadline:
+        _drain(socks, tails, counts)
+        still = []
+        for i in open_socks:
+            try:
+                data = socks[i].recv(1 << 16, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+            except BlockingIOError:
+                still.append(i)
+                continue
+            except OSError:
+                continue
+            if data:
+                still.append(i)
+        open_socks = still
+        time.sleep(0.02)
 
 
 def _drain(socks: list[socket.socket], tails: list[bytes], counts: dict[str, int]) -> None:
