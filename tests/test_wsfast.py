@@ -242,3 +242,63 @@ async def test_server_close_waits_for_the_clients_answer(make_server: Any) -> No
     wire.w.write(masked(got[:2], op=0x8))
     assert await asyncio.wait_for(wire.r.read(), 5) == b""
     wire.close()
+
+
+async def test_a_head_that_never_ends_is_cut(make_server: Any) -> None:
+    """A connection that starts a request head and never finishes it (slow loris) is
+    cut after the auth timeout; so is one that sends nothing."""
+    h = await make_server(auth_timeout_ms=300)
+    for first in (b"GET /v1/ws HTTP/1.1\r\nHost: x\r\n", b""):
+        r, w = await asyncio.open_connection("127.0.0.1", h.server.http_port)
+        w.write(first)
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        w.close()
+
+
+async def test_pings_from_a_client_that_never_reads_are_bounded(make_server: Any) -> None:
+    """Pongs go through the bounded writer: a client flooding pings without reading is
+    disconnected once its unread pongs pass send_buffer_bytes, not buffered forever."""
+    h = await make_server(send_buffer_bytes=65_536)
+    wire, _ = await Wire.open(h)
+    ping = masked(b"p" * 125, op=0x9) * 512  # 64 KB of pings a write
+    ended = False
+    for _ in range(2_000):  # at most 128 MB
+        try:
+            wire.w.write(ping)
+            await asyncio.wait_for(wire.w.drain(), 5)
+        except (ConnectionError, TimeoutError):
+            ended = True
+            break
+        if wire.r.at_eof():
+            ended = True
+            break
+    assert ended, "the server kept answering a client that never read"
+    wire.close()
+
+
+async def test_close_codes_echoed_and_a_failed_connection_still_says_why(
+    make_server: Any,
+) -> None:
+    """A client's close is echoed with its code when it is one a client may send, 1002
+    otherwise; a message in too many fragments is refused (1009); an oversize frame whose
+    payload is sent anyway gets its 1009 close and then the end of the stream (the rest
+    of the payload is never read as frames)."""
+    h = await make_server(max_frame_bytes=1024)
+    for sent, echoed in ((4000, 4000), (1005, 1002), (999, 1002)):
+        wire, _ = await Wire.open(h)
+        await wire.json()
+        wire.w.write(masked(sent.to_bytes(2, "big"), op=0x8))
+        assert int.from_bytes(await wire.until(0x8), "big") == echoed
+        wire.close()
+    wire, _ = await Wire.open(h)
+    await wire.json()
+    wire.w.write(masked(b"", fin=False) + masked(b"", op=0x0, fin=False) * 1100)
+    assert int.from_bytes((await wire.until(0x8))[:2], "big") == close.TOO_BIG
+    wire.close()
+    wire, _ = await Wire.open(h)
+    await wire.json()
+    wire.w.write(masked(bytes((0x80 | 0x9,)) * 2000))  # looks like pings if misread
+    got = await wire.until(0x8)
+    assert int.from_bytes(got[:2], "big") == close.TOO_BIG
+    assert await asyncio.wait_for(wire.r.read(), 5) == b""  # no pongs: then the end
+    wire.close()

@@ -254,6 +254,8 @@ class Server:
             self._tcp_server.close()
         if self._http_server is not None:
             self._http_server.close()
+        if self._ws_gateway is not None:
+            self._ws_gateway.draining = True
         deadline = self.clock.monotonic() + s.drain_timeout_s
         # Queued writes commit, then their answers are written (the commit callbacks run
         # on this loop a few iterations after the writer thread finishes a batch).

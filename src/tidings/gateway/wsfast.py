@@ -38,7 +38,10 @@ SUBPROTOCOL_MSGPACK = "tidings.v1.msgpack"
 SUBPROTOCOLS = (SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK)
 ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_HEAD_BYTES = 8192  # a longer head is aiohttp's to refuse
-CLOSE_TIMEOUT_S = 5.0  # how long a close we sent waits for the client's close
+CLOSE_TIMEOUT_S = 5.0  # how long a close (ours or the client's) waits for its end
+MAX_FRAGMENTS = 1024  # a message in more pieces than this is refused
+# Close codes a client may send (RFC 6455 7.4): anything else is answered with 1002.
+VALID_CLOSE = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011))
 OP_CONT, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x8, 0x9, 0xA
 
 
@@ -88,8 +91,10 @@ def parse_upgrade(head: bytes) -> Upgrade | None:
     tokens = {t.strip() for t in headers.get(b"connection", b"").lower().split(b",")}
     if upgrade != b"websocket" or b"upgrade" not in tokens:
         return None
-    if headers.get(b"sec-websocket-version") != b"13" or b"transfer-encoding" in headers:
+    if headers.get(b"sec-websocket-version") != b"13":
         return None
+    if b"transfer-encoding" in headers or b"content-length" in headers:
+        return None  # a GET with a body: aiohttp's to answer
     key = headers.get(b"sec-websocket-key", b"")
     try:
         if len(base64.b64decode(key, validate=True)) != 16:
@@ -120,19 +125,39 @@ def origin_ok(up: Upgrade, allowed: list[str]) -> bool:
 class HttpDispatch(asyncio.Protocol):
     """The first protocol of a connection to the HTTP port (see the module's text)."""
 
-    __slots__ = ("_buf", "_gateway", "_transport")
+    __slots__ = ("_buf", "_gateway", "_timer", "_transport")
 
     def __init__(self, gateway: WsGateway) -> None:
         self._gateway = gateway
         self._transport: asyncio.Transport | None = None
         self._buf = b""
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
+        self._gateway.pending.add(self)
+        # A connection that never completes its request head is cut (aiohttp's own
+        # keep-alive timer starts only once it has the connection).
+        wait = self._gateway.ctx.settings.auth_timeout_ms / 1000
+        self._timer = asyncio.get_running_loop().call_later(wait, self.abort)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _done(self) -> asyncio.Transport:
+        """The head is in: this protocol's part is over."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._gateway.pending.discard(self)
+        t = self._transport
+        assert t is not None
+        self._transport = None
+        return t
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
-        end = buf.find(b"\r\n\r\n")
+        end = buf.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
         if end < 0:
             if len(buf) > MAX_HEAD_BYTES or not buf.startswith(b"GET /v1/ws"[: len(buf)]):
                 self._to_aiohttp(buf)
@@ -144,15 +169,16 @@ class HttpDispatch(asyncio.Protocol):
         if up is None or not origin_ok(up, gw.ctx.settings.allowed_origins):
             self._to_aiohttp(buf)  # aiohttp answers (403 for an origin, 400s, the API)
             return
-        t = self._transport
-        assert t is not None
+        t = self._done()
+        if gw.draining:  # the server is shutting down: no new sessions
+            t.abort()
+            return
         conn = WsConn(gw, t, up)
         t.set_protocol(conn)
         conn.start(buf[end + 4 :])
 
     def _to_aiohttp(self, buf: bytes) -> None:
-        t = self._transport
-        assert t is not None
+        t = self._done()
         handler = self._gateway.fallback()
         t.set_protocol(handler)
         handler.connection_made(t)
@@ -162,7 +188,8 @@ class HttpDispatch(asyncio.Protocol):
         return None  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
+        if self._transport is not None:
+            self._done()
 
 
 class WsConn(BoundedWriter, asyncio.Protocol):
@@ -184,9 +211,10 @@ class WsConn(BoundedWriter, asyncio.Protocol):
         self._up = up
         self._buf = bytearray()
         self._frag_op = 0  # the opcode of a message arriving in fragments
-        self._frags: list[bytes] = []
-        self._frag_size = 0
-        self._closing = False  # we sent a close frame
+        self._frags = bytearray()
+        self._frag_count = 0
+        self._closing = False  # a close frame went out (ours, or our echo of the client's)
+        self._discard = False  # the connection failed: what still comes in is dropped
         self._close_timer: asyncio.TimerHandle | None = None
 
     def start(self, rest: bytes) -> None:
@@ -229,12 +257,22 @@ class WsConn(BoundedWriter, asyncio.Protocol):
         if t is None or self._closing or self.abort_if_overfull():
             return
         self._closing = True
-        t.write(ws_frame(code.to_bytes(2, "big") + reason.encode()[:120], OP_CLOSE))
-        self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, t.abort)
+        self.resume_reading()  # the client's answer must be read, even if we paused
+        # The reason cut to 120 bytes, never inside a UTF-8 character.
+        text = reason.encode()[:120].decode("utf-8", "ignore").encode()
+        t.write(ws_frame(code.to_bytes(2, "big") + text, OP_CLOSE))
+        self._arm_abort()
+
+    def _arm_abort(self) -> None:
+        t = self.transport
+        if t is not None and self._close_timer is None:
+            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, t.abort)
 
     # ------------------------------------------------------------------ asyncio.Protocol
 
     def data_received(self, data: bytes) -> None:
+        if self._discard:
+            return
         buf = self._buf
         buf += data
         pos = 0
@@ -262,7 +300,7 @@ class WsConn(BoundedWriter, asyncio.Protocol):
                 if size > 125 or not b0 & 0x80:
                     self._fail(close.PROTOCOL_ERROR, "bad control frame")
                     return
-            elif size + self._frag_size > self.max_frame:
+            elif size + len(self._frags) > self.max_frame:
                 self._fail(close.TOO_BIG, f"message over {self.max_frame} bytes")
                 return
             if end - at < 4 + size:
@@ -279,8 +317,8 @@ class WsConn(BoundedWriter, asyncio.Protocol):
         """One frame; False when the connection is done with."""
         if op >= 8:
             if op == OP_PING:
-                if not self._closing and self.transport is not None:
-                    self.transport.write(ws_frame(payload, OP_PONG))
+                if not self._closing:
+                    self.write(ws_frame(payload, OP_PONG))  # bounded: pings cannot pile up
             elif op == OP_CLOSE:
                 self._on_close(payload)
                 return False
@@ -292,24 +330,27 @@ class WsConn(BoundedWriter, asyncio.Protocol):
             if not self._frag_op:
                 self._fail(close.PROTOCOL_ERROR, "continuation without a first fragment")
                 return False
-            self._frags.append(payload)
-            self._frag_size += len(payload)
+            self._frags += payload
+            self._frag_count += 1
             if not fin:
+                if self._frag_count > MAX_FRAGMENTS:
+                    self._fail(close.TOO_BIG, f"message in over {MAX_FRAGMENTS} fragments")
+                    return False
                 return True
-            op, payload = self._frag_op, b"".join(self._frags)
-            self._frag_op, self._frags, self._frag_size = 0, [], 0
+            op, payload = self._frag_op, bytes(self._frags)
+            self._frag_op, self._frags, self._frag_count = 0, bytearray(), 0
         elif op not in (WS_TEXT, WS_BINARY) or self._frag_op:
             self._fail(close.PROTOCOL_ERROR, f"unexpected opcode {op}")
             return False
         elif not fin:
-            self._frag_op, self._frags, self._frag_size = op, [payload], len(payload)
+            self._frag_op, self._frags, self._frag_count = op, bytearray(payload), 1
             return True
         session = self.session
         if session is None or self._closing:
             return True  # after our close frame only the client's close matters
         if (op == WS_BINARY) != self.codec.binary:
             kind = "binary frame on json" if op == WS_BINARY else "text frame on msgpack"
-            session.close(close.UNSUPPORTED_DATA, f"{kind} protocol")
+            self._fail(close.UNSUPPORTED_DATA, f"{kind} protocol")
             return False
         session.on_frame(payload)
         return self.transport is not None
@@ -320,17 +361,29 @@ class WsConn(BoundedWriter, asyncio.Protocol):
             return
         if not self._closing:  # the client closes first: echo its code, then end
             self._closing = True
-            code = payload[:2] if len(payload) >= 2 else close.NORMAL.to_bytes(2, "big")
-            t.write(ws_frame(code, OP_CLOSE))
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else close.NORMAL
+            if len(payload) == 1 or not (code in VALID_CLOSE or 3000 <= code <= 4999):
+                code = close.PROTOCOL_ERROR
+            t.write(ws_frame(code.to_bytes(2, "big"), OP_CLOSE))
         t.close()
+        self._arm_abort()  # a client that stops reading cannot hold the socket
 
     def _fail(self, code: int, reason: str) -> None:
+        """Fail the connection (RFC 6455 7.1.7): our close frame, then our end of the TCP
+        connection; whatever the client still sends is dropped until it closes (or the
+        close timeout). The parser's place in the stream is lost, so nothing after the
+        fault is read as frames."""
         log.debug("websocket from %s: %s", self.peer, reason)
+        self._discard = True
+        self._buf.clear()
         if self.session is not None:
             self.session.close(code, reason)
         else:
             self.close(code, reason)
-        self._buf.clear()
+        t = self.transport
+        if t is not None and not t.is_closing() and t.can_write_eof():
+            t.write_eof()
+        self._arm_abort()
 
     def eof_received(self) -> bool | None:
         return None
@@ -351,12 +404,17 @@ class WsGateway:
         self.ctx = ctx
         self.fallback = fallback
         self.conns: set[WsConn] = set()
+        self.pending: set[HttpDispatch] = set()  # connections still sending their head
+        self.draining = False  # set when the server stops: no new WebSocket sessions
 
     def __call__(self) -> HttpDispatch:
         return HttpDispatch(self)
 
     def abort_all(self) -> None:
-        """The end of a drain: connections whose clients never answered the close."""
+        """The end of a drain: connections whose clients never answered the close, and
+        those that never finished their request head."""
+        for d in list(self.pending):
+            d.abort()
         for c in list(self.conns):
             if c.transport is not None:
                 c.transport.abort()
