@@ -170,6 +170,10 @@ def run_rooms(out: str, z: Sizes) -> list[dict[str, Any]]:
                 # A render budget well above the room's rate: a tick that happens to
                 # get more posts than rate x tick is not sampled either.
                 argv = ["room", "--viewers", str(v), *common, "--render", f"{10 * rate:g}"]
+                # Per-user room limits raised as the peers have none (a server that
+                # falls behind reads a sender's posts in bursts).
+                argv += ["--server-set", "room_chat_per_s=100000"]
+                argv += ["--server-set", "room_high_per_s=100000"]
                 if setup == "tidings-no-coalescing":
                     argv += ["--server-set", "room_coalesce=false"]
                 data = _bench(out, name, argv)
