@@ -216,6 +216,7 @@ class WsConn(BoundedWriter, asyncio.Protocol):
         self._closing = False  # a close frame went out (ours, or our echo of the client's)
         self._discard = False  # the connection failed: what still comes in is dropped
         self._close_timer: asyncio.TimerHandle | None = None
+        self._head = b""  # the 101 answer, until the first frame carries it
 
     def start(self, rest: bytes) -> None:
         t = self.transport
@@ -228,12 +229,21 @@ class WsConn(BoundedWriter, asyncio.Protocol):
         ]
         if self._up.protocol is not None:
             head.append(b"Sec-WebSocket-Protocol: " + self._up.protocol.encode())
-        t.write(b"\r\n".join(head) + b"\r\n\r\n")
+        # The 101 goes out with the session's first frame (its hello): one segment.
+        self._head = b"\r\n".join(head) + b"\r\n\r\n"
         self.gw.conns.add(self)
         session = self.session = Session(self, self.gw.ctx)
         session.start()
+        if self._head:
+            t.write(self._head)
+            self._head = b""
         if rest:
             self.data_received(rest)
+
+    def write(self, data: bytes) -> None:
+        if self._head:
+            data, self._head = self._head + data, b""
+        BoundedWriter.write(self, data)
 
     # ------------------------------------------------------------------ Link
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from tidings.clock import Clock
@@ -100,3 +100,6 @@ class ServerContext:
     groups: Groups
     rooms: Rooms
     server_name: str = "tidings"
+    # The server's hello is the same for every connection: encoded once per (codec,
+    # framing) here.
+    hello_frames: dict[tuple[str, str], bytes] = field(default_factory=dict)

@@ -135,8 +135,17 @@ class Session:
     # ------------------------------------------------------------------ start / stop
 
     def start(self) -> None:
+        self.ctx.registry.track(self)
+        link = self.link
+        key = (link.codec.name, link.framing)
+        data = self.ctx.hello_frames.get(key)
+        if data is None:
+            data = self.ctx.hello_frames[key] = link.frame(link.codec.encode(self._hello()))
+        link.write(data)
+
+    def _hello(self) -> ServerHello:
         s = self._s
-        hello = ServerHello(
+        return ServerHello(
             v=PROTOCOL_VERSION,
             server=self.ctx.server_name,
             caps=CAPS,
@@ -157,8 +166,6 @@ class Session:
             idle_timeout_ms=s.idle_timeout_ms,
             auth_timeout_ms=s.auth_timeout_ms,
         )
-        self.ctx.registry.track(self)
-        self._reply(hello)
 
     def close(self, code: int, reason: str) -> None:
         if self.state == "closed":
