@@ -19,7 +19,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[dev,bench]'
+# The benchmark peers the comparison tests run (Mosquitto, Synapse, python-socketio).
+bash scripts/bench-peers.sh
 
 echo "== browser: playwright $(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("playwright"))'), $(/usr/bin/chromium --version 2>/dev/null)"
 
