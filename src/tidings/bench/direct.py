@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import multiprocessing
 import os
 import secrets
 import sys
@@ -42,6 +41,7 @@ from tidings.bench.observe import (
     window_figures,
 )
 from tidings.bench.peers import DirectPeer
+from tidings.bench.procs import Worker, recv_from, sleep_until, spawn, stop_workers
 from tidings.bench.report import (
     compare_setups,
     comparison_table,
@@ -249,28 +249,6 @@ def bounded(name: str, value: Any, lo: Any, hi: Any) -> Any:
 # ------------------------------------------------------------------ one rate
 
 
-def recv_from(conn: Connection, deadline: float, want: str) -> Any:
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RuntimeError(f"a load generator did not answer {want!r} in time")
-        if conn.poll(min(left, 1.0)):
-            try:
-                kind, payload = conn.recv()
-            except EOFError:
-                raise RuntimeError(f"a load generator died before {want!r}") from None
-            if kind == "error":
-                raise RuntimeError(f"load generator failed:\n{payload}")
-            if kind == want:
-                return payload
-
-
-def _sleep_until(t: float) -> None:
-    delay = t - time.monotonic()
-    if delay > 0:
-        time.sleep(delay)
-
-
 def run_rate(plan: Plan, target: Target, rate: float, step: int) -> dict[str, Any]:
     """One rate: spawn the load generators, run the schedule, merge their results."""
     workers = _spawn_workers(plan, target, rate, step)
@@ -283,17 +261,14 @@ def run_rate(plan: Plan, target: Target, rate: float, step: int) -> dict[str, An
             conn.send(("go", t0))
         ws = t0 + plan.warmup
         we = ws + plan.duration
-        _sleep_until(ws)
+        sleep_until(ws)
         before = snapshot(target.pid, target.others)
         backlog = _watch_backlog(target.base_url, we)
         after = snapshot(target.pid, target.others)
         deadline = we + plan.grace + 60
         results = [recv_from(conn, deadline, "result") for _, conn in workers]
     finally:
-        for proc, conn in workers:
-            if proc.is_alive():
-                _join(proc)
-            conn.close()
+        stop_workers(workers, kill=False)
     row = summarise(rate, plan.duration, results, server_cpu_s(before, after))
     row.update(window_figures(before, after, target.pid, plan.duration))
     delivered = row["counts"]["delivered_in_window"]
@@ -311,16 +286,12 @@ def run_rate(plan: Plan, target: Target, rate: float, step: int) -> dict[str, An
     return row
 
 
-def _spawn_workers(
-    plan: Plan, target: Target, rate: float, step: int
-) -> list[tuple[multiprocessing.process.BaseProcess, Connection]]:
+def _spawn_workers(plan: Plan, target: Target, rate: float, step: int) -> list[Worker]:
     """One process per slice of the pairs; each gets its share of the rate."""
-    ctx = multiprocessing.get_context("spawn")
     users = target.users
-    workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+    workers: list[Worker] = []
     for i in range(plan.procs):
         chunk = users[i :: plan.procs]
-        parent, child = ctx.Pipe()
         cores = [plan.client_cores[i % len(plan.client_cores)]] if plan.client_cores else []
         cfg = {
             "port": target.port,
@@ -335,12 +306,7 @@ def _spawn_workers(
             "cid_prefix": f"{target.nonce}.{step}.",
             "cores": cores,
         }
-        proc: multiprocessing.process.BaseProcess = ctx.Process(
-            target=target.worker, args=(child, cfg), daemon=True
-        )
-        proc.start()
-        child.close()
-        workers.append((proc, parent))
+        workers.append(spawn(target.worker, cfg))
     return workers
 
 
@@ -348,7 +314,7 @@ def _watch_backlog(base_url: str, until: float) -> list[int]:
     """Sleep until ``until``, reading the server's queued writes (/healthz) once a second."""
     seen: list[int] = []
     while True:
-        _sleep_until(min(until, time.monotonic() + 1.0))
+        sleep_until(min(until, time.monotonic() + 1.0))
         if time.monotonic() >= until:
             return seen
         try:
@@ -358,13 +324,6 @@ def _watch_backlog(base_url: str, until: float) -> list[int]:
                 seen.append(pending)
         except (OSError, ValueError):
             pass
-
-
-def _join(proc: multiprocessing.process.BaseProcess) -> None:
-    proc.join(10)
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(5)
 
 
 # ------------------------------------------------------------------ results

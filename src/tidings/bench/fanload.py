@@ -28,6 +28,7 @@ from typing import Any
 import msgspec
 
 from tidings.bench.hist import Histogram
+from tidings.bench.procs import pin
 from tidings.bench.wsraw import FrameReader, join, login, open_ws, send_json
 
 FROM = b'"from":'
@@ -103,12 +104,6 @@ class Viewer:
         self.acks: dict[str, int] = {}  # group: the highest seq to acknowledge next
         self.frames = 0  # room frames (timed viewers)
         self.dropped = 0  # chat posts the server sampled away (timed viewers)
-
-
-def _pin(cores: list[int]) -> None:
-    if cores:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, set(cores))
 
 
 def _setup(cfg: dict[str, Any], why: list[str]) -> tuple[list[Viewer], int, float]:
@@ -219,24 +214,34 @@ def _flush_acks(viewers: list[Viewer]) -> None:
             v.acks.clear()
 
 
-def _read(v: Viewer, hist: Histogram, khist: Histogram) -> bool:
-    """Read what is there; False once the connection is gone. Timed viewers also get
-    the kernel's arrival time of the data (SO_TIMESTAMPNS): the delay without this
-    process's own scheduling delay on a busy load-generator core."""
+def recv_stamped(sock: socket.socket, stamped: bool) -> tuple[bytes, int] | None:
+    """What ``sock`` has (b"" once it is closed or failed; None: nothing yet) and, if
+    ``stamped``, the kernel's arrival time of it in µs (SO_TIMESTAMPNS; 0 if absent)."""
     kernel_us = 0
     try:
-        if v.sampled:
-            data, anc, _, _ = v.sock.recvmsg(1 << 18, 64)
+        if stamped:
+            data, anc, _, _ = sock.recvmsg(1 << 18, 64)
             for level, kind, raw in anc:
                 if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(raw) >= 16:
                     sec, nsec = struct.unpack_from("qq", raw)
                     kernel_us = sec * 1_000_000 + nsec // 1000
         else:
-            data = v.sock.recv(1 << 18)
+            data = sock.recv(1 << 18)
     except BlockingIOError:
-        return True
+        return None
     except OSError:
         data = b""
+    return data, kernel_us
+
+
+def _read(v: Viewer, hist: Histogram, khist: Histogram) -> bool:
+    """Read what is there; False once the connection is gone. Timed viewers also get
+    the kernel's arrival time of the data (SO_TIMESTAMPNS): the delay without this
+    process's own scheduling delay on a busy load-generator core."""
+    got = recv_stamped(v.sock, v.sampled)
+    if got is None:
+        return True
+    data, kernel_us = got
     if not data:
         v.alive = False
         return False
@@ -298,7 +303,7 @@ def _loop(
 
 def viewers_main(conn: Connection, cfg: dict[str, Any]) -> None:
     try:
-        _pin(cfg.get("cores", []))
+        pin(cfg.get("cores", []))
         GROUP[0] = not cfg.get("room")
         why: list[str] = []
         viewers, failed, setup_s = _setup(cfg, why)
@@ -345,7 +350,7 @@ def senders_main(conn: Connection, cfg: dict[str, Any]) -> None:
     wall time given with "go" for ``duration`` seconds. Rooms: every ``high_every``-th
     post is a gift. Groups: a durable send each, its `sent` answers counted."""
     try:
-        _pin(cfg.get("cores", []))
+        pin(cfg.get("cores", []))
         # The schedule must hold even when the viewers share this core: a late sender
         # posts in bursts, and a burst is sampled harder than the same posts spread out.
         with contextlib.suppress(OSError):

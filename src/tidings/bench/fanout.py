@@ -23,23 +23,22 @@ import argparse
 import asyncio
 import json
 import math
-import multiprocessing
 import os
 import secrets
 import shlex
 import subprocess
 import sys
 import time
-from multiprocessing.connection import Connection
 from typing import Any
 
 import aiohttp
 
-from tidings.bench.direct import bounded, recv_from
+from tidings.bench.direct import bounded
 from tidings.bench.fanload import senders_main, viewers_main
 from tidings.bench.hist import Histogram
 from tidings.bench.local import LOOPBACK, LocalServer, create_users
 from tidings.bench.observe import code_info, machine_info, proc_cpu_s
+from tidings.bench.procs import Worker, recv_from, rss_kb, spawn, stop_workers
 
 PER_PROC = 15_000
 MAX_CONNECTIONS = 200_000
@@ -174,41 +173,6 @@ class Plan:
         return out
 
 
-# ------------------------------------------------------------------ processes
-
-
-Worker = tuple[multiprocessing.process.BaseProcess, Connection]
-
-
-def _spawn(target: Any, cfg: dict[str, Any]) -> Worker:
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=target, args=(child, cfg), daemon=True)
-    proc.start()
-    child.close()
-    return proc, parent
-
-
-def _stop(workers: list[Worker]) -> None:
-    for proc, conn in workers:
-        proc.join(10)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(5)
-        conn.close()
-
-
-def _rss_kb(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 # ------------------------------------------------------------------ set-up
 
 
@@ -309,21 +273,21 @@ def run(plan: Plan) -> dict[str, Any]:
             "drain_s": DRAIN_S,
             "cores": cores,
         }
-        senders = _spawn(senders_main, scfg)
+        senders = spawn(senders_main, scfg)
         workers.append(senders)
         recv_from(senders[1], time.monotonic() + READY_TIMEOUT_S, "ready")
         flash = plan.scenario == "room" and plan.flash
-        rss_before = _rss_kb(server.pid)
+        rss_before = rss_kb(server.pid)
         cfgs = _viewer_cfgs(plan, viewer_tokens, server.port, target)
         start_wall = time.time() + (0.5 if flash else 0.0)
         if flash:  # the posts flow first, the crowd arrives into them
             senders[1].send(("go", start_wall))
         t_join = time.monotonic()
-        viewers = [_spawn(viewers_main, c) for c in cfgs]
+        viewers = [spawn(viewers_main, c) for c in cfgs]
         workers += viewers
         ready = [recv_from(c, time.monotonic() + READY_TIMEOUT_S, "ready") for _, c in viewers]
         join_s = time.monotonic() - t_join
-        rss_joined = _rss_kb(server.pid)
+        rss_joined = rss_kb(server.pid)
         if not flash:
             start_wall = time.time() + 0.5
             senders[1].send(("go", start_wall))
@@ -334,12 +298,12 @@ def run(plan: Plan) -> dict[str, Any]:
         cpu0 = proc_cpu_s(server.pid)
         time.sleep(max(0.0, start_wall + plan.duration + 0.5 - time.time()))
         cpu1 = proc_cpu_s(server.pid)
-        rss_end = _rss_kb(server.pid)
+        rss_end = rss_kb(server.pid)
         results = [recv_from(c, time.monotonic() + 120, "result") for _, c in viewers]
         cpu2 = proc_cpu_s(server.pid)  # once the viewers have all that was on its way
         sent = recv_from(senders[1], time.monotonic() + 120, "result")
     finally:
-        _stop(workers)
+        stop_workers(workers, kill=False)
         code = server.stop()
     report["server_exit_code"] = code
     connected = sum(r["connected"] for r in ready)

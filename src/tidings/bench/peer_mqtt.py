@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import multiprocessing
 import os
 import re
 import secrets
@@ -58,6 +57,16 @@ from tidings.bench.peers import (
     start_pinned,
     stop_group,
     wait_ready,
+)
+from tidings.bench.procs import (
+    Worker,
+    pin,
+    recv_from,
+    rss_kb,
+    run_async_worker,
+    sleep_until,
+    spawn,
+    stop_workers,
 )
 from tidings.bench.report import summarise
 from tidings.bench.worker import Clocks, Pair, Stats, _result
@@ -652,22 +661,7 @@ class _Recipient(_Conn):
 
 def mqtt_worker_main(conn: Connection, cfg: dict[str, Any]) -> None:
     """Entry point of a spawned 1:1 load generator (the pipe protocol of worker_main)."""
-    cores = cfg.get("cores")
-    if cores:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, set(cores))
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        asyncio.run(_p2p_run(conn, cfg))
-    except Exception:
-        conn.send(("error", traceback.format_exc()))
-    finally:
-        conn.close()
+    run_async_worker(conn, cfg, _p2p_run)
 
 
 async def _p2p_open(
@@ -845,52 +839,6 @@ async def _p2p_drive(
         await sleep(delay if delay > MIN_SLEEP_S else MIN_SLEEP_S)
 
 
-def _recv(conn: Connection, deadline: float, want: str) -> Any:
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RuntimeError(f"a load generator did not answer {want!r} in time")
-        if conn.poll(min(left, 1.0)):
-            try:
-                kind, payload = conn.recv()
-            except EOFError:
-                raise RuntimeError(f"a load generator died before {want!r}") from None
-            if kind == "error":
-                raise RuntimeError(f"load generator failed:\n{payload}")
-            if kind == want:
-                return payload
-
-
-Worker = tuple[multiprocessing.process.BaseProcess, Connection]
-
-
-def _spawn(target: Callable[[Connection, dict[str, Any]], None], cfg: dict[str, Any]) -> Worker:
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=target, args=(child, cfg), daemon=True)
-    proc.start()
-    child.close()
-    return proc, parent
-
-
-def _stop_workers(workers: list[Worker]) -> None:
-    for proc, conn in workers:
-        proc.join(10)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
-        conn.close()
-
-
-def _sleep_until(t: float) -> None:
-    delay = t - time.monotonic()
-    if delay > 0:
-        time.sleep(delay)
-
-
 def run_p2p(
     peer: MosquittoPeer,
     pairs: int,
@@ -928,21 +876,21 @@ def run_p2p(
                 "cid_prefix": f"{nonce}.{step}.",
                 "cores": [cores[i % len(cores)]] if cores else [],
             }
-            workers.append(_spawn(peer.worker, cfg))
+            workers.append(spawn(peer.worker, cfg))
         deadline = time.monotonic() + 120
         for _, c in workers:
-            _recv(c, deadline, "ready")
+            recv_from(c, deadline, "ready")
         t0 = time.monotonic() + 0.5
         for _, c in workers:
             c.send(("go", t0))
-        _sleep_until(t0 + warmup)
+        sleep_until(t0 + warmup)
         cpu0 = proc_cpu_s(peer.pid)
-        _sleep_until(t0 + warmup + duration)
+        sleep_until(t0 + warmup + duration)
         cpu1 = proc_cpu_s(peer.pid)
         deadline = time.monotonic() + grace + 60
-        results = [_recv(c, deadline, "result") for _, c in workers]
+        results = [recv_from(c, deadline, "result") for _, c in workers]
     finally:
-        _stop_workers(workers)
+        stop_workers(workers)
     cpu = sum(cpu1) - sum(cpu0) if cpu0 and cpu1 else None
     row = summarise(rate, duration, results, cpu)
     row["peer"] = peer.name
@@ -984,12 +932,6 @@ class _Viewer:
         self.alive = True
         self.out = b""  # PUBACKs the socket did not take yet
         self.seen: set[int] = set()  # sampled viewers: post numbers, for duplicates
-
-
-def _pin(cores: list[int]) -> None:
-    if cores:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, set(cores))
 
 
 class _RoomReader:
@@ -1248,7 +1190,7 @@ def mqtt_viewers_main(conn: Connection, cfg: dict[str, Any]) -> None:
     ("result", figures)."""
     viewers: list[_Viewer] = []
     try:
-        _pin(cfg.get("cores", []))
+        pin(cfg.get("cores", []))
         why: list[str] = []
         viewers, failed, setup_s = _viewer_setup(cfg, why)
         info = {"connected": len(viewers), "failed": failed, "setup_s": setup_s, "why": why}
@@ -1306,7 +1248,7 @@ def mqtt_senders_main(conn: Connection, cfg: dict[str, Any]) -> None:
     would drop the posts it has not read yet), PUBACKs counted until ("stop", None)."""
     socks: list[socket.socket] = []
     try:
-        _pin(cfg.get("cores", []))
+        pin(cfg.get("cores", []))
         # The schedule must hold even when the viewers share this core.
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, SENDER_NICE)
@@ -1401,17 +1343,6 @@ def _sender_drain(
                     counts["errors"] += 1
 
 
-def _rss_kb(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def run_room(
     viewers: int,
     senders: int,
@@ -1471,10 +1402,10 @@ def run_room(
             duration=duration,
             cores=client_cores[-1:],
         )
-        sender = _spawn(mqtt_senders_main, scfg)
+        sender = spawn(mqtt_senders_main, scfg)
         workers.append(sender)
-        _recv(sender[1], time.monotonic() + READY_TIMEOUT_S, "ready")
-        rss_before = _rss_kb(peer.pid)
+        recv_from(sender[1], time.monotonic() + READY_TIMEOUT_S, "ready")
+        rss_before = rss_kb(peer.pid)
         per = math.ceil(viewers / procs)
         # A fresh source block per run: the last run's connections may linger in TIME_WAIT.
         block = (secrets.randbelow(250) + 1, secrets.randbelow(256))
@@ -1494,11 +1425,11 @@ def run_room(
                 rcvbuf=rcvbuf,
                 cores=[client_cores[i % len(client_cores)]] if client_cores else [],
             )
-            group.append(_spawn(mqtt_viewers_main, vcfg))
+            group.append(spawn(mqtt_viewers_main, vcfg))
         workers += group
-        ready = [_recv(c, time.monotonic() + READY_TIMEOUT_S, "ready") for _, c in group]
+        ready = [recv_from(c, time.monotonic() + READY_TIMEOUT_S, "ready") for _, c in group]
         join_s = time.monotonic() - t_join
-        rss_joined = _rss_kb(peer.pid)
+        rss_joined = rss_kb(peer.pid)
         start_wall = time.time() + 0.5
         end_wall = start_wall + duration
         for _, c in workers:
@@ -1507,17 +1438,17 @@ def run_room(
         cpu0, busy0 = proc_cpu_s(peer.pid), machine_cpu_s()
         time.sleep(max(0.0, end_wall + 0.5 - time.time()))
         cpu1, busy1 = proc_cpu_s(peer.pid), machine_cpu_s()
-        rss_end = _rss_kb(peer.pid)
+        rss_end = rss_kb(peer.pid)
         deadline = time.monotonic() + DRAIN_CAP_S + 60
-        posted = _recv(sender[1], deadline, "posted")
+        posted = recv_from(sender[1], deadline, "posted")
         for _, c in group:
             c.send(("posted", posted))
-        results = [_recv(c, deadline, "result") for _, c in group]
+        results = [recv_from(c, deadline, "result") for _, c in group]
         cpu2 = proc_cpu_s(peer.pid)
         sender[1].send(("stop", None))
-        sent = _recv(sender[1], deadline, "result")
+        sent = recv_from(sender[1], deadline, "result")
     finally:
-        _stop_workers(workers)
+        stop_workers(workers)
         peer.stop()
     connected = sum(r["connected"] for r in ready)
     report.update(

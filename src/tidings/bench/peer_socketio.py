@@ -32,7 +32,6 @@ import base64
 import contextlib
 import json
 import math
-import multiprocessing
 import os
 import secrets
 import select
@@ -49,9 +48,11 @@ from typing import IO, Any, NamedTuple
 
 import msgspec
 
+from tidings.bench.fanload import SO_TIMESTAMPNS, recv_stamped
 from tidings.bench.hist import Histogram
 from tidings.bench.observe import machine_cpu_s, proc_cpu_s
 from tidings.bench.peers import http_ok, peer_python, start_pinned, stop_group, wait_ready
+from tidings.bench.procs import Worker, pin, recv_from, rss_kb, spawn, stop_workers
 from tidings.bench.wsraw import FrameReader, client_frame
 
 PEER = "python-socketio"
@@ -78,7 +79,6 @@ SEND_TIMEOUT_S = 5.0  # a sender whose post cannot be written in this time is dr
 LATE_STOP_S = 5.0  # senders stop posting this long after the posting period at most
 SENDER_STOP_S = DRAIN_CAP_S + 30.0  # senders read until told to stop, this long at most
 RESULT_TIMEOUT_S = DRAIN_CAP_S + 90.0  # results after the posting period, at most
-SO_TIMESTAMPNS = 35  # Linux: receive timestamps in ns (not in the socket module)
 TEXT = "hello everyone, how is it going?"
 
 MSG = b'42["msg",'  # a Socket.IO event "msg" (JSON compact, ASCII: socketio's encoding)
@@ -339,20 +339,10 @@ class ViewerLoop:
         """Read one viewer; whether posts came (pings do not count: the drain ends when
         the posts stop, not the heartbeat)."""
         v = self.by_fd[fd]
-        kernel_us = 0
-        try:
-            if v.sampled:
-                data, anc, _, _ = v.sock.recvmsg(1 << 18, 64)
-                for level, kind, raw in anc:
-                    if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(raw) >= 16:
-                        sec, nsec = struct.unpack_from("qq", raw)
-                        kernel_us = sec * 1_000_000 + nsec // 1000
-            else:
-                data = v.sock.recv(1 << 18)
-        except BlockingIOError:
+        got = recv_stamped(v.sock, v.sampled)
+        if got is None:
             return False
-        except OSError:
-            data = b""
+        data, kernel_us = got
         if not data:
             v.alive = False
             self.live -= 1
@@ -435,17 +425,11 @@ class ViewerLoop:
         return time.monotonic() - t0, False
 
 
-def _pin(cores: list[int]) -> None:
-    if cores:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, set(cores))
-
-
 def viewers_main(conn: Connection, cfg: dict[str, Any]) -> None:
     """A viewer process: connect, report ready, read (answering pings) until "go",
     read the posting period, drain, report."""
     try:
-        _pin(cfg["cores"])
+        pin(cfg["cores"])
         t0 = time.monotonic()
         why: list[str] = []
         shakes, failed = _connect_all(
@@ -546,7 +530,7 @@ def senders_main(conn: Connection, cfg: dict[str, Any]) -> None:
     open loop from the wall time given with "go" for ``duration`` seconds; then they
     keep reading until "stop"."""
     try:
-        _pin(cfg["cores"])
+        pin(cfg["cores"])
         # The schedule must hold even when the viewers share this core.
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, -10)
@@ -623,41 +607,6 @@ def senders_main(conn: Connection, cfg: dict[str, Any]) -> None:
 # ------------------------------------------------------------------ the run
 
 
-Worker = tuple[multiprocessing.process.BaseProcess, Connection]
-
-
-def _spawn(target: Any, cfg: dict[str, Any]) -> Worker:
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=target, args=(child, cfg), daemon=True)
-    proc.start()
-    child.close()
-    return proc, parent
-
-
-def _stop(workers: list[Worker]) -> None:
-    for proc, conn in workers:
-        proc.join(5)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
-        conn.close()
-
-
-def _rss_kb(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
@@ -688,7 +637,7 @@ class _Watch:
             if not self.aborted and self.server.returncode is not None:
                 self.aborted = f"the server exited ({self.server.returncode}) during the run"
             return
-        rss = _rss_kb(self.server.pid) or 0
+        rss = rss_kb(self.server.pid) or 0
         self.peak_kb = max(self.peak_kb, rss)
         if rss > self.cap_kb:
             self.aborted = f"server RSS {rss} KB over the cap of {self.cap_kb} KB: killed"
@@ -705,20 +654,7 @@ class _Watch:
 
     def recv(self, conn: Connection, want: str, timeout_s: float) -> Any:
         deadline = time.monotonic() + timeout_s
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"a load generator did not answer {want!r} in time")
-            if conn.poll(min(left, 0.25)):
-                try:
-                    kind, payload = conn.recv()
-                except EOFError:
-                    raise RuntimeError(f"a load generator died before {want!r}") from None
-                if kind == "error":
-                    raise RuntimeError(f"load generator failed:\n{payload}")
-                if kind == want:
-                    return payload
-            self.look()
+        return recv_from(conn, deadline, want, poll_s=0.25, tick=self.look)
 
 
 def _versions(python: str) -> dict[str, str]:
@@ -834,10 +770,10 @@ def _run(
             "rate": rate,
             "cores": client_cores[-1:],
         }
-        sender = _spawn(senders_main, scfg)
+        sender = spawn(senders_main, scfg)
         workers.append(sender)
         watch.recv(sender[1], "ready", READY_TIMEOUT_S)
-        rss_before = _rss_kb(server.pid)
+        rss_before = rss_kb(server.pid)
         per = math.ceil(viewers / nprocs)
         block = (secrets.randbelow(250) + 1, secrets.randbelow(256))  # fresh per run
         every = max(1, viewers // sample) if sample else 10**12
@@ -857,11 +793,11 @@ def _run(
                 "bulk_interval_s": BULK_INTERVAL_S,
                 "cores": [client_cores[i % len(client_cores)]] if client_cores else [],
             }
-            workers.append(_spawn(viewers_main, vcfg))
+            workers.append(spawn(viewers_main, vcfg))
         views = workers[1:]
         ready = [watch.recv(c, "ready", READY_TIMEOUT_S) for _, c in views]
         join_s = time.monotonic() - t_join
-        rss_joined = _rss_kb(server.pid)
+        rss_joined = rss_kb(server.pid)
         start_wall = time.time() + START_DELAY_S
         sender[1].send(("go", start_wall, duration))
         for _, c in views:
@@ -870,7 +806,7 @@ def _run(
         cpu0, machine0 = proc_cpu_s(server.pid), machine_cpu_s()
         watch.sleep_until(start_wall + duration + 0.5)
         cpu_window, machine1 = proc_cpu_s(server.pid), machine_cpu_s()
-        rss_end = _rss_kb(server.pid)
+        rss_end = rss_kb(server.pid)
         results = [watch.recv(c, "result", RESULT_TIMEOUT_S) for _, c in views]
         cpu_end = proc_cpu_s(server.pid)
         posted = watch.recv(sender[1], "posted", RESULT_TIMEOUT_S)
@@ -881,7 +817,7 @@ def _run(
         if client_cores:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(0, own_cores)
-        _stop(workers)
+        stop_workers(workers, join_s=5.0)
         code = stop_group(server)
         log.seek(0)
         server_log = log.read()[-2000:].decode(errors="replace")

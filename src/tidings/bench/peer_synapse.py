@@ -38,7 +38,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import IO, Any
@@ -47,7 +46,6 @@ from urllib.parse import quote
 import aiohttp
 import msgspec
 
-from tidings.bench.hist import Histogram
 from tidings.bench.local import LOOPBACK, free_port
 from tidings.bench.peers import (
     START_TIMEOUT_S,
@@ -57,6 +55,8 @@ from tidings.bench.peers import (
     stop_group,
     wait_ready,
 )
+from tidings.bench.procs import run_async_worker
+from tidings.bench.worker import Clocks, Stats, result_dict
 
 SERVER_NAME = "bench.local"
 LIFTED = {"per_second": 1_000_000, "burst_count": 1_000_000}
@@ -340,28 +340,9 @@ async def _call(
 # ------------------------------------------------------------------ the load generator
 
 
-class _Stats:
-    """This process's counters (the keys of ``worker._result``)."""
-
-    def __init__(self) -> None:
-        self.e2e = Histogram()
-        self.ack = Histogram()
-        self.sent = 0
-        self.send_failed = 0
-        self.answered = 0
-        self.errored = 0
-        self.acked_in_window = 0
-        self.delivered = 0
-        self.delivered_in_window = 0
-        self.redelivered = 0
-        self.dup_stored = 0
-        self.reordered = 0
-        self.foreign = 0
-        self.errors: dict[str, int] = {}
-        self.closes: dict[str, int] = {}
-        self.max_send_lag_s = 0.0
-        self.per_second: list[int] = []
-        self.per_second_max_us: list[int] = []
+class _Stats(Stats):
+    """This process's counters (``acks_out`` stays 0: Matrix has no per-message ack;
+    /sync's since token is it)."""
 
     def error(self, key: str) -> None:
         key = key[:120]
@@ -404,16 +385,6 @@ class _Pair:
         self.top_n = -1
 
 
-class _Clocks:
-    def __init__(self, t0: float, rate: float, warmup: float, duration: float) -> None:
-        self.t0 = t0
-        self.rate = rate
-        self.ws = t0 + warmup
-        self.we = self.ws + duration
-        self.ws_us = int(self.ws * 1e6)
-        self.we_us = int(self.we * 1e6)
-
-
 class _Gen:
     """One load-generator process: its pairs, its HTTP sessions, its counters."""
 
@@ -431,7 +402,7 @@ class _Gen:
         self.pairs = [_Pair(r, cap) for r in rows]
         self.by_room = {p.room: p for p in self.pairs}
         self.stats = _Stats()
-        self.clocks: _Clocks | None = None
+        self.clocks: Clocks | None = None
         self.inflight = 0
         self.sends: set[asyncio.Task[None]] = set()
         self.pollers: list[asyncio.Task[None]] = []
@@ -639,7 +610,7 @@ class _Gen:
             p.errored[n] = 1
             self.stats.errored += 1
 
-    async def drive(self, clocks: _Clocks) -> None:
+    async def drive(self, clocks: Clocks) -> None:
         """Message k at t0 + k / rate to pair k % pairs as its message k // pairs, each
         its own concurrent request (open loop), at most SEND_CAP in flight."""
         self.clocks = clocks
@@ -706,36 +677,7 @@ class _Gen:
                         unanswered += 1
                     if got:
                         unconfirmed += 1
-        cpu_s = cpu.get("end", 0.0) - cpu.get("start", 0.0)
-        wall_s = cpu.get("end_wall", 0.0) - cpu.get("start_wall", 0.0)
-        return {
-            "e2e": stats.e2e.to_dict(),
-            "ack": stats.ack.to_dict(),
-            "sent": stats.sent,
-            "send_failed": stats.send_failed,
-            "answered": stats.answered,
-            "errored": stats.errored,
-            "acked_in_window": stats.acked_in_window,
-            "delivered": stats.delivered,
-            "delivered_in_window": stats.delivered_in_window,
-            "lost": lost,
-            "unanswered": unanswered,
-            "unconfirmed": unconfirmed,
-            "redelivered": stats.redelivered,
-            "dup_stored": stats.dup_stored,
-            "reordered": stats.reordered,
-            "foreign": stats.foreign,
-            "errors": stats.errors,
-            "closes": stats.closes,
-            "acks_out": 0,  # Matrix has no per-message ack; /sync's since token is it
-            "max_send_lag_ms": round(stats.max_send_lag_s * 1000, 3),
-            "per_second": stats.per_second,
-            "per_second_max_us": stats.per_second_max_us,
-            "cpu_s": cpu_s,
-            "wall_s": wall_s,
-            "cpu_pct": round(100 * cpu_s / wall_s, 1) if wall_s > 0 else 0.0,
-            "pid": os.getpid(),
-        }
+        return result_dict(stats, cpu, lost=lost, unanswered=unanswered, unconfirmed=unconfirmed)
 
 
 def _errcode(raw: bytes) -> str:
@@ -749,24 +691,7 @@ def _errcode(raw: bytes) -> str:
 def synapse_worker_main(conn: Connection, cfg: dict[str, Any]) -> None:
     """Entry point of a spawned load-generator process (the pipe protocol of
     :func:`tidings.bench.worker.worker_main`); ``cfg["pairs"]`` are make_pairs rows."""
-    cores = cfg.get("cores")
-    if cores:
-        try:
-            os.sched_setaffinity(0, set(cores))
-        except OSError:
-            pass
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        asyncio.run(_run(conn, cfg))
-    except Exception:
-        conn.send(("error", traceback.format_exc()))
-    finally:
-        conn.close()
+    run_async_worker(conn, cfg, _run)
 
 
 async def _run(conn: Connection, cfg: dict[str, Any]) -> None:
@@ -782,7 +707,7 @@ async def _run(conn: Connection, cfg: dict[str, Any]) -> None:
         msg = await loop.run_in_executor(None, conn.recv)
         if msg[0] != "go":
             return
-        clocks = _Clocks(float(msg[1]), gen.rate, gen.warmup, gen.duration)
+        clocks = Clocks(float(msg[1]), gen.rate, gen.warmup, gen.duration)
         gen.poll_until = clocks.we + gen.grace + SYNC_TIMEOUT_MS / 1000
         seconds = math.ceil(gen.duration)
         gen.stats.per_second = [0] * seconds

@@ -17,7 +17,6 @@ import asyncio
 import math
 import os
 import time
-import traceback
 from array import array
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -34,6 +33,7 @@ from tidings.bench.lean import (
     SrvPush,
     SrvSent,
 )
+from tidings.bench.procs import run_async_worker
 
 CONNECT_CONCURRENCY = 32
 CONNECT_TIMEOUT_S = 30.0
@@ -231,24 +231,7 @@ class RecipientConn(LeanConn):
 
 def worker_main(conn: Connection, cfg: dict[str, Any]) -> None:
     """Entry point of the spawned process."""
-    cores = cfg.get("cores")
-    if cores:
-        try:
-            os.sched_setaffinity(0, set(cores))
-        except OSError:
-            pass
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        asyncio.run(_run(conn, cfg))
-    except Exception:
-        conn.send(("error", traceback.format_exc()))
-    finally:
-        conn.close()
+    run_async_worker(conn, cfg, _run)
 
 
 async def _connect(
@@ -418,6 +401,14 @@ def _result(pairs: list[Pair], stats: Stats, cpu: dict[str, float]) -> dict[str,
                     unanswered += 1
                 if got:
                     unconfirmed += 1
+    return result_dict(stats, cpu, lost=lost, unanswered=unanswered, unconfirmed=unconfirmed)
+
+
+def result_dict(
+    stats: Stats, cpu: dict[str, float], *, lost: int, unanswered: int, unconfirmed: int
+) -> dict[str, Any]:
+    """A process's result as :func:`tidings.bench.report.summarise` merges it: the
+    counters, the tallies of its messages' fates, its CPU over the measured window."""
     cpu_s = cpu.get("end", 0.0) - cpu.get("start", 0.0)
     wall_s = cpu.get("end_wall", 0.0) - cpu.get("start_wall", 0.0)
     return {
