@@ -22,7 +22,6 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import msgspec
@@ -138,7 +137,11 @@ class SqliteStore(SqliteGroups):
         self._checkpointer: threading.Thread | None = None
         self._stop_checkpoint = threading.Event()
         self._local = threading.local()
-        self._read_pool: ThreadPoolExecutor | None = None
+        # Reader threads, each with its own connection, fed batches of reads through one
+        # queue (no executor: its futures and semaphores cost more than these reads).
+        self._read_q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._read_threads: list[threading.Thread] = []
+        self._reads_closed = False
         self._reads: list[tuple[Callable[[sqlite3.Connection], Any], Any]] = []
         self._reads_scheduled = False
         self._wconn: sqlite3.Connection | None = None
@@ -164,7 +167,12 @@ class SqliteStore(SqliteGroups):
             conn.execute("SELECT max(last_mid) FROM conversations").fetchone()[0] or 0
         )
         self._wconn = conn
-        self._read_pool = ThreadPoolExecutor(self._readers_n, thread_name_prefix="sqlite-read")
+        self._read_threads = [
+            threading.Thread(target=self._reader_main, name=f"sqlite-read-{i}", daemon=True)
+            for i in range(self._readers_n)
+        ]
+        for t in self._read_threads:
+            t.start()
         self._writer = threading.Thread(target=self._writer_main, name="sqlite-writer", daemon=True)
         self._writer.start()
         self._checkpointer = threading.Thread(
@@ -188,8 +196,11 @@ class SqliteStore(SqliteGroups):
         self._stop_checkpoint.set()
         if self._checkpointer is not None:
             await loop.run_in_executor(None, self._checkpointer.join)
-        if self._read_pool is not None:
-            self._read_pool.shutdown(wait=True)
+        self._reads_closed = True
+        for _ in self._read_threads:
+            self._read_q.put(_STOP)
+        for t in self._read_threads:
+            await loop.run_in_executor(None, t.join)
         if self._wconn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -621,7 +632,7 @@ class SqliteStore(SqliteGroups):
         to the threads together (split over them), and come back with one wake-up per
         thread: under load (a login storm, heartbeats) the hand-over to and from a
         thread cost more than the small indexed reads themselves."""
-        assert self._loop is not None and self._read_pool is not None
+        assert self._loop is not None
         fut: asyncio.Future[T] = self._loop.create_future()
         self._reads.append((fn, fut))
         if not self._reads_scheduled:
@@ -632,15 +643,21 @@ class SqliteStore(SqliteGroups):
     def _submit_reads(self) -> None:
         self._reads_scheduled = False
         batch, self._reads = self._reads, []
-        assert self._read_pool is not None
+        if self._reads_closed or not self._read_threads:  # closing
+            err = TidingsError("unavailable", "server is shutting down")
+            self._resolve_reads([(fut, None, err) for _, fut in batch])
+            return
         n = min(self._readers_n, len(batch))
         for i in range(n):
-            part = batch[i::n]
-            try:
-                self._read_pool.submit(self._run_reads, part)
-            except RuntimeError:  # the pool is shut down (closing)
-                err = TidingsError("unavailable", "server is shutting down")
-                self._resolve_reads([(fut, None, err) for _, fut in part])
+            self._read_q.put(batch[i::n])
+
+    def _reader_main(self) -> None:
+        """A reader thread: batches from the queue until told to stop."""
+        while True:
+            batch = self._read_q.get()
+            if batch is _STOP:
+                return
+            self._run_reads(batch)
 
     def _run_reads(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], Any]]) -> None:
         """On a reader thread: each read of the batch in turn, each failing alone."""
