@@ -28,7 +28,6 @@ from its own /proc/<pid>/stat.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import math
@@ -53,7 +52,7 @@ from tidings.bench.hist import Histogram
 from tidings.bench.observe import machine_cpu_s, proc_cpu_s
 from tidings.bench.peers import http_ok, peer_python, start_pinned, stop_group, wait_ready
 from tidings.bench.procs import Worker, pin, recv_from, rss_kb, spawn, stop_workers
-from tidings.bench.wsraw import FrameReader, client_frame
+from tidings.bench.wsraw import FrameReader, client_frame, open_ws
 
 PEER = "python-socketio"
 SERVER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_socketio_server.py")
@@ -181,25 +180,8 @@ def event_frame(event: str, data: Any, ack: int | None = None) -> bytes:
 
 def _open(port: int, source: str | None, timeout: float) -> socket.socket:
     """Connect and send the WebSocket upgrade of Engine.IO's websocket transport."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if source:
-            sock.bind((source, 0))
-        sock.settimeout(timeout)
-        sock.connect((HOST, port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        sock.sendall(
-            (
-                f"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\n"
-                f"Host: {HOST}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    path = "/socket.io/?EIO=4&transport=websocket"
+    return open_ws(HOST, port, source, timeout, path=path, protocol=None, rcvbuf=None)
 
 
 class Handshake:

@@ -72,24 +72,38 @@ class FrameReader:
 
 
 def open_ws(
-    host: str, port: int, source: str | None = None, timeout: float = HANDSHAKE_TIMEOUT_S
+    host: str,
+    port: int,
+    source: str | None = None,
+    timeout: float = HANDSHAKE_TIMEOUT_S,
+    *,
+    path: str = "/v1/ws",
+    protocol: str | None = SUBPROTOCOL,
+    rcvbuf: int | None = 16384,
 ) -> socket.socket:
-    """Connect and send the upgrade request (the answer is read by ``login``)."""
+    """Connect and send the upgrade request (the answer is read by ``login``, or by the
+    caller); the socket is closed if that fails."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-    if source:
-        sock.bind((source, 0))
-    sock.settimeout(timeout)
-    sock.connect((host, port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (
-            f"GET /v1/ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {SUBPROTOCOL}\r\n\r\n"
-        ).encode()
-    )
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if source:
+            sock.bind((source, 0))
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        offer = f"Sec-WebSocket-Protocol: {protocol}\r\n" if protocol else ""
+        sock.sendall(
+            (
+                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                f"Sec-WebSocket-Version: 13\r\n{offer}\r\n"
+            ).encode()
+        )
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 

@@ -65,14 +65,16 @@ class WsLink(BoundedWriter):
             )
 
 
-def origin_allowed(request: web.Request, allowed: list[str]) -> bool:
+def origin_permitted(origin: str | None, host: str, allowed: list[str]) -> bool:
     """No Origin (non-browser clients) passes; a browser Origin must be the server's own
     host or be on the configured list ("*" allows all)."""
-    origin = request.headers.get("Origin")
     if origin is None or "*" in allowed or origin in allowed:
         return True
-    host = request.headers.get("Host", "")
     return origin in (f"http://{host}", f"https://{host}")
+
+
+def origin_allowed(request: web.Request, allowed: list[str]) -> bool:
+    return origin_permitted(request.headers.get("Origin"), request.headers.get("Host", ""), allowed)
 
 
 def make_handler(ctx: ServerContext) -> Any:

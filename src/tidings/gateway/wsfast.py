@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from tidings.gateway.bounded import BoundedWriter
+from tidings.gateway.websocket import SUBPROTOCOL_MSGPACK, SUBPROTOCOLS, origin_permitted
 from tidings.protocol import close
 from tidings.protocol.codec import CODECS, JSON, MSGPACK, Codec
 from tidings.protocol.framing import WS_BINARY, WS_TEXT, ws_frame
@@ -33,9 +34,6 @@ from tidings.session.session import Session
 log = logging.getLogger(__name__)
 
 PATH = b"/v1/ws"
-SUBPROTOCOL_JSON = "tidings.v1.json"
-SUBPROTOCOL_MSGPACK = "tidings.v1.msgpack"
-SUBPROTOCOLS = (SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK)
 ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_HEAD_BYTES = 8192  # a longer head is aiohttp's to refuse
 CLOSE_TIMEOUT_S = 5.0  # how long a close (ours or the client's) waits for its end
@@ -114,12 +112,8 @@ def parse_upgrade(head: bytes) -> Upgrade | None:
 
 
 def origin_ok(up: Upgrade, allowed: list[str]) -> bool:
-    """As ``websocket.origin_allowed``: no Origin passes; a browser's must be the
-    server's own host or on the list ("*" allows all)."""
-    o = up.origin
-    if o is None or "*" in allowed or o in allowed:
-        return True
-    return o in (f"http://{up.host}", f"https://{up.host}")
+    """The same Origin rule as aiohttp's handler (``websocket.origin_permitted``)."""
+    return origin_permitted(up.origin, up.host, allowed)
 
 
 class HttpDispatch(asyncio.Protocol):
