@@ -205,6 +205,7 @@ def test_bench_connections_small_run(tmp_path: Path) -> None:
     assert r["rss_kb_per_conn"] is not None and r["kb_per_conn"] is not None
     assert r["restart_all_back_s"] > 0 and r["heartbeat_cpu_us_per_ping"] > 0
     assert "login storm" in proc.stdout and "all back and synced" in proc.stdout
+    assert r["settings"]["client_wait"] == "poll"
 
 
 def test_bench_connections_refuses_bad_arguments() -> None:
@@ -212,6 +213,8 @@ def test_bench_connections_refuses_bad_arguments() -> None:
     assert proc.returncode != 0 and "--connections" in proc.stderr
     proc = bench("connections", "--connections", "50000")
     assert proc.returncode != 0 and "--connections" in proc.stderr
+    proc = bench("connections", "--client-wait", "nap")
+    assert proc.returncode != 0 and "--client-wait" in proc.stderr
 
 
 def test_bench_direct_one_worker_against_two(tmp_path: Path) -> None:

@@ -162,6 +162,7 @@ class Server:
 
     async def start(self) -> None:
         s = self.settings
+        self.ctx.loop = asyncio.get_running_loop()
         await self.store.open()
         wid = await self.store.lease_worker_id(
             self._holder, self.clock.now_ms(), WORKER_LEASE_TTL_MS

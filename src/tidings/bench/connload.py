@@ -4,7 +4,9 @@ Each process holds its share of the connections on non-blocking sockets and one 
 loop (no task or buffer per connection beyond a few bytes of state):
 
 1. the login storm: connect, upgrade to WebSocket, `hello`, until `ready`, with at most
-   ``window`` connections in flight at once, as fast as the server answers;
+   ``window`` connections in flight at once, as fast as the server answers; with
+   ``wait`` "poll" the process polls its sockets without sleeping while logins are in
+   flight (see `bench connections --client-wait`);
 2. the idle hold: every connection sends a `ping` once per ``heartbeat_s`` (spread
    evenly) and reads its `pong`;
 3. the restart: when the server goes away every connection notices (EOF), and each
@@ -53,6 +55,7 @@ class Driver:
         self.port: int = cfg["port"]
         self.source: str | None = cfg.get("source")
         self.window: int = cfg["window"]
+        self.busy: bool = cfg.get("wait", "poll") == "poll"
         self.conns = [Conn(i, t) for i, t in enumerate(cfg["tokens"])]
         self.sel = selectors.DefaultSelector()
         self.why: list[str] = []
@@ -163,7 +166,9 @@ class Driver:
                         self.why.append(f"connect: {exc!r}")
                     continue
                 flying += 1
-            for key, mask in self.sel.select(0.05):
+            # Polling never sleeps in epoll_wait, so the server's sends find no sleeping
+            # process to wake (loopback delivers inside the sender's write).
+            for key, mask in self.sel.select(0.0 if self.busy and flying else 0.05):
                 c: Conn = key.data
                 before = c.state
                 if self._on_event(c, mask, sync, time.monotonic()):

@@ -8,7 +8,11 @@ others), creates the users and their tokens, then:
 1. **login storm**: every load-generator process connects its share of the connections
    (WebSocket upgrade + `hello` until `ready`, ``--window`` in flight per process) as
    fast as the server answers: authenticated connects per second, and the server's CPU
-   per login;
+   per login. With ``--client-wait poll`` (the default) the load generators poll their
+   sockets without sleeping while logins are in flight: on loopback the kernel delivers
+   a packet inside the sender's `write`, and waking a client process asleep in
+   `epoll_wait` on another core is then charged to the server's send (about 40 us per
+   login on a VM). ``--client-wait sleep`` measures with sleeping clients;
 2. **idle hold**: all connections stay open for ``--hold`` seconds, each sending a
    `ping` once per ``--heartbeat`` seconds: the server's memory per connection (RSS
    growth since before the storm, and the kernel's TCP memory from
@@ -57,6 +61,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=256, help="logins in flight per process")
     p.add_argument("--hold", type=float, default=10.0, help="seconds of idle hold (10)")
     p.add_argument("--heartbeat", type=float, default=25.0, help="ping interval, s (25)")
+    p.add_argument(
+        "--client-wait",
+        choices=("poll", "sleep"),
+        default="poll",
+        help="load generators poll without sleeping while logins are in flight (poll), "
+        "or sleep in epoll_wait (sleep)",
+    )
     p.add_argument("--no-restart", action="store_true", help="skip the restart phase")
     p.add_argument("--no-pin", action="store_true", help="do not pin server and clients")
     p.add_argument("--server-set", action="append", metavar="KEY=VALUE", default=[])
@@ -114,6 +125,7 @@ def main(args: argparse.Namespace) -> int:
             "connections": n,
             "procs": procs,
             "window": window,
+            "client_wait": args.client_wait,
             "hold_s": hold,
             "heartbeat_s": heartbeat,
             "pinned": pin,
@@ -142,6 +154,7 @@ def main(args: argparse.Namespace) -> int:
                 "port": server.port,
                 "tokens": mine,
                 "window": window,
+                "wait": args.client_wait,
                 "cores": client_cores,
             }
             parent, child = ctx.Pipe()
@@ -247,7 +260,8 @@ def _print(r: dict[str, Any]) -> None:
     s = r["settings"]
     print(
         f"{s['connections']} connections from {s['procs']} process(es), window "
-        f"{s['window']} each; hold {s['hold_s']:g} s with a ping every {s['heartbeat_s']:g} s"
+        f"{s['window']} each, clients {s['client_wait']}; hold {s['hold_s']:g} s with a ping "
+        f"every {s['heartbeat_s']:g} s"
     )
     rows = [
         ("logged in", f"{r.get('ready')} ({r.get('failed')} failed) {r.get('why') or ''}"),

@@ -133,7 +133,7 @@ class HttpDispatch(asyncio.Protocol):
         # A connection that never completes its request head is cut (aiohttp's own
         # keep-alive timer starts only once it has the connection).
         wait = self._gateway.ctx.settings.auth_timeout_ms / 1000
-        self._timer = asyncio.get_running_loop().call_later(wait, self.abort)
+        self._timer = self._gateway.loop.call_later(wait, self.abort)
 
     def abort(self) -> None:
         if self._transport is not None:
@@ -410,6 +410,7 @@ class WsGateway:
         self.conns: set[WsConn] = set()
         self.pending: set[HttpDispatch] = set()  # connections still sending their head
         self.draining = False  # set when the server stops: no new WebSocket sessions
+        self.loop = asyncio.get_running_loop()  # made by the running server, once
 
     def __call__(self) -> HttpDispatch:
         return HttpDispatch(self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -103,3 +104,6 @@ class ServerContext:
     # The server's hello is the same for every connection: encoded once per (codec,
     # framing) here.
     hello_frames: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    # The server's loop, set when it starts: `loop.create_task` skips the running-loop
+    # lookup of `asyncio.ensure_future` (a getpid() system call each, in CPython 3.11).
+    loop: asyncio.AbstractEventLoop | None = None

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from tidings.domain.groups import is_group, role_name
@@ -600,7 +600,7 @@ class Session:
     def _spawn(
         self,
         rid: int,
-        coro: Awaitable[None],
+        coro: Coroutine[Any, Any, None],
         on_error: Callable[[int, TidingsError], None] | None = None,
     ) -> None:
         if self.reads >= MAX_READS_INFLIGHT:
@@ -611,7 +611,8 @@ class Session:
             )
             return
         self.reads += 1
-        task = asyncio.ensure_future(coro)
+        loop = self.ctx.loop
+        task = loop.create_task(coro) if loop is not None else asyncio.ensure_future(coro)
         task.add_done_callback(lambda t: self._read_done(rid, t, on_error))
 
     def _read_done(
@@ -654,7 +655,7 @@ _ROOM_FRAMES: dict[type, Callable[[Session, Any], None]] = {
 }
 
 # Requests answered asynchronously (a store read or write), by frame type.
-_REQUESTS: dict[type, Callable[[Session, Any], Awaitable[None]]] = {
+_REQUESTS: dict[type, Callable[[Session, Any], Coroutine[Any, Any, None]]] = {
     Ping: Session._on_ping,
     Sync: Session._on_sync,
     History: Session._on_history,
