@@ -269,7 +269,19 @@ def test_token_checks_refuse_every_kind_of_bad_token() -> None:
     assert code(f"{head}.{body}.{sig[:-2]}AA") == "auth_failed"
     assert code(jwt.encode(good, key, algorithm="HS512")) == "auth_failed"
     assert code(jwt.encode(good, None, algorithm="none")) == "auth_failed"
-    for change in ({"iss": "other"}, {"exp": str(exp)}, {"exp": True}, {"exp": exp - 7200}):
+    assert code(f"{head}.{body}.{sig[:-1]}é") == "auth_failed"
+    assert code(f"{head}.{body}.{sig}=") == "auth_failed"  # padding is not base64url
+    changes: list[dict[str, object]] = [
+        {"iss": "other"},
+        {"exp": str(exp)},
+        {"exp": True},
+        {"exp": float(exp)},
+        {"exp": exp - 7200},
+        {"dev": 5},
+        {"ims": "1"},
+        {"sub": ""},
+    ]
+    for change in changes:
         bad = {**good, **change}
         want = "token_expired" if change == {"exp": exp - 7200} else "auth_failed"
         assert code(jwt.encode(bad, key, algorithm="HS256")) == want, change
@@ -291,3 +303,39 @@ def test_token_checks_refuse_every_kind_of_bad_token() -> None:
     assert code(signed(b"[]", b"{}")) == "auth_failed"
     for junk in ("", "a.b", "a.b.c.d", "@@.@@.@@", f"{head}.{body}.", "x" * 5000, 42, None):
         assert code(junk) == "auth_failed", junk
+
+
+def test_hub_sweep_sees_every_session_once_a_full_round() -> None:
+    """The timer sweep: sessions still logging in and those with unacked pushes every
+    round; every other session once in FULL_SWEEP_EVERY rounds (its share), including
+    after others left; a session gone is swept no more."""
+    from collections import Counter
+
+    from tests.conftest import ManualClock
+    from tidings.gateway.hub import FULL_SWEEP_EVERY, Hub
+
+    ticks: Counter[object] = Counter()
+
+    class Fake:
+        def __init__(self, i: int) -> None:
+            self.uid, self.state, self.unacked_count = f"u{i % 7}", "ready", 0
+            self.rooms: set[str] = set()
+
+        def tick(self, now: float) -> None:
+            ticks[self] += 1
+
+    hub = Hub(ManualClock())
+    ready = [Fake(i) for i in range(60)]
+    for s in ready:
+        hub.register(s)  # type: ignore[arg-type]
+    pending, busy = Fake(100), ready[0]
+    hub.track(pending)  # type: ignore[arg-type]
+    busy.unacked_count = 3
+    hub.watch(busy)  # type: ignore[arg-type]
+    gone = ready[1]
+    hub.unregister(gone)  # type: ignore[arg-type]
+    for _ in range(2 * FULL_SWEEP_EVERY):
+        hub.sweep()
+    assert ticks[pending] == ticks[busy] == 2 * FULL_SWEEP_EVERY
+    assert ticks[gone] == 0
+    assert all(ticks[s] == 2 for s in ready[2:]), sorted(ticks[s] for s in ready[2:])

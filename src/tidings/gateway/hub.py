@@ -83,6 +83,8 @@ class Hub:
         self._revoked_at: dict[str, float] = {}
         self.pending: set[Session] = set()  # not yet authenticated
         self.busy: set[Session] = set()  # with pushes waiting for an ack (retransmit timers)
+        # The registered sessions in FULL_SWEEP_EVERY shares (by hash): a round sweeps one.
+        self._shares: list[set[Session]] = [set() for _ in range(FULL_SWEEP_EVERY)]
         self._sweeps = 0
         self._sweeper: asyncio.Task[None] | None = None
         self.pushes = 0
@@ -101,6 +103,7 @@ class Hub:
 
     def register(self, session: Session) -> None:
         self.pending.discard(session)
+        self._shares[hash(session) % FULL_SWEEP_EVERY].add(session)
         group = self.by_user.setdefault(session.uid, set())
         first = not group
         group.add(session)
@@ -145,6 +148,7 @@ class Hub:
         if session.rooms and self.rooms is not None:
             self.rooms.leave_all(session)
         self.pending.discard(session)
+        self._shares[hash(session) % FULL_SWEEP_EVERY].discard(session)
         group = self.by_user.get(session.uid)
         if group is not None and session in group:
             group.discard(session)
@@ -384,8 +388,7 @@ class Hub:
         token expiry), so each is seen about once a second and no round is long."""
         now = self.clock.monotonic()
         self._sweeps += 1
-        share = self.sessions()[self._sweeps % FULL_SWEEP_EVERY :: FULL_SWEEP_EVERY]
-        targets = {*self.pending, *self.busy, *share}
+        targets = {*self.pending, *self.busy, *self._shares[self._sweeps % FULL_SWEEP_EVERY]}
         self.busy = {s for s in self.busy if s.unacked_count and s.state == "ready"}
         for s in targets:
             try:
