@@ -254,10 +254,13 @@ async def test_token_revoked_while_its_login_is_checked(harness: Harness, monkey
     token = await harness.token("alice")
     other = await harness.token("alice", "d2")
 
-    async def slow(*args: Any) -> Any:
-        got = await original(*args)
-        await harness.server.accounts.revoke_token(token)  # meanwhile, a logout
-        return got
+    def slow(*args: Any) -> Any:
+        async def read() -> Any:
+            got = await original(*args)
+            await harness.server.accounts.revoke_token(token)  # meanwhile, a logout
+            return got
+
+        return asyncio.ensure_future(read())  # login_state gives a future
 
     real_auth_state = store.auth_state
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from typing import Any
@@ -320,11 +321,15 @@ async def test_sdk_reconnects_promptly_after_refused_hello(
     original = store.login_state
     calls = {"n": 0}
 
-    async def flaky(*args: Any) -> Any:
+    def flaky(*args: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 1:
-            raise TidingsError("unavailable", "database restarting", retry_after_ms=100)
-        return await original(*args)
+            failed: Any = asyncio.get_running_loop().create_future()
+            failed.set_exception(
+                TidingsError("unavailable", "database restarting", retry_after_ms=100)
+            )
+            return failed
+        return original(*args)
 
     monkeypatch.setattr(store, "login_state", flaky)
     t0 = time.monotonic()

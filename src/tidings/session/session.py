@@ -70,6 +70,7 @@ from tidings.protocol.frames import (
     Typing,
 )
 from tidings.protocol.frames import Settings as SettingsFrame
+from tidings.services.accounts import Claims
 from tidings.services.groups import GroupOp, info_out, profile_of
 from tidings.services.messaging import MAX_MENTIONS, conv_item, to_wire
 from tidings.session.context import Link, ServerContext
@@ -273,15 +274,43 @@ class Session:
             self.close(close.UNSUPPORTED_VERSION, "unsupported protocol version")
             return
         self.state = "auth"
-        self._spawn(f.id, self._authenticate(f), on_error=self._auth_failed)
-
-    async def _authenticate(self, f: Hello) -> None:
-        accounts = self.ctx.accounts
-        claims = accounts.unexpired(f.token)
+        try:
+            claims = self.ctx.accounts.unexpired(f.token)
+        except TidingsError as exc:
+            self._auth_failed(f.id, exc)
+            return
+        # The token's state and the user's watermark: one store read, answered through a
+        # callback (no task: this is every login's path).
         started = self.ctx.clock.monotonic()
-        state, wm = await self.ctx.store.login_state(claims.jti, claims.uid, claims.device)
-        accounts.check_state(claims, state)
-        if self.state != "auth":
+        try:
+            fut = self.ctx.store.login_state(claims.jti, claims.uid, claims.device)
+        except Exception:  # the store could not even start the read
+            log.exception("login read failed")
+            self._auth_failed(f.id, TidingsError("unavailable", "try again later"))
+            return
+        fut.add_done_callback(lambda fut: self._auth_read(f.id, claims, started, fut))
+
+    def _auth_read(
+        self,
+        rid: int,
+        claims: Claims,
+        started: float,
+        fut: asyncio.Future[tuple[AuthState, int]],
+    ) -> None:
+        if self.state != "auth" or fut.cancelled():  # closed while the read ran
+            return
+        exc = fut.exception()
+        if exc is None:
+            state, wm = fut.result()
+            try:
+                self.ctx.accounts.check_state(claims, state)
+            except TidingsError as err:
+                exc = err
+        if exc is not None:
+            if not isinstance(exc, TidingsError):
+                log.error("login read failed", exc_info=exc)
+                exc = TidingsError("internal", "request failed")
+            self._auth_failed(rid, exc)
             return
         self.uid = claims.uid
         self.device = claims.device
@@ -291,29 +320,36 @@ class Session:
         self.expires_ms = claims.expires_ms
         # Ready goes out before any push; whatever commits after the watermark was read
         # is either pushed (we are registered from here on) or found by the device's sync.
-        self._reply(Ready(f.id, self.uid, self.device, str(wm), self.session_id))
+        self._reply(Ready(rid, self.uid, self.device, str(wm), self.session_id))
         self.state = "ready"
         self.ready_ms = self.ctx.clock.now_ms()
-        self.ctx.registry.register(self)
-        again: AuthState | None = None
+        registry = self.ctx.registry
+        registry.register(self)
         # A revocation stored while the token was being checked was published before this
         # session was registered: look once more, now that later ones will reach us. A
-        # single node saw every revocation itself and asks the store only after one. On a
-        # cluster this node's route for the user reaches the shared registry a moment
-        # after `ready`; once it is in, one read gives the token's state and the user's
-        # watermark: a newer one than `ready`'s means a message committed elsewhere in
-        # that moment may not have been pushed here, and the device is told to sync.
+        # single node saw every revocation itself and asks the store only after one (on a
+        # cluster, always: see _recheck).
+        if registry.revoked_since(claims.uid, started):
+            self._spawn(rid, self._recheck(claims, wm), on_error=self._auth_failed)
+        else:
+            registry.announce(self)
+
+    async def _recheck(self, claims: Claims, wm: int) -> None:
+        """The second look at the token after ``ready``. On a cluster this node's route
+        for the user reaches the shared registry a moment after `ready`; once it is in,
+        one read gives the token's state and the user's watermark: a newer one than
+        `ready`'s means a message committed elsewhere in that moment may not have been
+        pushed here, and the device is told to sync."""
+        again: AuthState | None = None
         if await self.ctx.registry.routed():
             if self.state != "ready":
                 return
             again, later = await self.ctx.store.login_state(claims.jti, claims.uid, claims.device)
             if later > wm and self.state == "ready":
                 self._reply(Resync())
-        elif self.ctx.registry.revoked_since(claims.uid, started):
+        else:
             again = await self.ctx.store.auth_state(claims.jti, claims.uid, claims.device)
-        if again is not None and (
-            again.token_revoked or claims.issued_ms < again.device_revoked_before_ms
-        ):
+        if again.token_revoked or claims.issued_ms < again.device_revoked_before_ms:
             self.close(close.TOKEN_REVOKED, "token revoked")
             return
         if self.state == "ready":

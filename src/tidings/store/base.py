@@ -267,8 +267,9 @@ class Store(Protocol):
 
     async def auth_state(self, jti: str, uid: str, device: str) -> AuthState: ...
 
-    async def login_state(self, jti: str, uid: str, device: str) -> tuple[AuthState, int]:
-        """``auth_state`` and ``watermark(uid)`` in one read (what a login needs)."""
+    def login_state(self, jti: str, uid: str, device: str) -> asyncio.Future[tuple[AuthState, int]]:
+        """``auth_state`` and ``watermark(uid)`` in one read (what a login needs). A future
+        to await or to add a callback to: a login's hot path starts no task for it."""
         ...
 
     # -- read state

@@ -483,7 +483,11 @@ class PostgresStore(PgAppend, PgGroups):
 
         return await self._read(op)
 
-    async def login_state(self, jti: str, uid: str, device: str) -> tuple[AuthState, int]:
+    def login_state(self, jti: str, uid: str, device: str) -> asyncio.Future[tuple[AuthState, int]]:
+        assert self._loop is not None
+        return self._loop.create_task(self._login_state(jti, uid, device))
+
+    async def _login_state(self, jti: str, uid: str, device: str) -> tuple[AuthState, int]:
         async def op(db: Db) -> tuple[AuthState, int]:
             row = await db.one(
                 "SELECT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti=?), "

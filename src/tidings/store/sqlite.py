@@ -628,17 +628,21 @@ class SqliteStore(SqliteGroups):
         return conn
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` on a reader thread. Reads asked for in the same turn of the loop go
-        to the threads together (split over them), and come back with one wake-up per
-        thread: under load (a login storm, heartbeats) the hand-over to and from a
-        thread cost more than the small indexed reads themselves."""
+        return await self._read_soon(fn)
+
+    def _read_soon(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Run ``fn`` on a reader thread; its result in the future. Reads asked for in the
+        same turn of the loop go to the threads together (split over them), and come
+        back with one wake-up per thread: under load (a login storm, heartbeats) the
+        hand-over to and from a thread cost more than the small indexed reads
+        themselves."""
         assert self._loop is not None
         fut: asyncio.Future[T] = self._loop.create_future()
         self._reads.append((fn, fut))
         if not self._reads_scheduled:
             self._reads_scheduled = True
             self._loop.call_soon(self._submit_reads)
-        return await fut
+        return fut
 
     def _submit_reads(self) -> None:
         self._reads_scheduled = False
@@ -794,16 +798,18 @@ class SqliteStore(SqliteGroups):
     async def auth_state(self, jti: str, uid: str, device: str) -> AuthState:
         return await self._read(lambda conn: self._auth_state(conn, jti, uid, device))
 
-    async def login_state(self, jti: str, uid: str, device: str) -> tuple[AuthState, int]:
+    def login_state(self, jti: str, uid: str, device: str) -> asyncio.Future[tuple[AuthState, int]]:
         def op(conn: sqlite3.Connection) -> tuple[AuthState, int]:
-            (wm,) = conn.execute(
-                "SELECT max(c.last_mid) FROM members m JOIN conversations c ON c.id = m.conv "
-                "WHERE m.uid=?",
-                (uid,),
+            revoked, before, wm = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti=?), "
+                "(SELECT revoked_before FROM devices WHERE uid=? AND device=?), "
+                "(SELECT max(c.last_mid) FROM members m JOIN conversations c "
+                " ON c.id = m.conv WHERE m.uid=?)",
+                (jti, uid, device, uid),
             ).fetchone()
-            return self._auth_state(conn, jti, uid, device), int(wm or 0)
+            return AuthState(bool(revoked), int(before or 0)), int(wm or 0)
 
-        return await self._read(op)
+        return self._read_soon(op)
 
     # ------------------------------------------------------------------ read state
 
