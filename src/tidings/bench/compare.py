@@ -441,8 +441,11 @@ def report_markdown(
             f"{_fmt(c.get('heartbeat_cpu_us_per_ping'), '.0f')} | "
             f"{_fmt(c.get('restart_all_back_s'), '.1f')} s |",
         ]
+        wait = (c.get("settings") or {}).get("client_wait", "poll")
+        clients = "polling" if wait == "poll" else "sleeping in epoll_wait"
         parts += [
-            f"### Connections (`bench connections`, {z.connections:,} connections)",
+            f"### Connections (`bench connections`, {z.connections:,} connections; load "
+            f"generators {clients} while logging in: see `bench connections` below)",
             "\n".join(rows),
         ]
     if res.get("rooms"):
