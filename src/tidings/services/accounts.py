@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import re
 import secrets
@@ -100,6 +101,7 @@ class Accounts:
         self.clock = clock
         self._key = signing_key.encode()
         self._hs256_heads: set[str] = set()
+        self._signer = hmac.new(self._key, digestmod=hashlib.sha256)
         self._admin_key = admin_key.encode()
         self.token_ttl_s = token_ttl_s
         self.allow_registration = allow_registration
@@ -228,7 +230,9 @@ class Accounts:
                     raise ValueError("algorithm")
                 if len(self._hs256_heads) < MAX_HEADS_KEPT:
                     self._hs256_heads.add(head)
-            mac = hmac.digest(self._key, f"{head}.{body}".encode("ascii"), "sha256")
+            signer = self._signer.copy()  # the key's HMAC state, set up once
+            signer.update(f"{head}.{body}".encode("ascii"))
+            mac = signer.digest()
             # Compared in its canonical base64url form (RFC 7515: no padding).
             if not hmac.compare_digest(_b64url(mac), sig.encode("ascii")):
                 raise ValueError("signature")
