@@ -63,6 +63,7 @@ from tidings.store.rows import (
 )
 from tidings.store.sqlite_groups import SqliteGroups, not_member, read_target
 
+READS_PER_THREAD = 16  # reads of one turn of the loop handed to one reader thread
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -651,7 +652,9 @@ class SqliteStore(SqliteGroups):
             err = TidingsError("unavailable", "server is shutting down")
             self._resolve_reads([(fut, None, err) for _, fut in batch])
             return
-        n = min(self._readers_n, len(batch))
+        # A thread per READS_PER_THREAD reads at most: waking a second thread for a few
+        # small reads costs more than it saves.
+        n = min(self._readers_n, -(-len(batch) // READS_PER_THREAD))
         for i in range(n):
             self._read_q.put(batch[i::n])
 
