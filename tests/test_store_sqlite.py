@@ -164,3 +164,30 @@ async def test_a_reader_that_cannot_open_fails_its_reads(
     await store.close()
     with pytest.raises(TidingsError):
         await asyncio.wait_for(store.get_user("a"), 5)  # closed: refused, not hanging
+
+
+async def test_checkpointer_keeps_the_wal_bounded_and_rests_when_idle(tmp_path: Any) -> None:
+    """The checkpointer copies the WAL back after commits, makes it start over once it
+    passes wal_restart_bytes (the file stops growing), and runs no rounds while nothing
+    is committed."""
+    import os
+
+    path = str(tmp_path / "c.db")
+    store = SqliteStore(path, SystemClock(), checkpoint_interval_s=0.01, wal_restart_bytes=64 << 10)
+    await store.open()
+    store.set_worker_id(await store.lease_worker_id("test", 0, 10**12))
+    await with_users(store, "a", "b")
+    for i in range(300):  # separate commits, each a few WAL pages
+        await store.append_message(new_msg("a", "b", f"m{i}" + "x" * 500))
+        if i % 50 == 0:
+            await asyncio.sleep(0.03)
+    await asyncio.sleep(0.1)
+    assert store.wal_restarts > 0
+    assert os.path.getsize(path + "-wal") < 2 << 20  # 300 commits x >4 KB, without restarts
+    rounds = store.checkpoints
+    await asyncio.sleep(0.3)  # about 30 intervals with nothing committed
+    assert store.checkpoints == rounds
+    await store.append_message(new_msg("a", "b", "one more"))
+    await asyncio.sleep(0.1)
+    assert store.checkpoints == rounds + 1
+    await store.close()

@@ -148,6 +148,7 @@ class SqliteStore(SqliteGroups):
         self._wconn: sqlite3.Connection | None = None
         self._closed = False
         self.wal_restarts = 0
+        self.checkpoints = 0  # statistics: checkpoint rounds run
         self.batches = 0  # statistics: committed batches
         self.batched_ops = 0
         self.rows_written = 0  # statistics: rows inserted, updated or deleted by commits
@@ -596,7 +597,8 @@ class SqliteStore(SqliteGroups):
         return AppendResult(record(row), True)
 
     def _checkpoint_main(self) -> None:
-        """Backfill the WAL into the database often (PASSIVE: never blocks the writer).
+        """Backfill the WAL into the database often (PASSIVE: never blocks the writer),
+        in the rounds after a commit (an idle server does not checkpoint).
 
         Under steady load a passive checkpoint never lets the WAL start over, so it would
         grow without bound (and appending to an ever larger file costs the writer). Once
@@ -607,7 +609,12 @@ class SqliteStore(SqliteGroups):
         conn = _connect(self.path)
         try:
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            seen = -1  # the writer's batch count at the last round
             while not self._stop_checkpoint.wait(self.checkpoint_interval_s):
+                if self.batches == seen:  # nothing committed since: nothing to copy
+                    continue
+                seen = self.batches
+                self.checkpoints += 1
                 try:
                     _, wal_frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     if wal_frames * page_size > self.wal_restart_bytes:
