@@ -280,6 +280,66 @@ async def test_token_revoked_while_its_login_is_checked(harness: Harness, monkey
     assert reads["auth_state"] == 1
 
 
+@pytest.mark.parametrize("how", ["raises", "fails_later", "crashes_later"])
+async def test_login_read_failures_refuse_the_hello_and_close(
+    harness: Harness, monkeypatch: Any, how: str
+) -> None:
+    """The login's store read failing (at once, with the store's `unavailable`, or with
+    an unexpected error) answers the hello with an error and closes 1013 (try again
+    later); the next login, with the store back, works."""
+    from tidings.protocol.errors import TidingsError
+
+    store = harness.server.store
+    original = store.login_state
+    token = await harness.token("alice")
+
+    def broken(*args: Any) -> Any:
+        if how == "raises":
+            raise RuntimeError("the store could not start the read")
+        fut = asyncio.get_running_loop().create_future()
+        if how == "fails_later":
+            fut.set_exception(TidingsError("unavailable", "storage read failed"))
+        else:
+            fut.set_exception(RuntimeError("boom"))
+        return fut
+
+    monkeypatch.setattr(store, "login_state", broken)
+    raw = await Raw.ws(harness.ws_url)
+    err(await raw.login(token), "internal" if how == "crashes_later" else "unavailable", 1)
+    assert await raw.closed() == close.TRY_AGAIN_LATER
+    monkeypatch.setattr(store, "login_state", original)
+    again = await Raw.ws(harness.ws_url)
+    assert (await again.login(token))["t"] == "ready"
+
+
+async def test_client_gone_while_its_login_is_read(harness: Harness, monkeypatch: Any) -> None:
+    """A client that hangs up after its hello, before the login's read is back: the
+    late answer finds the session closed and neither registers it nor writes."""
+    store = harness.server.store
+    original = store.login_state
+    token = await harness.token("alice")
+    answered = asyncio.Event()
+
+    def slow(*args: Any) -> Any:
+        async def later() -> Any:
+            await asyncio.sleep(0.3)
+            try:
+                return await original(*args)
+            finally:
+                answered.set()
+
+        return asyncio.ensure_future(later())
+
+    monkeypatch.setattr(store, "login_state", slow)
+    raw = await Raw.ws(harness.ws_url)
+    await raw.send({"t": "hello", "v": 1, "token": token, "id": 1})
+    await asyncio.sleep(0.05)
+    await raw.close()
+    await asyncio.wait_for(answered.wait(), 5)
+    await asyncio.sleep(0.05)
+    assert harness.server.hub.online == 0 and not harness.server.hub.by_user
+
+
 async def test_forbidden_and_not_found(harness: Harness) -> None:
     """Reading someone else's conversation is `forbidden`; unknown users/convs `not_found`."""
     raw = await authed(harness)
