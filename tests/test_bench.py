@@ -326,3 +326,40 @@ def test_bench_compare_room_side_by_side_rewrites_the_docs(tmp_path: Path) -> No
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000
     proc = bench("compare", "--only", "nothing")
     assert proc.returncode != 0 and "--only" in proc.stderr
+
+
+def test_a_bench_killed_midway_leaves_no_server_behind(tmp_path: Path) -> None:
+    """The servers a bench starts die with it (SIGTERM on the bench's death): a bench
+    killed by a timeout must not leave a server busy on a core it pinned."""
+    import os
+    import signal
+    import time
+
+    script = (
+        "import sys, time\n"
+        "from tidings.bench.local import LocalServer\n"
+        f"s = LocalServer({{}}, [], data_dir={str(tmp_path / 'data')!r})\n"
+        "s.start()\n"
+        "print(s.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    bench_proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert bench_proc.stdout is not None
+    server_pid = int(bench_proc.stdout.readline())
+    os.kill(server_pid, 0)  # it is running
+    bench_proc.kill()
+    bench_proc.wait()
+
+    def running(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while running(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if running(server_pid):
+        os.kill(server_pid, signal.SIGKILL)
+        raise AssertionError("the server outlived the bench that started it")

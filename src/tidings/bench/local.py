@@ -19,6 +19,8 @@ from typing import IO, Any
 
 import aiohttp
 
+from tidings.bench.procs import child_setup
+
 HEALTH_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
 ADMIN_CONCURRENCY = 16
@@ -73,13 +75,7 @@ class LocalServer:
             self.argv += ["--set", f"{key}={value}"]
         self.log_path = os.path.join(self.data_dir, "server.log")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        cores = set(self.cores)
-
-        def pin() -> None:  # runs in the child before exec: every thread inherits it
-            if cores:
-                os.sched_setaffinity(0, cores)
-
-        self._pin = pin
+        self._pin = child_setup(self.cores)
         self._spawn()
 
     def _spawn(self) -> None:
@@ -230,14 +226,11 @@ class LocalRelay:
         return out
 
     def start(self, cores: list[int]) -> None:
-        mask = set(cores)
-
-        def pin() -> None:
-            if mask:
-                os.sched_setaffinity(0, mask)
-
         self.proc = subprocess.Popen(
-            self.argv, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, preexec_fn=pin
+            self.argv,
+            stdout=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=child_setup(cores),
         )
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
         while time.monotonic() < deadline:

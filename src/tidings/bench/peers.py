@@ -21,6 +21,8 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import IO, Any, Protocol
 
+from tidings.bench.procs import child_setup
+
 SETUP_HINT = "run scripts/bench-peers.sh first"
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
@@ -59,12 +61,6 @@ def start_pinned(
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` in its own process group, pinned to ``cores`` (every thread it
     makes inherits the mask), output to ``log`` (or nowhere)."""
-    mask = set(cores)
-
-    def pin() -> None:
-        if mask:
-            os.sched_setaffinity(0, mask)
-
     return subprocess.Popen(
         argv,
         cwd=cwd,
@@ -72,7 +68,7 @@ def start_pinned(
         stdin=subprocess.DEVNULL,
         stdout=log if log is not None else subprocess.DEVNULL,
         stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
-        preexec_fn=pin,
+        preexec_fn=child_setup(cores),
         start_new_session=True,
     )
 

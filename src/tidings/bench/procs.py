@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import multiprocessing
 import os
+import signal
 import time
 import traceback
 from collections.abc import Callable, Coroutine
@@ -19,6 +21,24 @@ from typing import Any
 
 Worker = tuple[multiprocessing.process.BaseProcess, Connection]
 WorkerMain = Callable[[Connection, dict[str, Any]], None]
+
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)  # loaded here: a child before exec only calls it
+
+
+def child_setup(cores: list[int] | set[int]) -> Callable[[], None]:
+    """A ``preexec_fn`` for a server a bench starts: pinned to ``cores`` (every thread it
+    makes inherits the mask; none: as it is), and sent SIGTERM when the bench that
+    started it dies, so a bench killed midway leaves no server busy on a core."""
+    mask = set(cores)
+
+    def setup() -> None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if mask:
+            os.sched_setaffinity(0, mask)
+
+    return setup
 
 
 def spawn(target: WorkerMain, cfg: dict[str, Any]) -> Worker:
