@@ -312,9 +312,17 @@ async def test_login_read_failures_refuse_the_hello_and_close(
     assert (await again.login(token))["t"] == "ready"
 
 
-async def test_client_gone_while_its_login_is_read(harness: Harness, monkeypatch: Any) -> None:
+@pytest.mark.parametrize("read", ["answers", "fails"])
+async def test_client_gone_while_its_login_is_read(
+    harness: Harness, monkeypatch: Any, caplog: Any, read: str
+) -> None:
     """A client that hangs up after its hello, before the login's read is back: the
-    late answer finds the session closed and neither registers it nor writes."""
+    late answer finds the session closed and neither registers it nor writes; a late
+    failure is taken (no "exception was never retrieved" from asyncio)."""
+    import gc
+
+    from tidings.protocol.errors import TidingsError
+
     store = harness.server.store
     original = store.login_state
     token = await harness.token("alice")
@@ -324,6 +332,8 @@ async def test_client_gone_while_its_login_is_read(harness: Harness, monkeypatch
         async def later() -> Any:
             await asyncio.sleep(0.3)
             try:
+                if read == "fails":
+                    raise TidingsError("unavailable", "storage read failed")
                 return await original(*args)
             finally:
                 answered.set()
@@ -338,6 +348,28 @@ async def test_client_gone_while_its_login_is_read(harness: Harness, monkeypatch
     await asyncio.wait_for(answered.wait(), 5)
     await asyncio.sleep(0.05)
     assert harness.server.hub.online == 0 and not harness.server.hub.by_user
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_a_failure_after_the_login_read_ends_the_login(
+    harness: Harness, monkeypatch: Any
+) -> None:
+    """Something failing after the login's read (here the hub's announce) closes the
+    connection with 1013 and an error, as any failed login does; it is not left open
+    half admitted."""
+    hub = harness.server.hub
+
+    def broken(session: Any) -> None:
+        raise RuntimeError("announce failed")
+
+    monkeypatch.setattr(hub, "announce", broken)
+    token = await harness.token("alice")
+    raw = await Raw.ws(harness.ws_url)
+    assert (await raw.login(token))["t"] == "ready"
+    err(await raw.recv(), "internal", 1)
+    assert await raw.closed() == close.TRY_AGAIN_LATER
+    assert hub.online == 0
 
 
 async def test_forbidden_and_not_found(harness: Harness) -> None:

@@ -258,10 +258,13 @@ def test_token_checks_refuse_every_kind_of_bad_token() -> None:
     claims = accounts.decode(token)
     assert (claims.uid, claims.device, claims.expires_ms) == ("alice", "d", exp * 1000)
 
-    def code(tok: object) -> str:
+    def code_of(acc: Accounts, tok: object) -> str:
         with pytest.raises(TidingsError) as err:
-            accounts.decode(tok)  # type: ignore[arg-type]
+            acc.decode(tok)  # type: ignore[arg-type]
         return err.value.code
+
+    def code(tok: object) -> str:
+        return code_of(accounts, tok)
 
     head, body, sig = token.split(".")
     flipped = body[:-2] + ("A" if body[-2] != "A" else "B") + body[-1]
@@ -298,6 +301,22 @@ def test_token_checks_refuse_every_kind_of_bad_token() -> None:
         mac = hmac.new(key.encode(), ".".join(enc).encode(), hashlib.sha256).digest()
         return ".".join([*enc, base64.urlsafe_b64encode(mac).rstrip(b"=").decode()])
 
+    # Headers are remembered only from valid tokens: forged ones cannot fill the cache.
+    fresh = Accounts(
+        None,  # type: ignore[arg-type]
+        MemoryBus(),
+        SystemClock(),
+        key,
+        "admin",
+        token_ttl_s=3600,
+        allow_registration=False,
+    )
+    for i in range(40):
+        forged_head = base64.urlsafe_b64encode(b'{"alg":"HS256","n":%d}' % i).rstrip(b"=")
+        assert code_of(fresh, f"{forged_head.decode()}.{body}.{sig}") == "auth_failed"
+    assert not fresh._hs256_heads
+    fresh.decode(token)
+    assert fresh._hs256_heads == {head}
     assert code(signed(b'{"alg":"HS256"}', b'["not","an","object"]')) == "auth_failed"
     assert code(signed(b'{"alg":"HS256"}', b"not json")) == "auth_failed"
     assert code(signed(b"[]", b"{}")) == "auth_failed"
@@ -309,16 +328,19 @@ def test_hub_sweep_sees_every_session_once_a_full_round() -> None:
     """The timer sweep: sessions still logging in and those with unacked pushes every
     round; every other session once in FULL_SWEEP_EVERY rounds (its share), including
     after others left; a session gone is swept no more."""
+    import secrets
     from collections import Counter
 
     from tests.conftest import ManualClock
     from tidings.gateway.hub import FULL_SWEEP_EVERY, Hub
+    from tidings.session.session import Session
 
     ticks: Counter[object] = Counter()
 
     class Fake:
         def __init__(self, i: int) -> None:
             self.uid, self.state, self.unacked_count = f"u{i % 7}", "ready", 0
+            self.session_id = secrets.token_hex(8)
             self.rooms: set[str] = set()
 
         def tick(self, now: float) -> None:
@@ -339,3 +361,13 @@ def test_hub_sweep_sees_every_session_once_a_full_round() -> None:
     assert ticks[pending] == ticks[busy] == 2 * FULL_SWEEP_EVERY
     assert ticks[gone] == 0
     assert all(ticks[s] == 2 for s in ready[2:]), sorted(ticks[s] for s in ready[2:])
+    # The shares are even (each round sees about a quarter), real sessions included:
+    # an object's own hash would put every Session in the same share.
+    sizes = sorted(len(share) for share in hub._shares)
+    assert sizes[0] >= 5, sizes
+    real = Hub(ManualClock())
+    for i in range(400):
+        s = Session.__new__(Session)
+        s.uid, s.rooms, s.session_id = f"r{i}", set(), secrets.token_hex(8)
+        real.register(s)
+    assert min(len(share) for share in real._shares) >= 60, [len(x) for x in real._shares]

@@ -27,14 +27,20 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)  # loaded here: a child before exec only calls it
 
 
-def child_setup(cores: list[int] | set[int]) -> Callable[[], None]:
-    """A ``preexec_fn`` for a server a bench starts: pinned to ``cores`` (every thread it
-    makes inherits the mask; none: as it is), and sent SIGTERM when the bench that
-    started it dies, so a bench killed midway leaves no server busy on a core."""
+def child_setup(cores: list[int] | set[int], sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A ``preexec_fn`` for a server a bench or a test starts: pinned to ``cores`` (every
+    thread it makes inherits the mask; none: as it is), and sent ``sig`` when the process
+    that started it dies, so one killed midway leaves no server busy on a core. The
+    signal comes when the *thread* that started the child exits: call it from the main
+    thread."""
     mask = set(cores)
+    parent = os.getpid()
 
     def setup() -> None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        with contextlib.suppress(OSError, AttributeError):
+            _libc.prctl(_PR_SET_PDEATHSIG, sig)
+        if os.getppid() != parent:  # the parent died before the line above
+            os.kill(os.getpid(), sig)
         if mask:
             os.sched_setaffinity(0, mask)
 

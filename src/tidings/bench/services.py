@@ -9,8 +9,6 @@ the cluster is made and run as the ``postgres`` system user the package creates.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import glob
 import os
 import shutil
@@ -19,19 +17,10 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
-
-def _die_with_parent(sig: int) -> Callable[[], None]:
-    """A preexec_fn: the child gets ``sig`` when the process that started it dies (a
-    test run killed by a timeout leaves no server behind)."""
-
-    def arm() -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
-
-    return arm
+from tidings.bench.procs import child_setup
 
 
 def free_port() -> int:
@@ -143,7 +132,7 @@ class Postgres:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent(signal.SIGTERM),  # runuser passes it on
+            preexec_fn=child_setup([], signal.SIGTERM),  # runuser passes it on
         )
         _wait_port(self.port, self.proc, "postgres")
         # Accepting TCP comes a moment before accepting sessions.
@@ -242,7 +231,7 @@ class Redis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent(signal.SIGKILL),
+            preexec_fn=child_setup([], signal.SIGKILL),
         )
         _wait_port(self.port, self.proc, "redis-server")
 

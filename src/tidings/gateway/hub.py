@@ -54,6 +54,10 @@ RESYNC_CHUNK = 100  # resync hints written at once
 LAST_PRESENCE_S = 2.0  # on stop, how long the last presence changes may take
 
 
+def _share(session: Session) -> int:
+    return hash(session.session_id) % FULL_SWEEP_EVERY
+
+
 class Hub:
     def __init__(
         self,
@@ -83,7 +87,8 @@ class Hub:
         self._revoked_at: dict[str, float] = {}
         self.pending: set[Session] = set()  # not yet authenticated
         self.busy: set[Session] = set()  # with pushes waiting for an ack (retransmit timers)
-        # The registered sessions in FULL_SWEEP_EVERY shares (by hash): a round sweeps one.
+        # The registered sessions in FULL_SWEEP_EVERY shares (by their random session id:
+        # an object's own hash is its address, the same modulo 4 for every Session).
         self._shares: list[set[Session]] = [set() for _ in range(FULL_SWEEP_EVERY)]
         self._sweeps = 0
         self._sweeper: asyncio.Task[None] | None = None
@@ -103,7 +108,7 @@ class Hub:
 
     def register(self, session: Session) -> None:
         self.pending.discard(session)
-        self._shares[hash(session) % FULL_SWEEP_EVERY].add(session)
+        self._shares[_share(session)].add(session)
         group = self.by_user.setdefault(session.uid, set())
         first = not group
         group.add(session)
@@ -148,7 +153,7 @@ class Hub:
         if session.rooms and self.rooms is not None:
             self.rooms.leave_all(session)
         self.pending.discard(session)
-        self._shares[hash(session) % FULL_SWEEP_EVERY].discard(session)
+        self._shares[_share(session)].discard(session)
         group = self.by_user.get(session.uid)
         if group is not None and session in group:
             group.discard(session)

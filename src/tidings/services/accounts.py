@@ -60,7 +60,7 @@ class _Body(msgspec.Struct):
 
 
 _claims = msgspec.json.Decoder(_Body).decode
-MAX_HEADS_KEPT = 16  # header segments already found to name HS256
+MAX_HEADS_KEPT = 16  # header segments of valid tokens already found to name HS256
 
 
 MAX_PASSWORD_BYTES = 1024
@@ -215,8 +215,8 @@ class Accounts:
         the tokens, took ~100 µs to check one): the header must name HS256, the
         signature must match in constant time (in its canonical base64url form), the
         claims must be a JSON object with `iss` = "tidings", integer `exp` in the future
-        and `ims`, and strings `sub`, `jti`, `dev`, `plat`. A header segment once found
-        to name HS256 is remembered (every token this server issues has the same one)."""
+        and `ims`, and strings `sub`, `jti`, `dev`, `plat`. The header segment of a
+        valid token is remembered (every token this server issues has the same one)."""
         if not isinstance(token, str) or len(token) > 4096:
             raise TidingsError("auth_failed", "malformed token")
         parts = token.split(".")
@@ -224,18 +224,17 @@ class Accounts:
             raise TidingsError("auth_failed", "invalid token")
         head, body, sig = parts
         try:
-            if head not in self._hs256_heads:
-                header = _segment(head)
-                if header.get("alg") != ALGORITHM:
-                    raise ValueError("algorithm")
-                if len(self._hs256_heads) < MAX_HEADS_KEPT:
-                    self._hs256_heads.add(head)
+            known = head in self._hs256_heads
+            if not known and _segment(head).get("alg") != ALGORITHM:
+                raise ValueError("algorithm")
             signer = self._signer.copy()  # the key's HMAC state, set up once
             signer.update(f"{head}.{body}".encode("ascii"))
             mac = signer.digest()
             # Compared in its canonical base64url form (RFC 7515: no padding).
             if not hmac.compare_digest(_b64url(mac), sig.encode("ascii")):
                 raise ValueError("signature")
+            if not known and len(self._hs256_heads) < MAX_HEADS_KEPT:
+                self._hs256_heads.add(head)  # only a signed header: none filled by others
             data = _claims(_b64(body))
         except (ValueError, UnicodeError, msgspec.DecodeError):
             raise TidingsError("auth_failed", "invalid token") from None

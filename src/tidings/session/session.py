@@ -284,11 +284,10 @@ class Session:
         started = self.ctx.clock.monotonic()
         try:
             fut = self.ctx.store.login_state(claims.jti, claims.uid, claims.device)
+            fut.add_done_callback(lambda fut: self._auth_read(f.id, claims, started, fut))
         except Exception:  # the store could not even start the read
             log.exception("login read failed")
             self._auth_failed(f.id, TidingsError("unavailable", "try again later"))
-            return
-        fut.add_done_callback(lambda fut: self._auth_read(f.id, claims, started, fut))
 
     def _auth_read(
         self,
@@ -297,9 +296,27 @@ class Session:
         started: float,
         fut: asyncio.Future[tuple[AuthState, int]],
     ) -> None:
-        if self.state != "auth" or fut.cancelled():  # closed while the read ran
+        """The login read's callback: errors here would only reach the loop's handler, so
+        they end the login (1013) instead."""
+        try:
+            self._auth_checked(rid, claims, started, fut)
+        except Exception:
+            log.exception("login failed")
+            if self.state != "closed":
+                self._auth_failed(rid, TidingsError("internal", "login failed"))
+
+    def _auth_checked(
+        self,
+        rid: int,
+        claims: Claims,
+        started: float,
+        fut: asyncio.Future[tuple[AuthState, int]],
+    ) -> None:
+        if fut.cancelled():
             return
-        exc = fut.exception()
+        exc = fut.exception()  # retrieved even if nobody waits any more (no warning)
+        if self.state != "auth":  # closed while the read ran
+            return
         if exc is None:
             state, wm = fut.result()
             try:
@@ -321,6 +338,8 @@ class Session:
         # Ready goes out before any push; whatever commits after the watermark was read
         # is either pushed (we are registered from here on) or found by the device's sync.
         self._reply(Ready(rid, self.uid, self.device, str(wm), self.session_id))
+        if self.state == "closed":  # the reply overflowed its send buffer
+            return
         self.state = "ready"
         self.ready_ms = self.ctx.clock.now_ms()
         registry = self.ctx.registry
