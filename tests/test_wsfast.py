@@ -144,6 +144,24 @@ async def test_upgrade_and_a_login_over_raw_bytes(harness: Harness) -> None:
     wire.close()
 
 
+async def test_a_character_split_between_fragments_is_whole_again(harness: Harness) -> None:
+    """UTF-8 is checked on the whole text message: fragments may cut a character."""
+    await harness.user("alice")
+    await harness.user("bob")
+    token = await harness.token("alice")
+    wire, _ = await Wire.open(harness)
+    assert (await wire.json())["t"] == "hello"
+    wire.w.write(masked(msgspec.json.encode({"t": "hello", "v": 1, "token": token, "id": 1})))
+    assert (await wire.json())["t"] == "ready"
+    send = {"t": "send", "id": 2, "to": "bob", "cid": "c1", "body": {"text": "é!"}}
+    body = msgspec.json.encode(send)
+    cut = body.index("é".encode()) + 1  # between the character's two bytes
+    wire.w.write(masked(body[:cut], fin=False) + masked(body[cut:], op=0x0))
+    sent = await wire.json()
+    assert sent["t"] == "sent" and sent["id"] == 2, sent
+    wire.close()
+
+
 async def test_a_frame_right_behind_the_head_is_read(harness: Harness) -> None:
     await harness.user("bob")
     token = await harness.token("bob")
@@ -165,6 +183,8 @@ async def test_a_frame_right_behind_the_head_is_read(harness: Harness) -> None:
         (masked(b"x", op=0x0), close.PROTOCOL_ERROR),  # continuation with no start
         (masked(b"x", op=0x3), close.PROTOCOL_ERROR),  # reserved opcode
         (masked(b"\x81", op=0x2), close.UNSUPPORTED_DATA),  # binary on the json protocol
+        (masked(b'{"t":"ping","id":1,"x":"\xff"}'), close.INVALID_DATA),  # not UTF-8
+        (masked(b'{"t":"pi', fin=False) + masked(b'ng\xc3"}', op=0x0), close.INVALID_DATA),
     ],
 )
 async def test_protocol_violations_close_with_their_codes(
@@ -301,4 +321,18 @@ async def test_close_codes_echoed_and_a_failed_connection_still_says_why(
     got = await wire.until(0x8)
     assert int.from_bytes(got[:2], "big") == close.TOO_BIG
     assert await asyncio.wait_for(wire.r.read(), 5) == b""  # no pongs: then the end
+    wire.close()
+
+
+async def test_aiohttp_path_closes_on_text_that_is_not_utf8(harness: Harness) -> None:
+    """An upgrade handed to aiohttp (here: a repeated header) is served by its handler,
+    which keeps the same rule: a text message that is not UTF-8 closes with 1007."""
+    data = head().replace(b"\r\n\r\n", b"\r\nX-Dup: 1\r\nX-Dup: 2\r\n\r\n")
+    wire, answer = await Wire.open(harness, data)
+    assert answer.startswith(b"HTTP/1.1 101 ")
+    assert b"aiohttp" in answer  # its Server header: not the hand-written gateway's 101
+    assert (await wire.json())["t"] == "hello"
+    wire.w.write(masked(b'{"t":"ping","id":1,"x":"\xff"}'))
+    got = await wire.until(0x8)
+    assert int.from_bytes(got[:2], "big") == close.INVALID_DATA, got
     wire.close()

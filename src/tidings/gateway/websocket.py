@@ -65,6 +65,15 @@ class WsLink(BoundedWriter):
             )
 
 
+def is_utf8(data: bytes) -> bool:
+    """Whether a WebSocket text message is valid UTF-8 (RFC 6455: else close 1007)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def origin_permitted(origin: str | None, host: str, allowed: list[str]) -> bool:
     """No Origin (non-browser clients) passes; a browser Origin must be the server's own
     host or be on the configured list ("*" allows all)."""
@@ -115,7 +124,11 @@ def make_handler(ctx: ServerContext) -> Any:
                         session.close(close.UNSUPPORTED_DATA, "text frame on msgpack protocol")
                         break
                     data = msg.data
-                    session.on_frame(data if isinstance(data, bytes) else data.encode())
+                    data = data if isinstance(data, bytes) else data.encode()
+                    if not is_utf8(data):
+                        session.close(close.INVALID_DATA, "text message is not UTF-8")
+                        break
+                    session.on_frame(data)
                 elif msg.type is WSMsgType.BINARY:
                     if not codec.binary:
                         session.close(close.UNSUPPORTED_DATA, "binary frame on json protocol")

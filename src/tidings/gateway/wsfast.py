@@ -24,7 +24,12 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from tidings.gateway.bounded import BoundedWriter
-from tidings.gateway.websocket import SUBPROTOCOL_MSGPACK, SUBPROTOCOLS, origin_permitted
+from tidings.gateway.websocket import (
+    SUBPROTOCOL_MSGPACK,
+    SUBPROTOCOLS,
+    is_utf8,
+    origin_permitted,
+)
 from tidings.protocol import close
 from tidings.protocol.codec import CODECS, JSON, MSGPACK, Codec
 from tidings.protocol.framing import WS_BINARY, WS_TEXT, ws_frame
@@ -355,6 +360,9 @@ class WsConn(BoundedWriter, asyncio.Protocol):
         if (op == WS_BINARY) != self.codec.binary:
             kind = "binary frame on json" if op == WS_BINARY else "text frame on msgpack"
             self._fail(close.UNSUPPORTED_DATA, f"{kind} protocol")
+            return False
+        if op == WS_TEXT and not is_utf8(payload):  # checked on the whole message
+            self._fail(close.INVALID_DATA, "text message is not UTF-8")
             return False
         session.on_frame(payload)
         return self.transport is not None

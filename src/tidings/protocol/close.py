@@ -6,6 +6,7 @@ NORMAL = 1000
 GOING_AWAY = 1001  # server shutting down: reconnect (to another node) and sync
 PROTOCOL_ERROR = 1002  # reserved; a bad TCP preface is dropped without any answer
 UNSUPPORTED_DATA = 1003  # a text frame on the msgpack subprotocol or vice versa
+INVALID_DATA = 1007  # a WebSocket text message that is not UTF-8
 TOO_BIG = 1009  # a frame over the limit, refused on its length before buffering
 INTERNAL = 1011
 TRY_AGAIN_LATER = 1013  # server overloaded: reconnect with backoff
@@ -25,6 +26,7 @@ MEANINGS: dict[int, str] = {
     GOING_AWAY: "server going away",
     PROTOCOL_ERROR: "protocol error",
     UNSUPPORTED_DATA: "unsupported data",
+    INVALID_DATA: "invalid data",
     TOO_BIG: "frame too large",
     INTERNAL: "internal error",
     TRY_AGAIN_LATER: "try again later",
