@@ -235,15 +235,19 @@ def test_token_checks_refuse_every_kind_of_bad_token() -> None:
     from tidings.services.accounts import Accounts
 
     key = "k" * 64
-    accounts = Accounts(
-        None,  # type: ignore[arg-type]  # decoding reads no store
-        MemoryBus(),
-        SystemClock(),
-        key,
-        "admin",
-        token_ttl_s=3600,
-        allow_registration=False,
-    )
+
+    def make_accounts() -> Accounts:
+        return Accounts(
+            None,  # type: ignore[arg-type]  # decoding reads no store
+            MemoryBus(),
+            SystemClock(),
+            key,
+            "admin",
+            token_ttl_s=3600,
+            allow_registration=False,
+        )
+
+    accounts = make_accounts()
     exp = int(SystemClock().now_ms() / 1000) + 3600
     good = {
         "iss": "tidings",
@@ -302,15 +306,7 @@ def test_token_checks_refuse_every_kind_of_bad_token() -> None:
         return ".".join([*enc, base64.urlsafe_b64encode(mac).rstrip(b"=").decode()])
 
     # Headers are remembered only from valid tokens: forged ones cannot fill the cache.
-    fresh = Accounts(
-        None,  # type: ignore[arg-type]
-        MemoryBus(),
-        SystemClock(),
-        key,
-        "admin",
-        token_ttl_s=3600,
-        allow_registration=False,
-    )
+    fresh = make_accounts()
     for i in range(40):
         forged_head = base64.urlsafe_b64encode(b'{"alg":"HS256","n":%d}' % i).rstrip(b"=")
         assert code_of(fresh, f"{forged_head.decode()}.{body}.{sig}") == "auth_failed"

@@ -296,39 +296,27 @@ class Session:
         started: float,
         fut: asyncio.Future[tuple[AuthState, int]],
     ) -> None:
-        """The login read's callback: errors here would only reach the loop's handler, so
-        they end the login (1013) instead."""
-        try:
-            self._auth_checked(rid, claims, started, fut)
-        except Exception:
-            log.exception("login failed")
-            if self.state != "closed":
-                self._auth_failed(rid, TidingsError("internal", "login failed"))
-
-    def _auth_checked(
-        self,
-        rid: int,
-        claims: Claims,
-        started: float,
-        fut: asyncio.Future[tuple[AuthState, int]],
-    ) -> None:
+        """The login read's callback. An error raised here would only reach the loop's
+        handler, so any failure ends the login (an error, then 1013 or 4002) instead."""
         if fut.cancelled():
             return
         exc = fut.exception()  # retrieved even if nobody waits any more (no warning)
         if self.state != "auth":  # closed while the read ran
             return
-        if exc is None:
+        try:
+            if exc is not None:
+                raise exc
             state, wm = fut.result()
-            try:
-                self.ctx.accounts.check_state(claims, state)
-            except TidingsError as err:
-                exc = err
-        if exc is not None:
-            if not isinstance(exc, TidingsError):
-                log.error("login read failed", exc_info=exc)
-                exc = TidingsError("internal", "request failed")
-            self._auth_failed(rid, exc)
-            return
+            self.ctx.accounts.check_state(claims, state)
+            self._admit(rid, claims, started, wm)
+        except TidingsError as err:
+            self._auth_failed(rid, err)
+        except Exception:
+            log.exception("login failed")
+            self._auth_failed(rid, TidingsError("internal", "login failed"))
+
+    def _admit(self, rid: int, claims: Claims, started: float, wm: int) -> None:
+        """The token is good: `ready`, then the session is registered."""
         self.uid = claims.uid
         self.device = claims.device
         self.platform = claims.platform
