@@ -106,6 +106,27 @@ class Viewer:
         self.dropped = 0  # chat posts the server sampled away (timed viewers)
 
 
+def join_figures(
+    ready: list[dict[str, Any]], join_s: float, rss_kb: tuple[int | None, int | None, int | None]
+) -> dict[str, Any]:
+    """The join phase of a room run, from the viewer processes' "ready" answers and the
+    server's RSS (before the join, joined, at the end): the same report fields for
+    Tidings and for every peer."""
+    before, joined, end = rss_kb
+    connected = sum(r["connected"] for r in ready)
+    out: dict[str, Any] = {
+        "connected": connected,
+        "failed_connections": sum(r["failed"] for r in ready),
+        "failures": [w for r in ready for w in r["why"]][:5],
+        "join_s": round(join_s, 2),
+        "joins_per_s": round(connected / join_s, 1) if join_s else None,
+        "server_rss_kb": {"before_join": before, "joined": joined, "end": end},
+    }
+    if before and joined and connected:
+        out["server_kb_per_connection"] = round((joined - before) / connected, 2)
+    return out
+
+
 def _setup(cfg: dict[str, Any], why: list[str]) -> tuple[list[Viewer], int, float]:
     """Connect, authenticate and (rooms) join, a batch at a time; the first reasons of
     failures go to ``why``."""

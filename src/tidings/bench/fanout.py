@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 
 from tidings.bench.direct import bounded
-from tidings.bench.fanload import senders_main, viewers_main
+from tidings.bench.fanload import join_figures, senders_main, viewers_main
 from tidings.bench.hist import Histogram
 from tidings.bench.local import LOOPBACK, LocalServer, create_users
 from tidings.bench.observe import code_info, machine_info, proc_cpu_s
@@ -306,17 +306,7 @@ def run(plan: Plan) -> dict[str, Any]:
         stop_workers(workers, kill=False)
         code = server.stop()
     report["server_exit_code"] = code
-    connected = sum(r["connected"] for r in ready)
-    report.update(
-        connected=connected,
-        failed_connections=sum(r["failed"] for r in ready),
-        failures=[w for r in ready for w in r["why"]][:5],
-        join_s=round(join_s, 2),
-        joins_per_s=round(connected / join_s, 1) if join_s else None,
-        server_rss_kb={"before_join": rss_before, "joined": rss_joined, "end": rss_end},
-    )
-    if rss_before and rss_joined and connected:
-        report["server_kb_per_connection"] = round((rss_joined - rss_before) / connected, 2)
+    report.update(join_figures(ready, join_s, (rss_before, rss_joined, rss_end)))
     _figures(plan, report, results, sent, cpu0, cpu1, flash)
     if cpu0 and cpu2 and report["delivered"]:
         # A server that fell behind pays for its backlog after the posting period: this

@@ -48,6 +48,7 @@ from multiprocessing.connection import Connection
 from types import TracebackType
 from typing import IO, Any, cast
 
+from tidings.bench.fanload import join_figures
 from tidings.bench.hist import Histogram
 from tidings.bench.observe import machine_cpu_s, proc_cpu_s
 from tidings.bench.peers import (
@@ -637,15 +638,7 @@ class _Recipient(_Conn):
                 stats.delivered += 1
                 if seq < top:
                     stats.reordered += 1
-                if ws_us <= at < we_us:
-                    stats.e2e.record(now_us - at)
-                if in_window:
-                    stats.delivered_in_window += 1
-                    second = (now_us - ws_us) // 1_000_000
-                    if second < len(stats.per_second):
-                        stats.per_second[second] += 1
-                        if now_us - at > stats.per_second_max_us[second]:
-                            stats.per_second_max_us[second] = now_us - at
+                stats.timed(now_us, at, ws_us, we_us, in_window)
                 if seq > top:
                     top = seq
             else:
@@ -1450,19 +1443,8 @@ def run_room(
     finally:
         stop_workers(workers)
         peer.stop()
-    connected = sum(r["connected"] for r in ready)
-    report.update(
-        connected=connected,
-        failed_connections=sum(r["failed"] for r in ready),
-        failures=[w for r in ready for w in r["why"]][:5],
-        join_s=round(join_s, 2),
-        joins_per_s=round(connected / join_s, 1) if join_s else None,
-        server_rss_kb={"before_join": rss_before, "joined": rss_joined, "end": rss_end},
-        server_exit_code=peer.exit_code,
-        broker_log=peer.last_log.splitlines()[-5:],
-    )
-    if rss_before and rss_joined and connected:
-        report["server_kb_per_connection"] = round((rss_joined - rss_before) / connected, 2)
+    report.update(join_figures(ready, join_s, (rss_before, rss_joined, rss_end)))
+    report.update(server_exit_code=peer.exit_code, broker_log=peer.last_log.splitlines()[-5:])
     _room_figures(report, results, sent, cpu0, cpu1, duration, qos)
     # An overloaded broker goes on delivering after the posting: its CPU until the
     # viewers had everything, and the deliveries over that span.

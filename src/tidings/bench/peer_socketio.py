@@ -47,7 +47,7 @@ from typing import IO, Any, NamedTuple
 
 import msgspec
 
-from tidings.bench.fanload import SO_TIMESTAMPNS, recv_stamped
+from tidings.bench.fanload import SO_TIMESTAMPNS, join_figures, recv_stamped
 from tidings.bench.hist import Histogram
 from tidings.bench.observe import machine_cpu_s, proc_cpu_s
 from tidings.bench.peers import http_ok, peer_python, start_pinned, stop_group, wait_ready
@@ -803,30 +803,15 @@ def _run(
         code = stop_group(server)
         log.seek(0)
         server_log = log.read()[-2000:].decode(errors="replace")
-    connected = sum(r["connected"] for r in ready)
-    report.update(
-        connected=connected,
-        failed_connections=sum(r["failed"] for r in ready),
-        failures=[w for r in ready for w in r["why"]][:5],
-        join_s=round(join_s, 2),
-        joins_per_s=round(connected / join_s, 1) if join_s else None,
-        server_rss_kb={
-            "before_join": rss_before,
-            "joined": rss_joined,
-            "end": rss_end,
-            "peak": watch.peak_kb or None,
-        },
-        server_exit_code=code,
-        aborted=watch.aborted,
-    )
+    report.update(join_figures(ready, join_s, (rss_before, rss_joined, rss_end)))
+    report["server_rss_kb"]["peak"] = watch.peak_kb or None
+    report.update(server_exit_code=code, aborted=watch.aborted)
     if machine0 and machine1:
         # Everything the machine ran meanwhile (all CPUs, %: 100 = one CPU busy): a
         # run on a machine busy with other work shows it here.
         span = duration + 0.5
         report["machine_busy_pct"] = round(100 * (machine1[0] - machine0[0]) / span, 1)
         report["machine_steal_pct"] = round(100 * (machine1[1] - machine0[1]) / span, 1)
-    if rss_before and rss_joined and connected:
-        report["server_kb_per_connection"] = round((rss_joined - rss_before) / connected, 2)
     if watch.aborted or code not in (0, None, -15):
         report["server_log_tail"] = server_log
     _figures(report, results, posted["sent"], sent, start_wall, cpu0, cpu_window, cpu_end)

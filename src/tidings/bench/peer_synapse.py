@@ -549,15 +549,7 @@ class _Gen:
                 p.top_n = n
             at = content.get("at")
             if type(at) is int:
-                if ws_us <= at < we_us:
-                    stats.e2e.record(now_us - at)
-                if in_window:
-                    stats.delivered_in_window += 1
-                    second = (now_us - ws_us) // 1_000_000
-                    if second < len(stats.per_second):
-                        stats.per_second[second] += 1
-                        if now_us - at > stats.per_second_max_us[second]:
-                            stats.per_second_max_us[second] = now_us - at
+                stats.timed(now_us, at, ws_us, we_us, in_window)
 
     # -------------------------------------------------------------- sender
 

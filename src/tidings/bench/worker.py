@@ -65,6 +65,20 @@ class Stats:
     per_second: list[int] = field(default_factory=list)  # deliveries per window second
     per_second_max_us: list[int] = field(default_factory=list)  # worst latency per second
 
+    def timed(self, now_us: int, at: int, ws_us: int, we_us: int, in_window: bool) -> None:
+        """A first receipt, at ``now_us``, of a message scheduled at ``at`` (µs): its
+        latency if it was scheduled inside the window [``ws_us``, ``we_us``), and the
+        window's counts if it came inside it."""
+        if ws_us <= at < we_us:
+            self.e2e.record(now_us - at)
+        if in_window:
+            self.delivered_in_window += 1
+            second = (now_us - ws_us) // 1_000_000
+            if second < len(self.per_second):
+                self.per_second[second] += 1
+                if now_us - at > self.per_second_max_us[second]:
+                    self.per_second_max_us[second] = now_us - at
+
 
 class Pair:
     __slots__ = (
@@ -191,15 +205,7 @@ class RecipientConn(LeanConn):
                     if seq < top:
                         stats.reordered += 1
                     at = m.body.at
-                    if ws_us <= at < we_us:
-                        stats.e2e.record(now_us - at)
-                    if in_window:
-                        stats.delivered_in_window += 1
-                        second = (now_us - ws_us) // 1_000_000
-                        if second < len(stats.per_second):
-                            stats.per_second[second] += 1
-                            if now_us - at > stats.per_second_max_us[second]:
-                                stats.per_second_max_us[second] = now_us - at
+                    stats.timed(now_us, at, ws_us, we_us, in_window)
                 else:
                     count = pair.recv_count[n]
                     if count < 255:
